@@ -1,0 +1,5 @@
+import sys
+
+from ovd.cli import main
+
+sys.exit(main())

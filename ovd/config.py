@@ -1,0 +1,157 @@
+"""YAML configs: ``_base_`` inheritance, ``key=value`` overrides, validation against a schema.
+
+OmegaConf does the merging, typing and interpolation; what it lacks is file inheritance, which is
+the small loader below: ``_base_: other.yaml`` (or a list) is resolved relative to the including
+file, bases merge left to right, then the file itself, then command-line overrides. Dicts merge
+recursively; lists and scalars are replaced. The result is merged into a structured schema
+(dataclasses), so an unknown key or a value of the wrong type is one clear error naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from ovd.errors import OvdError
+
+BASE_KEY = "_base_"
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise OvdError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise OvdError(f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise OvdError(f"config file {path} must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_yaml_tree(path: str | os.PathLike, _stack: tuple[Path, ...] = ()) -> dict:
+    """Read a YAML file and everything it inherits through ``_base_``, merged into one dict."""
+    path = Path(path).resolve()
+    if path in _stack:
+        chain = " -> ".join(str(p) for p in (*_stack, path))
+        raise OvdError(f"config inheritance cycle: {chain}")
+    data = _read_yaml(path)
+    bases = data.pop(BASE_KEY, [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise OvdError(f"config file {path}: '{BASE_KEY}' must be a file name or a list of file names")
+    merged: dict = {}
+    for b in bases:
+        merged = _merge(merged, load_yaml_tree(path.parent / b, (*_stack, path)))
+    return _merge(merged, data)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["train.lr=0.01", "data.split=coco_ovd_48_17"]`` → nested dict with YAML-typed values."""
+    out: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise OvdError(f"override '{item}' is not of the form key=value (e.g. train.lr=0.01)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise OvdError(f"override '{item}' conflicts with another override of '{part}'")
+        node[parts[-1]] = value
+    return out
+
+
+def _describe(e: OmegaConfBaseException, schema: Any = None) -> str:
+    key = getattr(e, "full_key", None) or getattr(e, "key", None)
+    msg = getattr(e, "msg", None) or str(e).splitlines()[0]
+    if isinstance(e, ConfigKeyError) and key:
+        hint = difflib.get_close_matches(str(key), schema_keys(schema), n=1) if schema else []
+        return f"unknown config key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+    if isinstance(e, ConfigKeyError):
+        return f"unknown config key ({msg.splitlines()[0]})"
+    if isinstance(e, ValidationError) and key:
+        return f"config key '{key}': {msg.splitlines()[0]}"
+    return msg.splitlines()[0]
+
+
+def build_config(tree: dict, schema: Any, source: str) -> DictConfig:
+    """Merge a plain dict into the structured ``schema`` (a dataclass type); clear error on bad keys."""
+    base = OmegaConf.structured(schema)
+    try:
+        cfg = OmegaConf.merge(base, OmegaConf.create(tree))
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise OvdError(f"{source}: {_describe(e, schema)}") from None
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None, schema: Any = None) -> DictConfig:
+    """Load ``path`` (with its bases), apply ``key=value`` overrides, validate against ``schema``.
+
+    ``schema`` defaults to :class:`ovd.config_schema.Config`. ``path=None`` gives the defaults.
+    """
+    if schema is None:
+        from ovd.config_schema import Config
+
+        schema = Config
+    tree = load_yaml_tree(path) if path is not None else {}
+    source = str(path) if path is not None else "defaults"
+    cfg = build_config(tree, schema, source)
+    if overrides:
+        ov = parse_overrides(overrides)
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(ov))
+            OmegaConf.resolve(cfg)
+        except OmegaConfBaseException as e:
+            raise OvdError(f"command-line override: {_describe(e, schema)}") from None
+    return cfg
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def dump_config(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def schema_keys(schema: Any, prefix: str = "") -> list[str]:
+    """Every dotted key a schema accepts (for help texts and error hints)."""
+    keys = []
+    for f in dataclasses.fields(schema):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            keys += schema_keys(type(default), f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys

@@ -1,0 +1,231 @@
+"""COCO- and LVIS-format detection datasets, read and indexed through pycocotools / the lvis API.
+
+Every check a user's file can fail happens here, once, with a message naming the file and the field;
+later stages can then trust the records. Degenerate boxes (width or height <= 0) are *skipped with
+one counted warning* when loading for training/mining (``drop_degenerate=True``, the default): real
+annotation files occasionally contain them and they cannot be learned from. Evaluation keeps the
+ground truth exactly as written (``drop_degenerate=False``), so metrics equal the official APIs'.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ovd.errors import OvdError
+from ovd.utils.io import read_json
+
+MAX_LISTED = 5  # offenders named in one error message before "and N more"
+
+
+def _listing(items: list[str]) -> str:
+    more = len(items) - MAX_LISTED
+    return "; ".join(items[:MAX_LISTED]) + (f"; and {more} more" if more > 0 else "")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def is_lvis_format(data: dict) -> bool:
+    """LVIS files carry per-category ``frequency`` and per-image negative/not-exhaustive lists."""
+    cats = data.get("categories") or []
+    imgs = data.get("images") or []
+    cats_lvis = bool(cats) and all(isinstance(c, dict) and "frequency" in c for c in cats)
+    imgs_lvis = bool(imgs) and all(isinstance(i, dict) and "neg_category_ids" in i for i in imgs)
+    return cats_lvis or imgs_lvis
+
+
+def validate_annotations(data: Any, path: str, drop_degenerate: bool, lvis: bool = False) -> tuple[dict, int]:
+    """Check a COCO/LVIS dict; return (possibly filtered) data and the number of degenerate boxes dropped."""
+    if not isinstance(data, dict):
+        raise OvdError(f"{path}: expected a JSON object with 'images', 'annotations', 'categories'")
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise OvdError(f"{path}: missing top-level field '{key}'")
+        if not isinstance(data[key], list):
+            raise OvdError(f"{path}: field '{key}' must be a list, got {type(data[key]).__name__}")
+
+    # categories: int ids, unique ids and names
+    cat_ids: set[int] = set()
+    names: dict[str, int] = {}
+    for i, c in enumerate(data["categories"]):
+        if not isinstance(c, dict) or not _is_int(c.get("id")) or not isinstance(c.get("name"), str):
+            raise OvdError(f"{path}: categories[{i}] needs an integer 'id' and a string 'name', got {c!r:.120}")
+        if c["id"] in cat_ids:
+            raise OvdError(f"{path}: categories[{i}]: duplicate category id {c['id']}")
+        if c["name"] in names:
+            raise OvdError(f"{path}: categories[{i}]: duplicate category name '{c['name']}' (ids {names[c['name']]} and {c['id']})")
+        if lvis and c.get("frequency") not in ("r", "c", "f"):
+            raise OvdError(f"{path}: categories[{i}] ('{c['name']}'): LVIS 'frequency' must be 'r', 'c' or 'f', got {c.get('frequency')!r}")
+        cat_ids.add(c["id"])
+        names[c["name"]] = c["id"]
+
+    img_ids: set[int] = set()
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, dict) or not _is_int(im.get("id")):
+            raise OvdError(f"{path}: images[{i}] needs an integer 'id', got {im!r:.120}")
+        if im["id"] in img_ids:
+            raise OvdError(f"{path}: images[{i}]: duplicate image id {im['id']}")
+        for k in ("width", "height"):
+            if k in im and not (_is_num(im[k]) and im[k] > 0):
+                raise OvdError(f"{path}: images[{i}] (id {im['id']}): '{k}' must be a positive number, got {im[k]!r}")
+        if lvis:
+            for k in ("neg_category_ids", "not_exhaustive_category_ids"):
+                if not isinstance(im.get(k), list):
+                    raise OvdError(f"{path}: images[{i}] (id {im['id']}): LVIS field '{k}' must be a list")
+        img_ids.add(im["id"])
+
+    bad: list[str] = []
+    kept = []
+    dropped = 0
+    ann_ids: set[int] = set()
+    for i, a in enumerate(data["annotations"]):
+        where = f"annotations[{i}]" + (f" (id {a.get('id')})" if isinstance(a, dict) and "id" in a else "")
+        if not isinstance(a, dict):
+            bad.append(f"{where}: not an object")
+            continue
+        if "id" in a:
+            if a["id"] in ann_ids:
+                bad.append(f"{where}: duplicate annotation id")
+            ann_ids.add(a["id"])
+        if a.get("image_id") not in img_ids:
+            bad.append(f"{where}: image_id {a.get('image_id')!r} is not in 'images'")
+        if a.get("category_id") not in cat_ids:
+            bad.append(f"{where}: category_id {a.get('category_id')!r} is not in 'categories'")
+        bb = a.get("bbox")
+        if not (isinstance(bb, list) and len(bb) == 4 and all(_is_num(v) for v in bb)):
+            bad.append(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {bb!r:.80}")
+            continue
+        if bb[2] <= 0 or bb[3] <= 0:
+            if drop_degenerate:
+                dropped += 1
+                continue
+        kept.append(a)
+    if bad:
+        raise OvdError(f"{path}: {len(bad)} bad annotation(s): {_listing(bad)}")
+    if dropped:
+        data = {**data, "annotations": kept}
+    return data, dropped
+
+
+@dataclass
+class DetectionDataset:
+    """A validated COCO/LVIS annotation file plus its pycocotools / lvis index (``.api``)."""
+
+    path: Path
+    data: dict
+    api: Any
+    is_lvis: bool
+    image_root: Path | None = None
+    num_dropped_degenerate: int = 0
+    _by_image: dict = field(default_factory=dict, repr=False)
+
+    # -- categories -------------------------------------------------------------------------------
+    @property
+    def categories(self) -> list[dict]:
+        return self.data["categories"]
+
+    @property
+    def cat_ids(self) -> list[int]:
+        return [c["id"] for c in self.categories]
+
+    @property
+    def cat_names(self) -> list[str]:
+        return [c["name"] for c in self.categories]
+
+    def name_of(self, cat_id: int) -> str:
+        return self.api.cats[cat_id]["name"]  # both COCO and LVIS index categories as .cats
+
+    # -- images -----------------------------------------------------------------------------------
+    @property
+    def images(self) -> list[dict]:
+        return self.data["images"]
+
+    @property
+    def image_ids(self) -> list[int]:
+        return [im["id"] for im in self.images]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def annotations_of(self, image_id: int) -> list[dict]:
+        if not self._by_image:
+            for a in self.data["annotations"]:
+                self._by_image.setdefault(a["image_id"], []).append(a)
+        return self._by_image.get(image_id, [])
+
+    def image_path(self, image: dict) -> Path:
+        root = self.image_root if self.image_root is not None else self.path.parent
+        return root / image["file_name"]
+
+    def record(self, index: int) -> dict:
+        """Per-image record in the torchvision detection convention (boxes xyxy, labels = category ids)."""
+        im = self.images[index]
+        anns = [a for a in self.annotations_of(im["id"]) if not a.get("iscrowd", 0)]
+        boxes = [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns]
+        return {
+            "image_id": im["id"],
+            "file_name": im.get("file_name", ""),
+            "path": self.image_path(im) if "file_name" in im else None,
+            "width": im.get("width"),
+            "height": im.get("height"),
+            "boxes": boxes,
+            "labels": [a["category_id"] for a in anns],
+        }
+
+
+def _build_api(data: dict, is_lvis: bool):
+    if is_lvis:
+        from lvis import LVIS
+
+        api = LVIS.__new__(LVIS)  # LVIS() only reads from a path; we already hold the validated dict
+        import logging
+
+        api.logger = logging.getLogger("lvis.lvis")
+        api.dataset = data
+        api._create_index()
+        return api
+    from pycocotools.coco import COCO
+
+    api = COCO()
+    api.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter
+        api.createIndex()
+    return api
+
+
+def load_detection_dataset(
+    path: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    lvis: bool | None = None,
+    drop_degenerate: bool = True,
+) -> DetectionDataset:
+    """Load a COCO- or LVIS-format annotation file (``lvis=None`` detects the format)."""
+    path = Path(path)
+    data = read_json(path, "annotation file")
+    if not isinstance(data, dict):
+        raise OvdError(f"{path}: expected a JSON object with 'images', 'annotations', 'categories'")
+    is_lvis = is_lvis_format(data) if lvis is None else bool(lvis)
+    data, dropped = validate_annotations(data, str(path), drop_degenerate=drop_degenerate, lvis=is_lvis)
+    if dropped:
+        warnings.warn(f"{path}: skipped {dropped} annotation(s) with non-positive box width/height", stacklevel=2)
+    api = _build_api(data, is_lvis)
+    return DetectionDataset(
+        path=path,
+        data=data,
+        api=api,
+        is_lvis=is_lvis,
+        image_root=Path(image_root) if image_root else None,
+        num_dropped_degenerate=dropped,
+    )

@@ -1,0 +1,3 @@
+from ovd.evaluation.ov_eval import evaluate_detections, format_metrics, load_detections
+
+__all__ = ["evaluate_detections", "format_metrics", "load_detections"]

@@ -1,0 +1,188 @@
+"""Open-vocabulary evaluation: official COCO / LVIS box AP, split into base and novel groups.
+
+COCO-format ground truth: pycocotools' COCOeval, run once per group with ``params.catIds``
+restricted to the group's category ids (the OVR-CNN / ViLD / EZSD protocol). With a split, "all"
+means base ∪ novel of that split; without one, every category of the ground truth.
+LVIS-format ground truth: the lvis API's LVISEval (AP, AP50, APr, APc, APf, ...), plus base/novel
+groups the same way when a split is given.
+
+Values are fractions in [0, 1], as the official APIs return them. A group with no ground truth at
+all has no defined AP: the APIs return -1 there, which we report as ``None`` (JSON ``null``)
+instead of a number that could be averaged by mistake.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import math
+import os
+import warnings
+from typing import Any
+
+from ovd.data.coco import DetectionDataset, _is_int, _is_num, _listing, load_detection_dataset
+from ovd.data.splits import Split, resolve_split
+from ovd.errors import OvdError
+from ovd.utils.io import read_json
+
+COCO_KEYS = ("AP", "AP50")
+
+
+def load_detections(dets: str | os.PathLike | list, gt: DetectionDataset) -> list[dict]:
+    """Read and check a COCO result list (``image_id``, ``category_id``, ``bbox`` xywh, ``score``)."""
+    source = str(dets) if not isinstance(dets, list) else "detections"
+    data = read_json(dets, "detections file") if not isinstance(dets, list) else dets
+    if isinstance(data, dict) and "annotations" in data:
+        raise OvdError(f"{source}: this looks like an annotation file; detections must be a JSON list of results")
+    if not isinstance(data, list):
+        raise OvdError(f"{source}: detections must be a JSON list of {{image_id, category_id, bbox, score}}")
+    img_ids = set(gt.image_ids)
+    cat_ids = set(gt.cat_ids)
+    bad: list[str] = []
+    for i, d in enumerate(data):
+        if not isinstance(d, dict):
+            bad.append(f"[{i}]: not an object")
+            continue
+        if not _is_int(d.get("image_id")):
+            bad.append(f"[{i}]: 'image_id' must be an integer, got {d.get('image_id')!r}")
+        elif d["image_id"] not in img_ids:
+            bad.append(f"[{i}]: image_id {d['image_id']} is not an image of {gt.path}")
+        if not _is_int(d.get("category_id")):
+            bad.append(f"[{i}]: 'category_id' must be an integer, got {d.get('category_id')!r}")
+        elif d["category_id"] not in cat_ids:
+            bad.append(f"[{i}]: category_id {d['category_id']} is not a category of {gt.path}")
+        bb = d.get("bbox")
+        if not (isinstance(bb, list) and len(bb) == 4 and all(_is_num(v) for v in bb)):
+            bad.append(f"[{i}]: 'bbox' must be 4 finite numbers [x, y, w, h], got {bb!r:.80}")
+        if not _is_num(d.get("score")):
+            bad.append(f"[{i}]: 'score' must be a finite number, got {d.get('score')!r}")
+    if bad:
+        raise OvdError(f"{source}: {len(bad)} bad detection(s): {_listing(bad)}")
+    # The official APIs write into the dicts they are given (area, id, segmentation); keep ours clean.
+    return copy.deepcopy(data)
+
+
+def _undefined_to_none(v: float) -> float | None:
+    v = float(v)
+    return None if v < 0 or math.isnan(v) else v
+
+
+# --- COCO -------------------------------------------------------------------------------------------
+def _coco_results(gt: DetectionDataset, dets: list[dict]):
+    from pycocotools.coco import COCO
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        if dets:
+            return gt.api.loadRes(dets)
+        # loadRes cannot take an empty list; an empty result set is an index with no annotations.
+        res = COCO()
+        res.dataset = {"images": gt.images, "categories": gt.categories, "annotations": []}
+        res.createIndex()
+        return res
+
+
+def _coco_ap(gt: DetectionDataset, res, cat_ids: list[int]) -> tuple[float | None, float | None]:
+    from pycocotools.cocoeval import COCOeval
+
+    ev = COCOeval(gt.api, res, "bbox")
+    ev.params.catIds = list(cat_ids)
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return _undefined_to_none(ev.stats[0]), _undefined_to_none(ev.stats[1])
+
+
+# --- LVIS -------------------------------------------------------------------------------------------
+def _lvis_results(gt: DetectionDataset, dets: list[dict]):
+    from lvis import LVISResults
+
+    if dets:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # lvis calls logger.warn
+            return LVISResults(gt.api, dets, max_dets=300)
+    res = LVISResults.__new__(LVISResults)  # LVISResults() cannot take an empty list either
+    res.logger = logging.getLogger("lvis.results")
+    res.dataset = copy.deepcopy(gt.api.dataset)
+    res.dataset["annotations"] = []
+    res._create_index()
+    return res
+
+
+def _lvis_eval(gt: DetectionDataset, res, cat_ids: list[int] | None) -> dict:
+    from lvis import LVISEval
+
+    from ovd.evaluation.lvis_compat import patch_lvis
+
+    patch_lvis()
+    ev = LVISEval(gt.api, res, "bbox")
+    if cat_ids is not None:
+        ev.params.cat_ids = sorted(cat_ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ev.run()
+    return {k: _undefined_to_none(v) for k, v in ev.get_results().items()}
+
+
+# --- entry point ------------------------------------------------------------------------------------
+def evaluate_detections(
+    gt: str | os.PathLike | DetectionDataset,
+    dets: str | os.PathLike | list,
+    split: str | Split | None = None,
+    lvis: bool | None = None,
+) -> dict[str, Any]:
+    """Box AP of ``dets`` against ``gt``; base/novel groups when ``split`` is given.
+
+    ``lvis=None`` detects the ground-truth format from the file.
+    """
+    if not isinstance(gt, DetectionDataset):
+        gt = load_detection_dataset(gt, lvis=lvis, drop_degenerate=False)
+    elif lvis is not None and bool(lvis) != gt.is_lvis:
+        gt = load_detection_dataset(gt.path, lvis=lvis, drop_degenerate=False)
+    if not gt.categories:
+        raise OvdError(f"{gt.path}: no categories to evaluate")
+    if isinstance(split, str) and split:
+        split = resolve_split(split, gt.categories, source=str(gt.path))
+    det_list = load_detections(dets, gt)
+
+    if gt.is_lvis:
+        res = _lvis_results(gt, det_list)
+        metrics = _lvis_eval(gt, res, None)
+        if split:
+            for group, ids in (("base", split.base_ids), ("novel", split.novel_ids)):
+                r = _lvis_eval(gt, res, list(ids))
+                metrics[f"AP_{group}"] = r["AP"]
+                metrics[f"AP50_{group}"] = r["AP50"]
+        return metrics
+
+    res = _coco_results(gt, det_list)
+    groups = [("", list(split.all_ids) if split else gt.cat_ids)]
+    if split:
+        groups += [("_base", list(split.base_ids)), ("_novel", list(split.novel_ids))]
+    metrics: dict[str, Any] = {}
+    for suffix, ids in groups:
+        ap, ap50 = _coco_ap(gt, res, ids)
+        metrics[f"AP{suffix}"] = ap
+        metrics[f"AP50{suffix}"] = ap50
+    return metrics
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """A readable table: one row per group (all / base / novel), then any further metrics."""
+
+    def fmt(v: Any) -> str:
+        return "   n/a" if v is None else f"{v:6.4f}"
+
+    rows = ["group      AP      AP50"]
+    shown = set()
+    for group, suf in (("all", ""), ("base", "_base"), ("novel", "_novel")):
+        if f"AP{suf}" in metrics:
+            rows.append(f"{group:<8} {fmt(metrics[f'AP{suf}'])}  {fmt(metrics.get(f'AP50{suf}'))}")
+            shown |= {f"AP{suf}", f"AP50{suf}"}
+    rest = [k for k in metrics if k not in shown]
+    if rest:
+        rows.append("")
+        rows += [f"{k:<10} {fmt(metrics[k])}" for k in rest]
+    return "\n".join(rows)
