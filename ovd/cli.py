@@ -32,6 +32,58 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace):
+    from ovd.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _print_report(report: dict) -> None:
+    import json
+
+    print(json.dumps(report, indent=2))
+
+
+def _cmd_data_mini(args: argparse.Namespace) -> int:
+    from ovd.data.mini_world import generate_mini_world
+
+    summary = generate_mini_world(args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite)
+    _print_report(summary)
+    return 0
+
+
+def _cmd_pretrain_mini(args: argparse.Namespace) -> int:
+    from ovd.vlm.pretrain import pretrain_tiny_clip
+
+    _print_report(pretrain_tiny_clip(_load(args)))
+    return 0
+
+
+def _cmd_adapt(args: argparse.Namespace) -> int:
+    from ovd.vlm.adapter import run_adapt
+
+    _print_report(run_adapt(_load(args)))
+    return 0
+
+
+def _cmd_vlm_eval(args: argparse.Namespace) -> int:
+    from ovd.utils.io import write_json
+    from ovd.vlm.crop_eval import run_crop_eval
+
+    cfg = _load(args)
+    adapter = None if args.no_adapter else (args.adapter or (cfg.adapter.out if cfg.adapter.enabled else None))
+    res = run_crop_eval(cfg, adapter)
+    _print_report(res)
+    if args.out:
+        write_json(args.out, res)
+    return 0
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. adapter.epochs=2")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ovd", description="Open-vocabulary zero-shot object detection.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -49,6 +101,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("config", help="YAML config file")
     c.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seed=3")
     c.set_defaults(func=_cmd_config)
+
+    d = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", metavar="WHAT", required=True)
+    m = d.add_parser("mini", help="generate the mini-world (web + detection domains, COCO/LVIS JSON)")
+    m.add_argument("--out", required=True, help="output folder")
+    m.add_argument("--preset", default="smoke", help="smoke | bench")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--overwrite", action="store_true", help="replace an existing, different world in --out")
+    m.set_defaults(func=_cmd_data_mini)
+
+    v = sub.add_parser("vlm", help="CLIP: pre-train the tiny mini-world CLIP, crop accuracy").add_subparsers(
+        dest="vlm_command", metavar="WHAT", required=True
+    )
+    vp = v.add_parser("pretrain-mini", help="train the tiny open_clip CLIP on the web domain (ClipLoss)")
+    _add_config_args(vp)
+    vp.set_defaults(func=_cmd_pretrain_mini)
+    ve = v.add_parser("eval", help="top-1 crop accuracy on val GT boxes, base and novel")
+    _add_config_args(ve)
+    ve.add_argument("--adapter", default=None, help="adapter file (default: adapter.out if adapter.enabled)")
+    ve.add_argument("--no-adapter", action="store_true", help="evaluate the raw CLIP")
+    ve.add_argument("--out", default=None, help="write the result JSON here")
+    ve.set_defaults(func=_cmd_vlm_eval)
+
+    a = sub.add_parser("adapt", help="fine-tune only CLIP's image-tower LayerNorms on base GT crops")
+    _add_config_args(a)
+    a.set_defaults(func=_cmd_adapt)
     return p
 
 

@@ -109,7 +109,6 @@ def build_config(tree: dict, schema: Any, source: str) -> DictConfig:
     base = OmegaConf.structured(schema)
     try:
         cfg = OmegaConf.merge(base, OmegaConf.create(tree))
-        OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         raise OvdError(f"{source}: {_describe(e, schema)}") from None
     return cfg
@@ -131,9 +130,13 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         ov = parse_overrides(overrides)
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.create(ov))
-            OmegaConf.resolve(cfg)
         except OmegaConfBaseException as e:
             raise OvdError(f"command-line override: {_describe(e, schema)}") from None
+    # Interpolations (${work_dir}, ${world.dir}) resolve last, so overrides propagate through them.
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as e:
+        raise OvdError(f"{source}: {_describe(e, schema)}") from None
     return cfg
 
 

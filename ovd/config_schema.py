@@ -10,6 +10,14 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class WorldConfig:
+    # The generated mini-world (``ovd data mini``): where it lives and how it is made.
+    dir: str = ""
+    preset: str = "smoke"
+    seed: int = 0
+
+
+@dataclass
 class DataConfig:
     # COCO- or LVIS-format annotation files; image paths are ``image_root / file_name``.
     train_json: str = ""
@@ -19,6 +27,59 @@ class DataConfig:
     split: str = ""
     # Evaluate val with the LVIS API (None: detect from the annotation file).
     lvis: bool | None = None
+    # Web-domain image/caption records (the tiny CLIP's pre-training data; mini-world only).
+    web_train_json: str = ""
+    web_val_json: str = ""
+    web_image_root: str = ""
+
+
+@dataclass
+class ClipConfig:
+    # open_clip model name (ViT-B-32), or "local-dir:FOLDER" / a folder with open_clip_config.json.
+    model: str = "ViT-B-32"
+    # Pretrained tag ("openai") or a local checkpoint file; "" = random init (tests only).
+    pretrained: str = ""
+    # Prompt templates, averaged per class name ("{}" is replaced by the name).
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    # None: download allowed unless HF_HUB_OFFLINE is set.
+    allow_download: bool | None = None
+    batch_size: int = 256
+    device: str = "cpu"
+
+
+@dataclass
+class PretrainConfig:
+    # Tiny open_clip CLIP for the mini-world, trained with open_clip's ClipLoss on the web domain.
+    out: str = "${work_dir}/tiny_clip"
+    embed_dim: int = 128
+    image_size: int = 48
+    patch_size: int = 8
+    vision_width: int = 128
+    vision_layers: int = 4
+    vision_head_width: int = 32
+    text_width: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    context_length: int = 16
+    epochs: int = 6
+    batch_size: int = 128
+    lr: float = 1.0e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    threads: int = 0  # 0: torch default
+
+
+@dataclass
+class AdapterConfig:
+    # EZSD adapter: fine-tune only the image tower's LayerNorm weight/bias on base-class GT crops.
+    enabled: bool = True
+    out: str = "${work_dir}/clip_adapter.safetensors"
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 1.0e-4
+    weight_decay: float = 0.0
+    max_crops: int = 0  # 0: every base GT box of the train split
+    hflip: bool = True
 
 
 @dataclass
@@ -26,4 +87,8 @@ class Config:
     name: str = "ovd"
     work_dir: str = "work_dirs/${name}"
     seed: int = 0
+    world: WorldConfig = field(default_factory=WorldConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)

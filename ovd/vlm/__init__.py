@@ -1,0 +1,3 @@
+from ovd.vlm.clip import ClipModel
+
+__all__ = ["ClipModel"]

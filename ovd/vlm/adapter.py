@@ -1,0 +1,190 @@
+"""CLIP adapter (EZSD): re-normalise CLIP image embeddings for the detection domain.
+
+Only the LayerNorm weight and bias of the image tower are trained — everything else, the text
+tower included, stays frozen — on crops of base-class ground-truth boxes of the detection train
+split, classified against the frozen text embeddings of the base class names. Shifting only the
+normalisation statistics moves detection-domain crops back to where CLIP's text embeddings expect
+them, without forgetting what the rest of the network knows (novel classes included).
+
+The adapter file holds just those parameters (a few KB for the tiny CLIP, ~100 KB for ViT-B/32),
+as safetensors with metadata naming the CLIP it was made for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ovd.errors import OvdError
+from ovd.utils.io import atomic_path
+
+ADAPTER_FORMAT = "ovd-clip-adapter/1"
+
+
+def layernorm_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every LayerNorm weight/bias of the image tower, by its name in the full CLIP state dict."""
+    out = {}
+    for mname, mod in model.visual.named_modules():
+        if isinstance(mod, nn.LayerNorm):
+            for pname, p in mod.named_parameters(recurse=False):
+                out[f"visual.{mname}.{pname}"] = p
+    if not out:
+        raise OvdError("this CLIP image tower has no LayerNorm layers: the adapter needs a ViT-style tower")
+    return out
+
+
+def save_adapter(path: str | os.PathLike, clip, params: dict[str, torch.Tensor], extra: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    meta = {
+        "format": ADAPTER_FORMAT,
+        "clip_source": clip.source,
+        "embed_dim": str(clip.embed_dim),
+        "extra": json.dumps(extra or {}),
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in params.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return Path(path)
+
+
+def load_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise OvdError(f"adapter file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise OvdError(f"adapter file {path} is not a readable safetensors file: {e}") from None
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise OvdError(f"{path} is not an ovd CLIP adapter (metadata format {meta.get('format')!r})")
+    return tensors, meta
+
+
+def apply_adapter(clip, path: str | os.PathLike) -> None:
+    """Load adapted LayerNorm parameters into ``clip`` (in place); checks the CLIP matches."""
+    tensors, meta = load_adapter(path)
+    clip.check_dim(int(meta.get("embed_dim", -1)), f"adapter {path}")
+    own = layernorm_parameters(clip.model)
+    missing = sorted(set(tensors) - set(own))
+    if missing or set(own) - set(tensors):
+        raise OvdError(
+            f"adapter {path} was made for a different CLIP architecture (made for {meta.get('clip_source')}; "
+            f"{len(missing)} unknown and {len(set(own) - set(tensors))} missing LayerNorm parameters)"
+        )
+    with torch.no_grad():
+        for k, v in tensors.items():
+            if own[k].shape != v.shape:
+                raise OvdError(f"adapter {path}: parameter {k} has shape {tuple(v.shape)}, the CLIP has {tuple(own[k].shape)}")
+            own[k].copy_(v)
+    clip.adapter = f"{path}:{os.path.getsize(path)}:{int(os.path.getmtime(path))}"
+    clip.clear_text_cache()
+
+
+def collect_gt_crops(clip, dataset, cat_ids, max_crops: int = 0, seed: int = 0, progress: bool = True):
+    """EZSD crops of every GT box whose category is in ``cat_ids`` → (normalised crops, label index)."""
+    from ovd.data.images import load_image
+
+    index = {c: i for i, c in enumerate(cat_ids)}
+    crops, labels = [], []
+    for i in tqdm(range(len(dataset)), desc="crop GT boxes", disable=not progress, leave=False):
+        rec = dataset.record(i)
+        keep = [j for j, c in enumerate(rec["labels"]) if c in index]
+        if not keep:
+            continue
+        image = load_image(rec["path"])
+        boxes = torch.tensor([rec["boxes"][j] for j in keep], dtype=torch.float32)
+        crops.append(clip.crop(image, boxes))
+        labels += [index[rec["labels"][j]] for j in keep]
+    if not crops:
+        raise OvdError(f"{dataset.path}: no ground-truth boxes of the requested classes to crop")
+    crops_t, labels_t = torch.cat(crops), torch.tensor(labels)
+    if max_crops and len(labels_t) > max_crops:
+        sel = torch.randperm(len(labels_t), generator=torch.Generator().manual_seed(seed))[:max_crops]
+        crops_t, labels_t = crops_t[sel], labels_t[sel]
+    return crops_t, labels_t
+
+
+def train_adapter(clip, crops: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, a, seed: int = 0,
+                  progress: bool = True) -> dict:
+    """Fine-tune only the image tower's LayerNorms so crops classify against frozen ``text``."""
+    model = clip.model
+    ln = layernorm_parameters(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in ln.values():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(list(ln.values()), lr=a.lr, weight_decay=a.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    scale = model.logit_scale.exp().detach()
+    text = text.to(clip.device)
+    model.train()
+    n = len(labels)
+    steps = max(1, n // a.batch_size) * a.epochs
+    bar = tqdm(total=steps, desc="adapt CLIP LayerNorms", disable=not progress)
+    losses = []
+    t0 = time.time()
+    for _ in range(a.epochs):
+        perm = torch.randperm(n, generator=gen)
+        for s in range(max(1, n // a.batch_size)):
+            idx = perm[s * a.batch_size : (s + 1) * a.batch_size]
+            x = crops[idx].to(clip.device)
+            if a.hflip:
+                flip = torch.rand(len(idx), generator=gen) < 0.5
+                x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
+            emb = F.normalize(model.encode_image(x), dim=-1)
+            loss = F.cross_entropy(scale * emb @ text.T, labels[idx].to(clip.device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    bar.close()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return {
+        "steps": steps,
+        "crops": n,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+        "seconds": round(time.time() - t0, 1),
+        "trainable_params": sum(p.numel() for p in ln.values()),
+    }
+
+
+def run_adapt(cfg, progress: bool = True) -> dict:
+    """``ovd adapt``: train the LayerNorm adapter on base GT crops of ``cfg.data.train_json``."""
+    from ovd.data.coco import load_detection_dataset
+    from ovd.data.splits import resolve_split
+    from ovd.utils.io import write_json
+    from ovd.vlm.clip import clip_from_config
+
+    if not cfg.data.split:
+        raise OvdError("adapt needs data.split (the base classes whose GT crops train the adapter)")
+    torch.manual_seed(cfg.seed)
+    clip = clip_from_config(cfg.clip)
+    train = load_detection_dataset(cfg.data.train_json, cfg.data.image_root or None)
+    split = resolve_split(cfg.data.split, train.categories, source=str(train.path))
+    t0 = time.time()
+    crops, labels = collect_gt_crops(clip, train, list(split.base_ids), cfg.adapter.max_crops, cfg.seed, progress)
+    crop_s = time.time() - t0
+    text = clip.encode_text(list(split.base_names), list(cfg.clip.templates))
+    report = train_adapter(clip, crops, labels, text, cfg.adapter, seed=cfg.seed, progress=progress)
+    report["crop_seconds"] = round(crop_s, 1)
+    save_adapter(cfg.adapter.out, clip, layernorm_parameters(clip.model), extra={"base_classes": list(split.base_names)})
+    report["out"] = str(cfg.adapter.out)
+    write_json(Path(cfg.adapter.out).with_suffix(".json"), report)
+    return report

@@ -1,0 +1,282 @@
+"""The one interface through which ovd uses any CLIP model (open_clip).
+
+Three ways to load, same object afterwards:
+  (a) an open_clip model name + pretrained tag, e.g. ``ViT-B-32`` / ``openai`` (from the local hub
+      cache first; downloaded only when ``allow_download`` and the network allow it);
+  (b) an open_clip model name + a local checkpoint file (``.safetensors``, ``.pt``, ``.bin``);
+  (c) an open_clip ``local-dir:`` folder (``open_clip_config.json`` + weights), which is how the
+      mini-world's tiny CLIP is saved — a custom config going through the same open_clip code.
+
+Everything downstream (adapter, miner, feature cache, detector) sees only :class:`ClipModel`:
+unit-norm image embeddings of box crops and unit-norm text embeddings of class names, with the
+embedding dimension taken from the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+from ovd.errors import OvdError
+
+# EZSD/ViLD prompt. Ensembles can be passed per call; the default keeps the paper's single prompt.
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+CROP_ENLARGE = 1.2  # EZSD: GT boxes enlarged 1.2x before cropping, to include a little context
+
+
+def fill_template(template: str, name: str) -> str:
+    """Insert a class name; "a {}" becomes "an {}" before a vowel, as in natural captions."""
+    text = template.format(name)
+    if name[:1].lower() in "aeiou":
+        text = text.replace(f"a {name}", f"an {name}").replace(f"A {name}", f"An {name}")
+    return text
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool):
+    """Force the hub client into cache-only mode (it reads this flag at call time)."""
+    try:
+        import huggingface_hub.constants as hc
+    except ImportError:  # pragma: no cover - open_clip depends on it
+        yield
+        return
+    old = hc.HF_HUB_OFFLINE
+    hc.HF_HUB_OFFLINE = old or offline
+    try:
+        yield
+    finally:
+        hc.HF_HUB_OFFLINE = old
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    """open_clip logs an ERROR for a cache miss we handle ourselves; keep the console clean."""
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def crop_boxes_square(boxes: torch.Tensor, enlarge: float = CROP_ENLARGE) -> torch.Tensor:
+    """EZSD crop geometry: enlarge a box about its centre, then grow the short side to a square.
+
+    ``boxes``: (N, 4) xyxy. Returns (N, 4) xyxy squares of side ``enlarge * max(w, h)``; parts
+    outside the image are padded when sampled (see :meth:`ClipModel.crop`).
+    """
+    cx = (boxes[:, 0] + boxes[:, 2]) / 2
+    cy = (boxes[:, 1] + boxes[:, 3]) / 2
+    side = (boxes[:, 2:] - boxes[:, :2]).amax(dim=1) * enlarge
+    half = side / 2
+    return torch.stack([cx - half, cy - half, cx + half, cy + half], dim=1)
+
+
+class ClipModel:
+    """open_clip CLIP + tokenizer + preprocessing, with batched crop/text encoders."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, image_size: int, mean, std, name: str, source: str):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.image_size = int(image_size)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.name = name
+        self.source = source
+        self.adapter: str | None = None  # fingerprint of applied adapter parameters, if any
+        self._text_cache: dict[tuple, torch.Tensor] = {}
+
+    # -- loading ----------------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        model: str = "ViT-B-32",
+        pretrained: str | None = None,
+        device: str | torch.device = "cpu",
+        allow_download: bool | None = None,
+    ) -> ClipModel:
+        """Load (a) name + tag, (b) name + local checkpoint file, or (c) a ``local-dir:`` folder.
+
+        ``model`` may also be a plain folder path holding ``open_clip_config.json``.
+        ``allow_download=None`` allows it unless ``HF_HUB_OFFLINE`` is set.
+        """
+        import open_clip
+
+        if allow_download is None:
+            allow_download = os.environ.get("HF_HUB_OFFLINE", "") in ("", "0", "false", "False")
+        if not model.startswith(("local-dir:", "hf-hub:")) and Path(model).is_dir():
+            model = f"local-dir:{model}"
+        source = model if model.startswith("local-dir:") else f"{model}/{pretrained or 'random-init'}"
+
+        if model.startswith("local-dir:"):
+            folder = Path(model[len("local-dir:"):])
+            if not (folder / "open_clip_config.json").is_file():
+                raise OvdError(f"CLIP folder {folder} has no open_clip_config.json (expected an open_clip local-dir model)")
+            if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")) and not any(folder.glob("*.pth")):
+                raise OvdError(f"CLIP folder {folder} has no weights file (*.safetensors, *.bin or *.pth)")
+            pretrained = None
+        else:
+            if model not in open_clip.list_models():
+                raise OvdError(f"unknown open_clip model '{model}' (e.g. ViT-B-32, ViT-B-16, RN50; see open_clip.list_models())")
+            if pretrained and not Path(pretrained).is_file():
+                looks_like_file = os.path.sep in pretrained or Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors")
+                tags = open_clip.list_pretrained_tags_by_model(model)
+                if looks_like_file or pretrained not in tags:
+                    raise OvdError(
+                        f"CLIP weights '{pretrained}' for {model}: no such file, and not a known pretrained tag "
+                        f"({', '.join(tags) or 'none'})"
+                    )
+        try:
+            with _hub_offline(True), _quiet_logging():  # the local hub cache first: no network, no retries
+                try:
+                    net = open_clip.create_model(model, pretrained=pretrained, device=device, weights_only=True)
+                except RuntimeError as e:
+                    if not (pretrained and not Path(pretrained).is_file() and "download" in str(e).lower()):
+                        raise
+                    net = None
+            if net is None:
+                if not allow_download:
+                    raise OvdError(
+                        f"CLIP weights {model}/{pretrained} are not in the local cache and downloads are off "
+                        f"(offline). Give a local checkpoint file instead, e.g. clip.pretrained=weights/{model}.safetensors"
+                    )
+                try:
+                    net = open_clip.create_model(model, pretrained=pretrained, device=device, weights_only=True)
+                except RuntimeError as e:
+                    raise OvdError(
+                        f"could not download CLIP weights {model}/{pretrained} (offline?): {str(e).splitlines()[0][:200]}. "
+                        f"Give a local checkpoint file instead, e.g. clip.pretrained=weights/{model}.safetensors"
+                    ) from None
+        except OvdError:
+            raise
+        except (RuntimeError, ValueError, KeyError, OSError) as e:
+            raise OvdError(f"could not load CLIP {source}: {str(e).splitlines()[0][:300]}") from None
+        tokenizer = open_clip.get_tokenizer(model)
+        pp = getattr(net.visual, "preprocess_cfg", {}) or {}
+        size = net.visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        mean = pp.get("mean", open_clip.OPENAI_DATASET_MEAN)
+        std = pp.get("std", open_clip.OPENAI_DATASET_STD)
+        return cls(net, tokenizer, size, mean, std, name=model, source=source)
+
+    # -- properties -------------------------------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.visual.output_dim)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def fingerprint(self) -> str:
+        """Identifies the weights (incl. an applied adapter), for caches keyed by model."""
+        h = hashlib.sha1(f"{self.source}|{self.embed_dim}|{self.adapter}".encode())
+        return h.hexdigest()[:16]
+
+    def check_dim(self, dim: int, what: str) -> None:
+        if int(dim) != self.embed_dim:
+            raise OvdError(
+                f"{what} has embedding dimension {dim}, but the CLIP model {self.source} has {self.embed_dim}: "
+                f"it was made with a different CLIP"
+            )
+
+    # -- images -----------------------------------------------------------------------------------
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """(…, 3, H, W) floats in [0, 1] → CLIP-normalised."""
+        return (images - self.mean.to(images.device)) / self.std.to(images.device)
+
+    def crop(self, image: torch.Tensor, boxes: torch.Tensor, enlarge: float = CROP_ENLARGE) -> torch.Tensor:
+        """EZSD crops of ``boxes`` (N, 4 xyxy, pixels) from ``image`` (3, H, W, [0, 1]) → (N, 3, S, S).
+
+        One ``roi_align`` call samples every square crop at the model's input size: vectorised,
+        bilinear, and averaging over several samples per output pixel when shrinking (adaptive
+        ``sampling_ratio``), i.e. an anti-aliased resize. Sampling happens on the normalised image,
+        so the zero padding outside the image is the CLIP mean colour.
+        """
+        if boxes.numel() == 0:
+            return image.new_zeros((0, 3, self.image_size, self.image_size))
+        sq = crop_boxes_square(boxes.to(torch.float32), enlarge)
+        rois = torch.cat([sq.new_zeros((len(sq), 1)), sq], dim=1)
+        norm = self.normalize(image.to(torch.float32))[None]
+        return roi_align(norm, rois, output_size=self.image_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+    @torch.no_grad()
+    def encode_normalized(self, crops: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Already-normalised (N, 3, S, S) crops → (N, D) unit embeddings."""
+        dev = self.device
+        out = [
+            F.normalize(self.model.encode_image(crops[i : i + batch_size].to(dev)).float(), dim=-1).cpu()
+            for i in range(0, len(crops), batch_size)
+        ]
+        return torch.cat(out) if out else torch.zeros((0, self.embed_dim))
+
+    def encode_images(self, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """(N, 3, S, S) images in [0, 1] at the model's input size → (N, D) unit embeddings."""
+        return self.encode_normalized(self.normalize(images), batch_size)
+
+    def encode_boxes(self, image: torch.Tensor, boxes: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Embeddings of EZSD crops of ``boxes`` in one image."""
+        return self.encode_normalized(self.crop(image, boxes), batch_size)
+
+    # -- text -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> torch.Tensor:
+        """(C, D) unit embeddings of class names: mean over prompt templates, then L2-normalised.
+
+        Cached per (vocabulary, templates) for the lifetime of this model.
+        """
+        names = list(names)
+        if not names:
+            raise OvdError("empty class vocabulary: give at least one class name")
+        bad = [n for n in names if not isinstance(n, str) or not n.strip()]
+        if bad:
+            raise OvdError(f"class names must be non-empty strings, got {bad[:5]}")
+        dups = sorted({n for n in names if names.count(n) > 1})
+        if dups:
+            raise OvdError(f"duplicate class name(s) in vocabulary: {', '.join(dups)}")
+        key = (tuple(names), tuple(templates))
+        if key not in self._text_cache:
+            texts = [fill_template(t, n) for n in names for t in templates]
+            tokens = self.tokenizer(texts).to(self.device)
+            emb = F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu()
+            emb = emb.view(len(names), len(templates), -1).mean(dim=1)
+            self._text_cache[key] = F.normalize(emb, dim=-1)
+        return self._text_cache[key]
+
+    def clear_text_cache(self) -> None:
+        self._text_cache.clear()
+
+
+def save_local_dir(net: torch.nn.Module, folder: str | os.PathLike, model_cfg: dict, image_size: int, mean, std) -> Path:
+    """Save an open_clip CLIP as a ``local-dir:`` folder (config JSON + safetensors), atomically."""
+    from safetensors.torch import save_file
+
+    from ovd.utils.io import atomic_path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {"model_cfg": model_cfg, "preprocess_cfg": {"size": image_size, "mean": list(mean), "std": list(std)}}
+    state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    with atomic_path(folder / "open_clip_model.safetensors") as tmp:
+        save_file(state, str(tmp))
+    with atomic_path(folder / "open_clip_config.json") as tmp:
+        tmp.write_text(json.dumps(cfg, indent=2) + "\n")
+    return folder
+
+
+def clip_from_config(c, adapter: str | os.PathLike | None = None) -> ClipModel:
+    """Build the CLIP named by a config's ``clip`` section, with an optional adapter file applied."""
+    clip = ClipModel.load(c.model, c.pretrained or None, device=c.device, allow_download=c.allow_download)
+    if adapter:
+        from ovd.vlm.adapter import apply_adapter
+
+        apply_adapter(clip, adapter)
+    return clip
