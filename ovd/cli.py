@@ -79,6 +79,20 @@ def _cmd_vlm_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mine(args: argparse.Namespace) -> int:
+    from ovd.mining.miner import run_mine
+
+    _print_report(run_mine(_load(args)))
+    return 0
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    from ovd.mining.feature_cache import run_extract
+
+    _print_report(run_extract(_load(args), shard=args.shard, overwrite=args.overwrite, merge_only=args.merge))
+    return 0
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. adapter.epochs=2")
@@ -91,9 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="box AP of COCO-result detections, split into base / novel classes")
     e.add_argument("--gt", required=True, help="ground truth, COCO- or LVIS-format JSON")
-    e.add_argument("--dets", required=True, help="detections, COCO result list JSON (image_id, category_id, bbox xywh, score)")
-    e.add_argument("--split", default=None, help="coco_ovd_48_17 | lvis_rare | a YAML/JSON file {base: [...], novel: [...]}")
-    e.add_argument("--lvis", action="store_true", help="evaluate with the LVIS API (default: detected from the GT file)")
+    e.add_argument(
+        "--dets", required=True, help="detections, COCO result list JSON (image_id, category_id, bbox xywh, score)"
+    )
+    e.add_argument(
+        "--split", default=None, help="coco_ovd_48_17 | lvis_rare | a YAML/JSON file {base: [...], novel: [...]}"
+    )
+    e.add_argument(
+        "--lvis", action="store_true", help="evaluate with the LVIS API (default: detected from the GT file)"
+    )
     e.add_argument("--out", default=None, help="write the metrics JSON here (atomically)")
     e.set_defaults(func=_cmd_eval)
 
@@ -126,6 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("adapt", help="fine-tune only CLIP's image-tower LayerNorms on base GT crops")
     _add_config_args(a)
     a.set_defaults(func=_cmd_adapt)
+
+    mi = sub.add_parser("mine", help="CLIP proposal miner: dense anchors scored against base + novel names")
+    _add_config_args(mi)
+    mi.set_defaults(func=_cmd_mine)
+
+    ex = sub.add_parser("extract", help="CLIP embeddings of GT boxes + mined proposals -> feature cache")
+    _add_config_args(ex)
+    ex.add_argument(
+        "--shard", default=None, help="i/N: this process's share of the chunks (default: torchrun RANK/WORLD_SIZE)"
+    )
+    ex.add_argument("--merge", action="store_true", help="only index the chunks already on disk")
+    ex.add_argument("--overwrite", action="store_true", help="recompute chunks made with another CLIP / adapter")
+    ex.set_defaults(func=_cmd_extract)
     return p
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from ovd.errors import OvdError
 
@@ -65,8 +66,23 @@ def load_yaml_tree(path: str | os.PathLike, _stack: tuple[Path, ...] = ()) -> di
         raise OvdError(f"config file {path}: '{BASE_KEY}' must be a file name or a list of file names")
     merged: dict = {}
     for b in bases:
+        if not (path.parent / b).resolve().is_file():
+            raise OvdError(f"config file not found: {path.parent / b} (the {BASE_KEY} of {path})")
         merged = _merge(merged, load_yaml_tree(path.parent / b, (*_stack, path)))
     return _merge(merged, data)
+
+
+_YAML12_INT = re.compile(r"[-+]?(0|[1-9][0-9]*)")
+
+
+def _yaml12_scalar(raw: str, value: object) -> bool:
+    """False where PyYAML's YAML 1.1 typing disagrees with YAML 1.2 (bools and ints only)."""
+    text = raw.strip()
+    if isinstance(value, bool):
+        return text.lower() in ("true", "false")
+    if isinstance(value, int):
+        return bool(_YAML12_INT.fullmatch(text))
+    return True
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -81,6 +97,8 @@ def parse_overrides(overrides: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        if not _yaml12_scalar(raw, value):
+            value = raw  # YAML 1.1 quirks ("no" -> False, "0123" -> 83): keep what was typed
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
@@ -99,13 +117,26 @@ def _describe(e: OmegaConfBaseException, schema: Any = None) -> str:
         return f"unknown config key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
     if isinstance(e, ConfigKeyError):
         return f"unknown config key ({msg.splitlines()[0]})"
-    if isinstance(e, ValidationError) and key:
+    if key:
         return f"config key '{key}': {msg.splitlines()[0]}"
     return msg.splitlines()[0]
 
 
+def _check_sections(tree: dict, schema: Any, source: str, prefix: str = "") -> None:
+    """A scalar where the schema has a section: OmegaConf's own error does not name the key."""
+    for f in dataclasses.fields(schema):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default) and f.name in tree:
+            if not isinstance(tree[f.name], dict):
+                raise OvdError(
+                    f"{source}: config key '{prefix}{f.name}' is a section: give a mapping, not {tree[f.name]!r:.40}"
+                )
+            _check_sections(tree[f.name], type(default), source, f"{prefix}{f.name}.")
+
+
 def build_config(tree: dict, schema: Any, source: str) -> DictConfig:
     """Merge a plain dict into the structured ``schema`` (a dataclass type); clear error on bad keys."""
+    _check_sections(tree, schema, source)
     base = OmegaConf.structured(schema)
     try:
         cfg = OmegaConf.merge(base, OmegaConf.create(tree))
@@ -128,6 +159,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     cfg = build_config(tree, schema, source)
     if overrides:
         ov = parse_overrides(overrides)
+        _check_sections(ov, schema, "command-line override")
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.create(ov))
         except OmegaConfBaseException as e:

@@ -83,6 +83,33 @@ class AdapterConfig:
 
 
 @dataclass
+class MinerConfig:
+    # EZSD proposal miner: dense anchors scored by CLIP against base + novel names.
+    enabled: bool = True
+    out: str = "${work_dir}/proposals.json"
+    stride: int = 32
+    scales: list[float] = field(default_factory=lambda: [float(s) for s in range(1, 17)])
+    ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    min_size: float = 4.0
+    objectness: str = "entropy"  # entropy (log C - H(p)) | max_prob
+    vocabulary: str = "all"  # all: base + novel names | base: base names only (the base-biased ablation)
+    nms_thr: float = 0.7
+    base_iou_thr: float = 0.5  # candidates overlapping a base GT box above this are dropped
+    topk: int = 200
+    batch_size: int = 256
+    external_proposals: str = ""  # optional JSON list of {image_id, bbox xywh} added to the anchors
+
+
+@dataclass
+class ExtractConfig:
+    # Feature cache of CLIP embeddings for GT boxes + mined proposals (safetensors chunks + index).
+    out: str = "${work_dir}/feature_cache"
+    chunk_size: int = 64
+    dtype: str = "float16"
+    include_gt: bool = True
+
+
+@dataclass
 class Config:
     name: str = "ovd"
     work_dir: str = "work_dirs/${name}"
@@ -92,3 +119,5 @@ class Config:
     clip: ClipConfig = field(default_factory=ClipConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    miner: MinerConfig = field(default_factory=MinerConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)

@@ -30,19 +30,43 @@ def make_example(out_dir: Path, seed: int = 0, num_images: int = 12) -> None:
             w, h = rng.uniform(20, 200), rng.uniform(20, 200)
             x, y = rng.uniform(0, 640 - w), rng.uniform(0, 480 - h)
             box = [round(x, 1), round(y, 1), round(w, 1), round(h, 1)]
-            anns.append({"id": len(anns) + 1, "image_id": img_id, "category_id": ids[name], "bbox": box,
-                         "area": round(box[2] * box[3], 2), "iscrowd": 0})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": img_id,
+                    "category_id": ids[name],
+                    "bbox": box,
+                    "area": round(box[2] * box[3], 2),
+                    "iscrowd": 0,
+                }
+            )
             found = rng.random() < {"base": 0.9, "novel": 0.5, "neither": 0.7}[group]
             if found:
                 jit = [v + rng.uniform(-0.08, 0.08) * s for v, s in zip(box, [w, h, w, h])]
                 cat = ids[name] if rng.random() < 0.85 else ids[rng.choice(COCO_OVD_BASE_48)]
-                dets.append({"image_id": img_id, "category_id": cat, "bbox": [round(v, 1) for v in jit],
-                             "score": round(rng.uniform(0.3, 1.0), 3)})
+                dets.append(
+                    {
+                        "image_id": img_id,
+                        "category_id": cat,
+                        "bbox": [round(v, 1) for v in jit],
+                        "score": round(rng.uniform(0.3, 1.0), 3),
+                    }
+                )
         for _ in range(rng.randint(0, 2)):  # false positives
             w, h = rng.uniform(20, 150), rng.uniform(20, 150)
-            dets.append({"image_id": img_id, "category_id": ids[rng.choice(COCO_OVD_BASE_48 + COCO_OVD_NOVEL_17)],
-                         "bbox": [round(rng.uniform(0, 640 - w), 1), round(rng.uniform(0, 480 - h), 1),
-                                  round(w, 1), round(h, 1)], "score": round(rng.uniform(0.05, 0.6), 3)})
+            dets.append(
+                {
+                    "image_id": img_id,
+                    "category_id": ids[rng.choice(COCO_OVD_BASE_48 + COCO_OVD_NOVEL_17)],
+                    "bbox": [
+                        round(rng.uniform(0, 640 - w), 1),
+                        round(rng.uniform(0, 480 - h), 1),
+                        round(w, 1),
+                        round(h, 1),
+                    ],
+                    "score": round(rng.uniform(0.05, 0.6), 3),
+                }
+            )
     cats = [{"id": i, "name": n, "supercategory": "coco"} for i, n in COCO_CATEGORIES]
     write_json(out_dir / "gt.json", {"images": images, "annotations": anns, "categories": cats}, indent=None)
     write_json(out_dir / "dets.json", dets, indent=None)

@@ -65,9 +65,14 @@ def validate_annotations(data: Any, path: str, drop_degenerate: bool, lvis: bool
         if c["id"] in cat_ids:
             raise OvdError(f"{path}: categories[{i}]: duplicate category id {c['id']}")
         if c["name"] in names:
-            raise OvdError(f"{path}: categories[{i}]: duplicate category name '{c['name']}' (ids {names[c['name']]} and {c['id']})")
+            raise OvdError(
+                f"{path}: categories[{i}]: duplicate category name '{c['name']}' (ids {names[c['name']]} and {c['id']})"
+            )
         if lvis and c.get("frequency") not in ("r", "c", "f"):
-            raise OvdError(f"{path}: categories[{i}] ('{c['name']}'): LVIS 'frequency' must be 'r', 'c' or 'f', got {c.get('frequency')!r}")
+            raise OvdError(
+                f"{path}: categories[{i}] ('{c['name']}'): LVIS 'frequency' must be 'r', 'c' or 'f', "
+                f"got {c.get('frequency')!r}"
+            )
         cat_ids.add(c["id"])
         names[c["name"]] = c["id"]
 
@@ -89,6 +94,7 @@ def validate_annotations(data: Any, path: str, drop_degenerate: bool, lvis: bool
     bad: list[str] = []
     kept = []
     dropped = 0
+    filled = False
     ann_ids: set[int] = set()
     for i, a in enumerate(data["annotations"]):
         where = f"annotations[{i}]" + (f" (id {a.get('id')})" if isinstance(a, dict) and "id" in a else "")
@@ -96,13 +102,17 @@ def validate_annotations(data: Any, path: str, drop_degenerate: bool, lvis: bool
             bad.append(f"{where}: not an object")
             continue
         if "id" in a:
-            if a["id"] in ann_ids:
+            if not _is_int(a["id"]):
+                bad.append(f"{where}: 'id' must be an integer, got {a['id']!r:.40}")
+            elif a["id"] in ann_ids:
                 bad.append(f"{where}: duplicate annotation id")
-            ann_ids.add(a["id"])
-        if a.get("image_id") not in img_ids:
-            bad.append(f"{where}: image_id {a.get('image_id')!r} is not in 'images'")
-        if a.get("category_id") not in cat_ids:
-            bad.append(f"{where}: category_id {a.get('category_id')!r} is not in 'categories'")
+            else:
+                ann_ids.add(a["id"])
+        for key, known, field_name in (("image_id", img_ids, "images"), ("category_id", cat_ids, "categories")):
+            if not _is_int(a.get(key)):
+                bad.append(f"{where}: '{key}' must be an integer, got {a.get(key)!r:.40}")
+            elif a[key] not in known:
+                bad.append(f"{where}: {key} {a[key]} is not in '{field_name}'")
         bb = a.get("bbox")
         if not (isinstance(bb, list) and len(bb) == 4 and all(_is_num(v) for v in bb)):
             bad.append(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {bb!r:.80}")
@@ -111,10 +121,15 @@ def validate_annotations(data: Any, path: str, drop_degenerate: bool, lvis: bool
             if drop_degenerate:
                 dropped += 1
                 continue
+        if "area" not in a or "iscrowd" not in a:
+            # pycocotools needs both and LVIS files have no 'iscrowd': fill the obvious values
+            # (box area, not a crowd) rather than crash inside the evaluator.
+            a = {**a, "area": a.get("area", bb[2] * bb[3]), "iscrowd": a.get("iscrowd", 0)}
+            filled = True
         kept.append(a)
     if bad:
         raise OvdError(f"{path}: {len(bad)} bad annotation(s): {_listing(bad)}")
-    if dropped:
+    if dropped or filled:
         data = {**data, "annotations": kept}
     return data, dropped
 

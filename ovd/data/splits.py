@@ -71,8 +71,14 @@ def read_split_file(path: str | os.PathLike) -> tuple[list[str], list[str]]:
     text = path.read_text(encoding="utf-8")
     try:
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise OvdError(f"split file {path} is not valid {path.suffix.lstrip('.').upper() or 'YAML'}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise OvdError(f"split file {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise OvdError(
+            f"split file {path} is not valid YAML{where}: {getattr(e, 'problem', None) or 'parse error'}"
+        ) from None
     if not isinstance(data, dict) or set(data) - {"base", "novel"} or not {"base", "novel"} <= set(data):
         raise OvdError(f"split file {path}: expected exactly the fields 'base' and 'novel' (lists of class names)")
     base = _check_names(data["base"], "base", str(path))

@@ -21,13 +21,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     and a crash mid-write leaves no partial file behind.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    if path.is_dir():
+        raise OvdError(f"cannot write {path}: it is a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OvdError(f"cannot write {path}: {e.strerror or e}") from None
     os.close(fd)
+    # mkstemp creates 0600; give the file the mode a plain open() would (umask applied).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as e:
+        raise OvdError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

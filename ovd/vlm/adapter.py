@@ -86,7 +86,9 @@ def apply_adapter(clip, path: str | os.PathLike) -> None:
     with torch.no_grad():
         for k, v in tensors.items():
             if own[k].shape != v.shape:
-                raise OvdError(f"adapter {path}: parameter {k} has shape {tuple(v.shape)}, the CLIP has {tuple(own[k].shape)}")
+                raise OvdError(
+                    f"adapter {path}: parameter {k} has shape {tuple(v.shape)}, the CLIP has {tuple(own[k].shape)}"
+                )
             own[k].copy_(v)
     clip.adapter = f"{path}:{os.path.getsize(path)}:{int(os.path.getmtime(path))}"
     clip.clear_text_cache()
@@ -116,8 +118,9 @@ def collect_gt_crops(clip, dataset, cat_ids, max_crops: int = 0, seed: int = 0, 
     return crops_t, labels_t
 
 
-def train_adapter(clip, crops: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, a, seed: int = 0,
-                  progress: bool = True) -> dict:
+def train_adapter(
+    clip, crops: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, a, seed: int = 0, progress: bool = True
+) -> dict:
     """Fine-tune only the image tower's LayerNorms so crops classify against frozen ``text``."""
     model = clip.model
     ln = layernorm_parameters(model)
@@ -184,7 +187,9 @@ def run_adapt(cfg, progress: bool = True) -> dict:
     text = clip.encode_text(list(split.base_names), list(cfg.clip.templates))
     report = train_adapter(clip, crops, labels, text, cfg.adapter, seed=cfg.seed, progress=progress)
     report["crop_seconds"] = round(crop_s, 1)
-    save_adapter(cfg.adapter.out, clip, layernorm_parameters(clip.model), extra={"base_classes": list(split.base_names)})
+    save_adapter(
+        cfg.adapter.out, clip, layernorm_parameters(clip.model), extra={"base_classes": list(split.base_names)}
+    )
     report["out"] = str(cfg.adapter.out)
     write_json(Path(cfg.adapter.out).with_suffix(".json"), report)
     return report

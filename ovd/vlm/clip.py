@@ -117,17 +117,30 @@ class ClipModel:
         source = model if model.startswith("local-dir:") else f"{model}/{pretrained or 'random-init'}"
 
         if model.startswith("local-dir:"):
-            folder = Path(model[len("local-dir:"):])
+            folder = Path(model[len("local-dir:") :])
             if not (folder / "open_clip_config.json").is_file():
-                raise OvdError(f"CLIP folder {folder} has no open_clip_config.json (expected an open_clip local-dir model)")
-            if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")) and not any(folder.glob("*.pth")):
+                raise OvdError(
+                    f"CLIP folder {folder} has no open_clip_config.json (expected an open_clip local-dir model)"
+                )
+            if (
+                not any(folder.glob("*.safetensors"))
+                and not any(folder.glob("*.bin"))
+                and not any(folder.glob("*.pth"))
+            ):
                 raise OvdError(f"CLIP folder {folder} has no weights file (*.safetensors, *.bin or *.pth)")
             pretrained = None
         else:
             if model not in open_clip.list_models():
-                raise OvdError(f"unknown open_clip model '{model}' (e.g. ViT-B-32, ViT-B-16, RN50; see open_clip.list_models())")
+                raise OvdError(
+                    f"unknown open_clip model '{model}' (e.g. ViT-B-32, ViT-B-16, RN50; see open_clip.list_models())"
+                )
             if pretrained and not Path(pretrained).is_file():
-                looks_like_file = os.path.sep in pretrained or Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors")
+                looks_like_file = os.path.sep in pretrained or Path(pretrained).suffix in (
+                    ".pt",
+                    ".pth",
+                    ".bin",
+                    ".safetensors",
+                )
                 tags = open_clip.list_pretrained_tags_by_model(model)
                 if looks_like_file or pretrained not in tags:
                     raise OvdError(
@@ -146,14 +159,16 @@ class ClipModel:
                 if not allow_download:
                     raise OvdError(
                         f"CLIP weights {model}/{pretrained} are not in the local cache and downloads are off "
-                        f"(offline). Give a local checkpoint file instead, e.g. clip.pretrained=weights/{model}.safetensors"
+                        f"(offline). Give a local checkpoint file instead, "
+                        f"e.g. clip.pretrained=weights/{model}.safetensors"
                     )
                 try:
                     net = open_clip.create_model(model, pretrained=pretrained, device=device, weights_only=True)
                 except RuntimeError as e:
                     raise OvdError(
-                        f"could not download CLIP weights {model}/{pretrained} (offline?): {str(e).splitlines()[0][:200]}. "
-                        f"Give a local checkpoint file instead, e.g. clip.pretrained=weights/{model}.safetensors"
+                        f"could not download CLIP weights {model}/{pretrained} (offline?): "
+                        f"{str(e).splitlines()[0][:200]}. Give a local checkpoint file instead, "
+                        f"e.g. clip.pretrained=weights/{model}.safetensors"
                     ) from None
         except OvdError:
             raise
@@ -255,7 +270,9 @@ class ClipModel:
         self._text_cache.clear()
 
 
-def save_local_dir(net: torch.nn.Module, folder: str | os.PathLike, model_cfg: dict, image_size: int, mean, std) -> Path:
+def save_local_dir(
+    net: torch.nn.Module, folder: str | os.PathLike, model_cfg: dict, image_size: int, mean, std
+) -> Path:
     """Save an open_clip CLIP as a ``local-dir:`` folder (config JSON + safetensors), atomically."""
     from safetensors.torch import save_file
 

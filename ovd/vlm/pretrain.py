@@ -109,7 +109,9 @@ def pretrain_tiny_clip(cfg, progress: bool = True) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
     model_cfg = tiny_clip_config(p)
     t0 = time.time()
-    images, labels, captions, categories = load_web_split(cfg.data.web_train_json, cfg.data.web_image_root, p.image_size, progress)
+    images, labels, captions, categories = load_web_split(
+        cfg.data.web_train_json, cfg.data.web_image_root, p.image_size, progress
+    )
     net = open_clip.model.CLIP(**model_cfg)
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=p.context_length)
     tokens = tokenizer(captions)
@@ -127,7 +129,11 @@ def pretrain_tiny_clip(cfg, progress: bool = True) -> dict:
     total = steps_per_epoch * p.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
-        lambda s: (s + 1) / p.warmup_steps if s < p.warmup_steps else 0.5 * (1 + math.cos(math.pi * (s - p.warmup_steps) / max(1, total - p.warmup_steps))),
+        lambda s: (
+            (s + 1) / p.warmup_steps
+            if s < p.warmup_steps
+            else 0.5 * (1 + math.cos(math.pi * (s - p.warmup_steps) / max(1, total - p.warmup_steps)))
+        ),
     )
     net.train()
     bar = tqdm(total=total, desc="pretrain tiny CLIP", disable=not progress)
@@ -154,7 +160,9 @@ def pretrain_tiny_clip(cfg, progress: bool = True) -> dict:
     save_local_dir(net, p.out, model_cfg, p.image_size, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
 
     clip = ClipModel.load(str(p.out))
-    v_images, v_labels, _, v_cats = load_web_split(cfg.data.web_val_json, cfg.data.web_image_root, p.image_size, progress)
+    v_images, v_labels, _, v_cats = load_web_split(
+        cfg.data.web_val_json, cfg.data.web_image_root, p.image_size, progress
+    )
     acc = zero_shot_accuracy(clip, v_images, v_labels, v_cats or categories, list(cfg.clip.templates))
     report = {
         "out": str(p.out),

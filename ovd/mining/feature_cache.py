@@ -1,0 +1,329 @@
+"""Distillation feature cache: CLIP embeddings of every GT box and mined proposal of the train set.
+
+Layout of a cache folder::
+
+    chunk_00000.safetensors   boxes (M, 4 xyxy f32), embeddings (M, D f16/f32), weights (M f32),
+    chunk_00001.safetensors   is_gt (M u8), image_ids (M i64); metadata: format, fingerprint of the
+    ...                       CLIP (+ adapter), embed_dim, chunk number and its image ids
+    index.json                written by the merge: image_id -> [chunk, start, count]
+
+The train images are cut into fixed chunks (``extract.chunk_size`` images, dataset order), and a
+chunk is the unit of work, of resumption and of sharding:
+  * each chunk file is written atomically, so a run killed mid-way leaves only complete chunks and
+    a rerun skips them (no duplicates, no corrupt shard);
+  * ``--shard i/N`` (or torchrun's RANK / WORLD_SIZE) takes chunks c with c % N == i, so any
+    number of processes or machines split the work deterministically; the merge only indexes the
+    chunk files, so its result is exactly the single-process one (same chunks, same batches).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ovd.errors import OvdError
+from ovd.utils.io import atomic_path, read_json, write_json
+
+CACHE_FORMAT = "ovd-feature-cache/1"
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def chunk_path(folder: Path, c: int) -> Path:
+    return folder / f"chunk_{c:05d}.safetensors"
+
+
+def _read_meta(path: Path) -> dict | None:
+    """Metadata of a chunk file, or None if it is unreadable (treated as absent and recomputed)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            f.keys()
+    except Exception:  # truncated / foreign file: safetensors has several error types
+        return None
+    return meta if meta.get("format") == CACHE_FORMAT else None
+
+
+def parse_shard(spec: str | None) -> tuple[int, int]:
+    """ "i/N" → (i, N); None → torchrun's (RANK, WORLD_SIZE) when set, else (0, 1)."""
+    if spec is None:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        i, n = (int(v) for v in spec.split("/"))
+    except ValueError:
+        raise OvdError(f"--shard must look like i/N (e.g. 0/4), got '{spec}'") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise OvdError(f"--shard {spec}: need 0 <= i < N")
+    return i, n
+
+
+def check_compatible(folder: Path, clip, overwrite: bool = False) -> None:
+    """Refuse to mix embeddings of different CLIPs in one cache folder."""
+    for p in sorted(folder.glob("chunk_*.safetensors")):
+        meta = _read_meta(p)
+        if meta is None:
+            continue
+        if int(meta["embed_dim"]) != clip.embed_dim:
+            raise OvdError(
+                f"feature cache {folder} holds {meta['embed_dim']}-d embeddings but the CLIP {clip.source} gives "
+                f"{clip.embed_dim}-d: it was made with a different CLIP (use another extract.out, or --overwrite)"
+            )
+        if meta["fingerprint"] != clip.fingerprint() and not overwrite:
+            raise OvdError(
+                f"feature cache {folder} was made with another CLIP or adapter ({meta.get('clip_source')}); "
+                f"use another extract.out, or --overwrite to recompute it"
+            )
+        return
+
+
+def encode_chunk(clip, items: list[dict], dtype: torch.dtype, batch_size: int) -> dict[str, torch.Tensor]:
+    """items: per image {image_id, image (3,H,W), boxes (N,4), weights (N,), is_gt (N,)} → chunk tensors."""
+    crops = [clip.crop(it["image"], it["boxes"]) for it in items]
+    emb = clip.encode_normalized(torch.cat(crops), batch_size) if crops else torch.zeros((0, clip.embed_dim))
+    return {
+        "boxes": torch.cat([it["boxes"] for it in items]).float().contiguous(),
+        "embeddings": emb.to(dtype).contiguous(),
+        "weights": torch.cat([it["weights"] for it in items]).float().contiguous(),
+        "is_gt": torch.cat([it["is_gt"] for it in items]).to(torch.uint8).contiguous(),
+        "image_ids": torch.cat([torch.full((len(it["boxes"]),), it["image_id"], dtype=torch.int64) for it in items]),
+    }
+
+
+def extract_features(
+    clip,
+    dataset,
+    proposals: dict[int, dict],
+    out: str | os.PathLike,
+    chunk_size: int = 64,
+    dtype: str = "float16",
+    include_gt: bool = True,
+    gt_cat_ids: set[int] | None = None,
+    shard: tuple[int, int] = (0, 1),
+    overwrite: bool = False,
+    batch_size: int = 256,
+    progress: bool = True,
+    stop_after_chunks: int | None = None,
+) -> dict:
+    """Encode this shard's chunks that are not on disk yet. ``stop_after_chunks`` simulates a kill
+    (tests)."""
+    from ovd.data.images import load_image
+
+    if dtype not in DTYPES:
+        raise OvdError(f"extract.dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+    if chunk_size < 1:
+        raise OvdError("extract.chunk_size must be >= 1")
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    check_compatible(folder, clip, overwrite)
+    n_img = len(dataset)
+    n_chunks = max(1, -(-n_img // chunk_size))
+    mine = [c for c in range(n_chunks) if c % shard[1] == shard[0]]
+    done = skipped = 0
+    t0 = time.time()
+    n_boxes = 0
+    for c in tqdm(mine, desc=f"extract shard {shard[0]}/{shard[1]}", disable=not progress):
+        idx = range(c * chunk_size, min(n_img, (c + 1) * chunk_size))
+        ids = [dataset.images[i]["id"] for i in idx]
+        path = chunk_path(folder, c)
+        meta = _read_meta(path) if path.exists() else None
+        if path.exists() and meta is None:
+            warnings.warn(f"{path} is unreadable; recomputing it", stacklevel=2)
+        if (
+            meta is not None
+            and not overwrite
+            and meta["fingerprint"] == clip.fingerprint()
+            and json.loads(meta["image_ids"]) == ids
+        ):
+            skipped += 1
+            continue
+        if stop_after_chunks is not None and done >= stop_after_chunks:
+            raise KeyboardInterrupt(f"stopped after {done} chunks (simulated interruption)")
+        items = []
+        for i in idx:
+            rec = dataset.record(i)
+            boxes, weights, is_gt = [], [], []
+            if include_gt:
+                for b, lab in zip(rec["boxes"], rec["labels"]):
+                    if gt_cat_ids is None or lab in gt_cat_ids:
+                        boxes.append(b)
+                        weights.append(1.0)
+                        is_gt.append(1)
+            p = proposals.get(rec["image_id"])
+            b_t = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+            w_t = torch.tensor(weights, dtype=torch.float32)
+            g_t = torch.tensor(is_gt, dtype=torch.uint8)
+            if p is not None and len(p["boxes"]):
+                b_t = torch.cat([b_t, p["boxes"]])
+                w_t = torch.cat([w_t, p["weights"].float()])
+                g_t = torch.cat([g_t, torch.zeros(len(p["boxes"]), dtype=torch.uint8)])
+            image = load_image(rec["path"]) if len(b_t) else torch.zeros(3, 1, 1)
+            items.append({"image_id": rec["image_id"], "image": image, "boxes": b_t, "weights": w_t, "is_gt": g_t})
+        tensors = encode_chunk(clip, items, DTYPES[dtype], batch_size)
+        n_boxes += len(tensors["boxes"])
+        meta = {
+            "format": CACHE_FORMAT,
+            "fingerprint": clip.fingerprint(),
+            "clip_source": clip.source,
+            "embed_dim": str(clip.embed_dim),
+            "chunk": str(c),
+            "num_chunks": str(n_chunks),
+            "image_ids": json.dumps(ids),
+        }
+        from safetensors.torch import save_file
+
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+        done += 1
+    return {
+        "out": str(folder),
+        "shard": f"{shard[0]}/{shard[1]}",
+        "chunks_total": n_chunks,
+        "chunks_written": done,
+        "chunks_skipped": skipped,
+        "boxes_written": n_boxes,
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
+def merge_cache(out: str | os.PathLike) -> dict:
+    """Index every chunk of a complete cache → ``index.json``. Errors if a chunk is missing."""
+    from safetensors import safe_open
+
+    folder = Path(out)
+    files = sorted(folder.glob("chunk_*.safetensors"))
+    if not files:
+        raise OvdError(f"feature cache {folder} has no chunk files: run `ovd extract` first")
+    metas = {}
+    for p in files:
+        meta = _read_meta(p)
+        if meta is None:
+            raise OvdError(f"feature cache chunk {p} is unreadable: rerun `ovd extract` to recompute it")
+        metas[int(meta["chunk"])] = (p, meta)
+    first = next(iter(metas.values()))[1]
+    n_chunks = int(first["num_chunks"])
+    missing = [c for c in range(n_chunks) if c not in metas]
+    if missing:
+        raise OvdError(
+            f"feature cache {folder} is incomplete: chunks {missing[:10]}{' ...' if len(missing) > 10 else ''} "
+            f"of {n_chunks} are missing (run the remaining --shard jobs)"
+        )
+    fps = {m["fingerprint"] for _, m in metas.values()}
+    if len(fps) > 1:
+        raise OvdError(f"feature cache {folder} mixes chunks made with different CLIPs: recompute with --overwrite")
+    images: dict[str, list[int]] = {}
+    total = 0
+    for c in range(n_chunks):
+        p, meta = metas[c]
+        with safe_open(str(p), framework="pt") as f:
+            ids = f.get_tensor("image_ids").tolist()
+        counts: dict[int, int] = {}
+        for i in ids:
+            counts[i] = counts.get(i, 0) + 1
+        start = 0
+        for img_id in json.loads(meta["image_ids"]):
+            n = counts.get(img_id, 0)
+            images[str(img_id)] = [c, start, n]
+            start += n
+        total += len(ids)
+    index = {
+        "format": CACHE_FORMAT,
+        "fingerprint": first["fingerprint"],
+        "clip_source": first["clip_source"],
+        "embed_dim": int(first["embed_dim"]),
+        "num_chunks": n_chunks,
+        "num_boxes": total,
+        "images": images,
+    }
+    write_json(folder / "index.json", index, indent=None)
+    return {k: v for k, v in index.items() if k != "images"} | {"num_images": len(images)}
+
+
+class FeatureCache:
+    """Read access for the detector: per image, boxes + CLIP embeddings + weights (+ is_gt)."""
+
+    def __init__(self, folder: str | os.PathLike, embed_dim: int | None = None):
+        self.folder = Path(folder)
+        self.index = read_json(self.folder / "index.json", "feature cache index")
+        if self.index.get("format") != CACHE_FORMAT:
+            raise OvdError(f"{self.folder}/index.json is not an ovd feature cache index")
+        self.embed_dim = int(self.index["embed_dim"])
+        if embed_dim is not None and embed_dim != self.embed_dim:
+            raise OvdError(
+                f"feature cache {self.folder} holds {self.embed_dim}-d CLIP embeddings, the model expects {embed_dim}-d"
+            )
+        self._chunks: dict[int, dict[str, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return len(self.index["images"])
+
+    def __contains__(self, image_id: int) -> bool:
+        return str(image_id) in self.index["images"]
+
+    def _chunk(self, c: int) -> dict[str, torch.Tensor]:
+        if c not in self._chunks:
+            from safetensors.torch import load_file
+
+            self._chunks[c] = load_file(str(chunk_path(self.folder, c)))
+        return self._chunks[c]
+
+    def get(self, image_id: int) -> dict[str, torch.Tensor]:
+        entry = self.index["images"].get(str(image_id))
+        if entry is None:
+            raise OvdError(f"image {image_id} is not in feature cache {self.folder}")
+        c, start, n = entry
+        t = self._chunk(c)
+        sl = slice(start, start + n)
+        return {
+            "boxes": t["boxes"][sl],
+            "embeddings": t["embeddings"][sl].float(),
+            "weights": t["weights"][sl],
+            "is_gt": t["is_gt"][sl].bool(),
+        }
+
+
+def run_extract(
+    cfg, shard: str | None = None, overwrite: bool = False, merge_only: bool = False, progress: bool = True
+) -> dict:
+    """``ovd extract``: this shard's chunks, then the index once every chunk is on disk."""
+    from ovd.data.coco import load_detection_dataset
+    from ovd.data.splits import resolve_split
+    from ovd.mining.miner import load_proposals
+    from ovd.vlm.clip import clip_from_config
+
+    e = cfg.extract
+    report: dict = {}
+    if not merge_only:
+        train = load_detection_dataset(cfg.data.train_json, cfg.data.image_root or None)
+        gt_ids = None
+        if cfg.data.split:
+            gt_ids = set(resolve_split(cfg.data.split, train.categories, source=str(train.path)).base_ids)
+        proposals = load_proposals(cfg.miner.out) if cfg.miner.enabled else {}
+        clip = clip_from_config(cfg.clip, cfg.adapter.out if cfg.adapter.enabled else None)
+        report = extract_features(
+            clip,
+            train,
+            proposals,
+            e.out,
+            e.chunk_size,
+            e.dtype,
+            e.include_gt,
+            gt_ids,
+            parse_shard(shard),
+            overwrite,
+            cfg.clip.batch_size,
+            progress,
+        )
+    folder = Path(e.out)
+    n_files = len(list(folder.glob("chunk_*.safetensors")))
+    first = next(iter(sorted(folder.glob("chunk_*.safetensors"))), None)
+    meta = _read_meta(first) if first else None
+    if merge_only or (meta is not None and n_files >= int(meta["num_chunks"])):
+        report["index"] = merge_cache(folder)
+    return report

@@ -1,0 +1,185 @@
+"""Small hand-made COCO / LVIS ground truth and detections, shared by the data and eval tests.
+
+Everything here is plain data built independently of ``ovd``: the tests compare what ``ovd``
+computes from these files with what the official APIs compute from the same files.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+from types import ModuleType
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The OVR-CNN / ViLD COCO open-vocabulary split as published (COCO 2017 spellings), written out here
+# independently of ovd.data.splits so the tests check ovd's copy against it.
+OFFICIAL_NOVEL_17 = {
+    "airplane": 5, "bus": 6, "cat": 17, "dog": 18, "cow": 21, "elephant": 22, "umbrella": 28, "tie": 32,
+    "snowboard": 36, "skateboard": 41, "cup": 47, "knife": 49, "cake": 61, "couch": 63, "keyboard": 76,
+    "sink": 81, "scissors": 87,
+}  # fmt: skip
+OFFICIAL_BASE_48 = {
+    "person": 1, "bicycle": 2, "car": 3, "motorcycle": 4, "train": 7, "truck": 8, "boat": 9, "bench": 15,
+    "bird": 16, "horse": 19, "sheep": 20, "bear": 23, "zebra": 24, "giraffe": 25, "backpack": 27,
+    "handbag": 31, "suitcase": 33, "frisbee": 34, "skis": 35, "kite": 38, "surfboard": 42, "bottle": 44,
+    "fork": 48, "spoon": 50, "bowl": 51, "banana": 52, "apple": 53, "sandwich": 54, "orange": 55,
+    "broccoli": 56, "carrot": 57, "pizza": 59, "donut": 60, "chair": 62, "bed": 65, "toilet": 70, "tv": 72,
+    "laptop": 73, "mouse": 74, "remote": 75, "microwave": 78, "oven": 79, "toaster": 80,
+    "refrigerator": 82, "book": 84, "clock": 85, "vase": 86, "toothbrush": 90,
+}  # fmt: skip
+OFFICIAL_NEITHER_15 = {
+    "traffic light": 10, "fire hydrant": 11, "stop sign": 13, "parking meter": 14, "sports ball": 37,
+    "baseball bat": 39, "baseball glove": 40, "tennis racket": 43, "wine glass": 46, "hot dog": 58,
+    "potted plant": 64, "dining table": 67, "cell phone": 77, "teddy bear": 88, "hair drier": 89,
+}  # fmt: skip
+
+
+def dump(path: Path, obj) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj), encoding="utf-8")
+    return path
+
+
+def load_make_eval_example() -> ModuleType:
+    """Import tools/make_eval_example.py (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        "make_eval_example", REPO / "tools" / "make_eval_example.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# --- COCO ------------------------------------------------------------------------------------------
+# Non-contiguous ids so that an id/index mix-up shows. Split used with them: base = {alpha, beta},
+# novel = {gamma, delta}, "omega" is in neither group, "empty" has no ground truth at all.
+CATS = [(3, "alpha"), (7, "beta"), (11, "gamma"), (12, "delta"), (20, "omega"), (31, "empty")]
+CAT_ID = {n: i for i, n in CATS}
+SPLIT = {"base": ["alpha", "beta"], "novel": ["gamma", "delta"]}
+
+
+def ann(ann_id: int, image_id: int, cat_id: int, bbox, **extra) -> dict:
+    return {"id": ann_id, "image_id": image_id, "category_id": cat_id, "bbox": list(bbox),
+            "area": float(bbox[2] * bbox[3]), "iscrowd": 0, **extra}  # fmt: skip
+
+
+def coco_gt(num_images: int = 5, seed: int = 1, with_omega: bool = True) -> dict:
+    """A few images with boxes of every size range (small / medium / large) for the first 5 categories."""
+    rng = random.Random(seed)
+    images = [
+        {"id": 100 + k, "file_name": f"img{k}.jpg", "width": 320, "height": 240} for k in range(num_images)
+    ]
+    anns: list[dict] = []
+    names = ["alpha", "beta", "gamma", "delta"] + (["omega"] if with_omega else [])
+    for im in images:
+        for name in names:
+            for _ in range(rng.randint(1, 2)):
+                side = rng.choice([20.0, 60.0, 120.0])  # small, medium, large for COCO area ranges
+                w, h = side * rng.uniform(0.8, 1.2), side * rng.uniform(0.8, 1.2)
+                x, y = rng.uniform(0, 320 - w), rng.uniform(0, 240 - h)
+                anns.append(ann(len(anns) + 1, im["id"], CAT_ID[name], [round(v, 2) for v in (x, y, w, h)]))
+    return {"images": images, "annotations": anns, "categories": [{"id": i, "name": n} for i, n in CATS]}
+
+
+def det(a: dict, score: float, cat_id: int | None = None, shift: float = 0.0) -> dict:
+    """A detection on annotation ``a``'s box, shifted by ``shift`` of its width/height."""
+    x, y, w, h = a["bbox"]
+    return {"image_id": a["image_id"], "category_id": a["category_id"] if cat_id is None else cat_id,
+            "bbox": [x + shift * w, y + shift * h, w, h], "score": score}  # fmt: skip
+
+
+def false_positives(gt: dict, n: int, seed: int, cat_ids: list[int]) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        im = rng.choice(gt["images"])
+        w, h = rng.uniform(10, 80), rng.uniform(10, 80)
+        out.append({"image_id": im["id"], "category_id": rng.choice(cat_ids),
+                    "bbox": [rng.uniform(0, 320 - w), rng.uniform(0, 240 - h), w, h],
+                    "score": round(rng.uniform(0.05, 0.95), 3)})  # fmt: skip
+    return out
+
+
+def scenario(gt: dict, kind: str, seed: int = 0) -> list[dict]:
+    """Detections for ``gt``: perfect | partial | confused | false_pos | mixed."""
+    rng = random.Random(seed)
+    anns = gt["annotations"]
+    ids = [i for i, _ in CATS]
+    if kind == "perfect":
+        return [det(a, round(rng.uniform(0.5, 1.0), 3)) for a in anns]
+    if kind == "partial":  # a third missed, a third badly localised (IoU below 0.5 / around 0.7)
+        out = []
+        for k, a in enumerate(anns):
+            if k % 3 == 0:
+                continue
+            shift = 0.0 if k % 3 == 1 else rng.choice([0.1, 0.2, 0.4])
+            out.append(det(a, round(rng.uniform(0.2, 1.0), 3), shift=shift))
+        return out
+    if kind == "confused":  # every box exact but labelled with another category
+        out = []
+        for a in anns:
+            wrong = [i for i in ids if i != a["category_id"]]
+            out.append(det(a, round(rng.uniform(0.2, 1.0), 3), cat_id=rng.choice(wrong)))
+        return out
+    if kind == "false_pos":  # perfect detections plus high- and low-scoring false positives
+        return scenario(gt, "perfect", seed) + false_positives(gt, 12, seed + 1, ids)
+    if kind == "mixed":
+        out = scenario(gt, "partial", seed)
+        out += [
+            det(a, 0.55, cat_id=CAT_ID["alpha"]) for a in anns[1::4] if a["category_id"] != CAT_ID["alpha"]
+        ]
+        return out + false_positives(gt, 8, seed + 2, ids)
+    raise ValueError(kind)
+
+
+# --- LVIS ------------------------------------------------------------------------------------------
+LVIS_CATS = [(1, "aardvark", "r"), (2, "abacus", "c"), (4, "accordion", "f"), (5, "acorn", "r"),
+             (9, "airbag", "f"), (10, "alarm", "c"), (13, "alcohol", "r")]  # fmt: skip
+
+
+def lvis_gt(num_images: int = 6, seed: int = 3) -> dict:
+    """LVIS-format GT: per-image negative and not-exhaustive category lists, r/c/f frequencies."""
+    rng = random.Random(seed)
+    cat_ids = [c[0] for c in LVIS_CATS]
+    images, anns = [], []
+    for k in range(num_images):
+        img_id = 500 + k
+        present = rng.sample(cat_ids[:-1], 3)  # category 13 never has ground truth
+        rest = [c for c in cat_ids if c not in present]
+        neg = rest[: len(rest) // 2 + 1]
+        not_ex = [present[0]] if k % 2 else []
+        images.append({"id": img_id, "file_name": f"l{k}.jpg", "width": 400, "height": 300,
+                       "neg_category_ids": neg, "not_exhaustive_category_ids": not_ex})  # fmt: skip
+        for c in present:
+            for _ in range(rng.randint(1, 2)):
+                side = rng.choice([25.0, 70.0, 150.0])
+                w, h = side * rng.uniform(0.8, 1.2), side * rng.uniform(0.8, 1.2)
+                x, y = rng.uniform(0, 400 - w), rng.uniform(0, 300 - h)
+                a = ann(len(anns) + 1, img_id, c, [round(v, 2) for v in (x, y, w, h)])
+                del a["iscrowd"]
+                anns.append(a)
+    cats = [{"id": i, "name": n, "frequency": f, "synset": f"{n}.n.01"} for i, n, f in LVIS_CATS]
+    return {"images": images, "annotations": anns, "categories": cats}
+
+
+def lvis_dets(gt: dict, seed: int = 4) -> list[dict]:
+    """Found, mislocalised, missed and confused boxes plus false positives on negative categories."""
+    rng = random.Random(seed)
+    out = []
+    for k, a in enumerate(gt["annotations"]):
+        r = k % 4
+        if r == 0:
+            out.append(det(a, round(rng.uniform(0.5, 1.0), 3)))
+        elif r == 1:
+            out.append(det(a, round(rng.uniform(0.2, 0.9), 3), shift=rng.choice([0.1, 0.35])))
+        elif r == 2:
+            other = [c[0] for c in LVIS_CATS if c[0] != a["category_id"]]
+            out.append(det(a, round(rng.uniform(0.2, 0.9), 3), cat_id=rng.choice(other)))
+    for im in gt["images"]:
+        for c in im["neg_category_ids"][:2]:
+            out.append({"image_id": im["id"], "category_id": c, "bbox": [10.0, 20.0, 50.0, 40.0],
+                        "score": round(rng.uniform(0.1, 0.8), 3)})  # fmt: skip
+    return out
