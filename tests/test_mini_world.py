@@ -1,0 +1,333 @@
+"""Tests of the mini-world generator (ovd/data/mini_world.py)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ovd.data import mini_world as mw
+from ovd.data.mini_world import PRESETS, generate_mini_world, mini_split, mini_vocabulary
+from ovd.errors import OvdError
+
+SMOKE = PRESETS["smoke"]
+
+
+def _load(root: Path, rel: str) -> dict:
+    with open(root / rel, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _ids(names: list[str]) -> set[int]:
+    by_name = {c["name"]: c["id"] for c in mini_vocabulary()}
+    return {by_name[n] for n in names}
+
+
+NOVEL_IDS = _ids(mini_split()["novel"])
+BASE_IDS = _ids(mini_split()["base"])
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def world_seed1(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("mini_world_seed1") / "world"
+    generate_mini_world(out, preset="smoke", seed=1, progress=False)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ split
+def test_vocabulary_and_split_rule():
+    vocab = mini_vocabulary()
+    assert [c["id"] for c in vocab] == list(range(1, 37))
+    assert all(c["name"] == f"{c['colour']} {c['shape']}" for c in vocab)
+    assert len({c["colour"] for c in vocab}) == 6 and len({c["shape"] for c in vocab}) == 6
+    split = mini_split()
+    base, novel = set(split["base"]), set(split["novel"])
+    assert len(novel) == 9 and len(base) == 27 and not base & novel
+    assert base | novel == {c["name"] for c in vocab}
+    for attr in ("colour", "shape"):
+        for value in {c[attr] for c in vocab}:
+            names = {c["name"] for c in vocab if c[attr] == value}
+            assert len(names & novel) <= 2, (attr, value)
+            assert len(names & base) >= 4, (attr, value)
+
+
+def test_split_and_world_files(mini_world):
+    assert _load(mini_world, "split.json") == mini_split()
+    world = _load(mini_world, "world.json")
+    assert (world["version"], world["preset"], world["seed"]) == (mw.GENERATOR_VERSION, "smoke", 0)
+    assert world["classes"] == mini_vocabulary()
+
+
+# ---------------------------------------------------------------------------------- determinism
+def test_same_seed_is_identical_and_overwrite_replaces_foreign_dir(mini_world, tmp_path):
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / "junk.txt").write_text("not a world")
+    generate_mini_world(again, preset="smoke", seed=0, progress=False, overwrite=True)
+    assert not (again / "junk.txt").exists()
+    files = _files(mini_world)
+    assert files == _files(again)
+    n_png = 0
+    for rel in files:
+        if rel.endswith(".json"):
+            assert (mini_world / rel).read_bytes() == (again / rel).read_bytes(), rel
+        else:
+            assert rel.endswith(".png")
+            a, b = np.asarray(Image.open(mini_world / rel)), np.asarray(Image.open(again / rel))
+            assert np.array_equal(a, b), rel
+            n_png += 1
+    summary = _load(mini_world, "world.json")["summary"]
+    assert (
+        n_png
+        == summary["web_train_images"]
+        + summary["web_val_images"]
+        + summary["det_train_images"]
+        + summary["det_val_images"]
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]  # no temporary/old dirs left
+
+
+def test_different_seed_differs(mini_world, world_seed1):
+    assert _load(mini_world, "det/train_oracle.json") != _load(world_seed1, "det/train_oracle.json")
+    for rel in ("det/images/train/000001.png", "web/images/train/000001.png"):
+        a, b = np.asarray(Image.open(mini_world / rel)), np.asarray(Image.open(world_seed1 / rel))
+        assert a.shape == b.shape and not np.array_equal(a, b)
+
+
+# ------------------------------------------------------------------------------------- formats
+def test_coco_and_lvis_files_load(mini_world):
+    from lvis import LVIS
+    from pycocotools.coco import COCO
+
+    rels = ["det/train.json", "det/train_oracle.json", "det/val.json"]
+    rels += [f"det/fewshot/{k}shot_seed{s}.json" for k in (1, 5, 10) for s in (0, 1, 2)]
+    for rel in rels:
+        coco = COCO(str(mini_world / rel))
+        assert sorted(coco.getCatIds()) == list(range(1, 37)), rel
+        assert len(coco.getAnnIds()) == len(coco.dataset["annotations"]) > 0
+    lv = LVIS(str(mini_world / "det/val_lvis.json"))
+    assert len(lv.cats) == 36 and len(lv.imgs) == SMOKE.det_val_images
+    assert {c["synset"] for c in lv.cats.values()} >= {"mini.red_circle", "mini.blue_star"}
+
+
+def test_det_images_and_boxes(mini_world):
+    for rel in ("det/train.json", "det/train_oracle.json", "det/val.json"):
+        d = _load(mini_world, rel)
+        imgs = {im["id"]: im for im in d["images"]}
+        assert len(imgs) == len(d["images"])
+        assert len({a["id"] for a in d["annotations"]}) == len(d["annotations"])
+        for a in d["annotations"]:
+            im = imgs[a["image_id"]]
+            x, y, w, h = a["bbox"]
+            assert all(isinstance(v, float) for v in a["bbox"])
+            assert w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= im["width"] and y + h <= im["height"]
+            assert a["area"] == w * h and a["iscrowd"] == 0
+            assert a["segmentation"] == [[x, y, x + w, y, x + w, y + h, x, y + h]]
+            assert 1 <= a["category_id"] <= 36
+            # detection objects are small relative to the scene (web objects span 50-85%)
+            assert 8 <= max(w, h) <= 64
+    val = _load(mini_world, "det/val.json")
+    for im in val["images"][:5]:
+        with Image.open(mini_world / "det/images" / im["file_name"]) as pil:
+            assert pil.size == (im["width"], im["height"]) == (SMOKE.det_size, SMOKE.det_size)
+            assert pil.mode == "RGB"
+
+
+def test_boxes_are_tight_on_rendered_scenes():
+    # render scenes in memory and compare each box with the geometric extent of the drawn polygon:
+    # the box never reaches more than a pixel beyond the shape, and (occlusion is limited) it
+    # keeps at least ~90% of the shape's extent on both axes
+    for index in range(8):
+        rng = mw._image_rng(0, mw._DOMAIN_DET, "train", index)
+        layout = mw._det_layout(0, "train", 8, SMOKE)[index]
+        extents: list = []
+        img, objects, dropped = mw._render_det(rng, layout, SMOKE, extents)
+        assert img.shape == (SMOKE.det_size, SMOKE.det_size, 3) and img.dtype == np.uint8
+        assert dropped == 0 and [c for c, _ in objects] == layout
+        for (_, (x, y, w, h)), (x0, y0, x1, y1) in zip(objects, extents, strict=True):
+            assert x >= x0 - 1 and y >= y0 - 1 and x + w <= x1 + 1 and y + h <= y1 + 1
+            assert w >= 0.9 * (x1 - x0) - 1 and h >= 0.9 * (y1 - y0) - 1
+
+
+def test_train_is_base_only_and_oracle_has_novel(mini_world):
+    train = _load(mini_world, "det/train.json")
+    oracle = _load(mini_world, "det/train_oracle.json")
+    assert train["images"] == oracle["images"] and train["categories"] == oracle["categories"]
+    assert len(train["categories"]) == 36
+    assert {a["category_id"] for a in train["annotations"]} == BASE_IDS
+    assert not NOVEL_IDS & {a["category_id"] for a in train["annotations"]}
+    novel_in_oracle = [a for a in oracle["annotations"] if a["category_id"] in NOVEL_IDS]
+    assert {a["category_id"] for a in novel_in_oracle} == NOVEL_IDS
+    # train annotations are exactly the oracle's base annotations (same ids, same boxes)
+    assert train["annotations"] == [a for a in oracle["annotations"] if a["category_id"] in BASE_IDS]
+    # object classes are balanced over all 36 classes
+    counts = Counter(a["category_id"] for a in oracle["annotations"])
+    assert max(counts.values()) - min(counts.values()) <= 1
+    n = Counter(
+        len([a for a in oracle["annotations"] if a["image_id"] == im["id"]]) for im in oracle["images"]
+    )
+    assert min(n) >= SMOKE.det_objects[0] and max(n) <= SMOKE.det_objects[1]
+
+
+def test_val_has_all_classes(mini_world):
+    val = _load(mini_world, "det/val.json")
+    assert {a["category_id"] for a in val["annotations"]} == set(range(1, 37))
+    assert len(val["images"]) == SMOKE.det_val_images
+
+
+def test_lvis_fields(mini_world):
+    lv = _load(mini_world, "det/val_lvis.json")
+    train = _load(mini_world, "det/train.json")
+    img_count = Counter()
+    for cid, _ in {(a["category_id"], a["image_id"]) for a in train["annotations"]}:
+        img_count[cid] += 1
+    inst_count = Counter(a["category_id"] for a in train["annotations"])
+    for c in lv["categories"]:
+        assert c["image_count"] == img_count[c["id"]] and c["instance_count"] == inst_count[c["id"]]
+        assert c["synset"] == "mini." + c["name"].replace(" ", "_")
+        if c["id"] in NOVEL_IDS:
+            assert c["frequency"] == "r" and c["image_count"] == 0
+        else:
+            assert c["frequency"] in ("c", "f")  # smoke is big enough that no base class is rare
+    present = defaultdict(set)
+    for a in lv["annotations"]:
+        present[a["image_id"]].add(a["category_id"])
+    for im in lv["images"]:
+        assert im["not_exhaustive_category_ids"] == []
+        assert set(im["neg_category_ids"]) == set(range(1, 37)) - present[im["id"]]
+    val = _load(mini_world, "det/val.json")
+    assert [a["bbox"] for a in lv["annotations"]] == [a["bbox"] for a in val["annotations"]]
+
+
+def test_fewshot_splits(mini_world):
+    oracle = _load(mini_world, "det/train_oracle.json")
+    by_id = {a["id"]: a for a in oracle["annotations"]}
+    image_sets = defaultdict(list)
+    for k in (1, 5, 10):
+        for s in (0, 1, 2):
+            fs = _load(mini_world, f"det/fewshot/{k}shot_seed{s}.json")
+            assert len(fs["categories"]) == 36
+            counts = Counter(a["category_id"] for a in fs["annotations"])
+            assert set(counts) == NOVEL_IDS and set(counts.values()) == {k}, (k, s, counts)
+            for a in fs["annotations"]:
+                assert by_id[a["id"]] == a  # taken from the oracle, unchanged
+            img_ids = {im["id"] for im in fs["images"]}
+            assert img_ids == {a["image_id"] for a in fs["annotations"]}
+            # TFA-style: every instance of the chosen class in a chosen image is annotated
+            for cid in NOVEL_IDS:
+                chosen = {a["image_id"] for a in fs["annotations"] if a["category_id"] == cid}
+                n_oracle = sum(
+                    1 for a in oracle["annotations"] if a["category_id"] == cid and a["image_id"] in chosen
+                )
+                assert n_oracle == k
+            image_sets[k].append(frozenset(img_ids))
+    for k in (1, 5, 10):
+        assert len(set(image_sets[k])) > 1  # sampling seeds differ
+
+
+# ---------------------------------------------------------------------------------------- web
+def test_web_records(mini_world):
+    cats = mini_vocabulary()
+    names = {c["id"]: c for c in cats}
+    templates = set()
+    for sp, per_cls in (("train", SMOKE.web_train_per_class), ("val", SMOKE.web_val_per_class)):
+        d = _load(mini_world, f"web/{sp}.json")
+        assert [c["id"] for c in d["categories"]] == list(range(1, 37))
+        assert Counter(r["category_id"] for r in d["images"]) == {i: per_cls for i in range(1, 37)}
+        for r in d["images"]:
+            c = names[r["category_id"]]
+            cap = r["caption"]
+            assert c["colour"] in cap and c["shape"] in cap, cap
+            assert " a a" not in cap and not cap.startswith("a a") and "an " + c["colour"] not in cap
+            templates.add(cap.replace(c["colour"], "{c}").replace(c["shape"], "{s}"))
+        assert (mini_world / "web/images" / d["images"][0]["file_name"]).is_file()
+    assert len(templates) >= 5
+
+
+def test_web_objects_are_large_and_centred(mini_world):
+    d = _load(mini_world, "web/val.json")
+    for r in d["images"][::7]:
+        img = np.asarray(Image.open(mini_world / "web/images" / r["file_name"]), dtype=np.int16)
+        assert img.shape == (SMOKE.web_size, SMOKE.web_size, 3)
+        sat = (img.max(2) - img.min(2)) > 60  # the object is saturated; the background is near-neutral
+        ys, xs = np.nonzero(sat)
+        span = max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) / SMOKE.web_size
+        assert 0.4 <= span <= 1.0, (r["file_name"], span)
+        cx, cy = (xs.max() + xs.min() + 1) / 2, (ys.max() + ys.min() + 1) / 2
+        assert abs(cx - 32) <= 8 and abs(cy - 32) <= 8
+        corners = np.concatenate([img[:4, :4].reshape(-1, 3), img[-4:, -4:].reshape(-1, 3)])
+        assert corners.mean() > 190  # light, clean background
+
+
+# ------------------------------------------------------------------------- reuse and errors
+def test_summary_matches_files(mini_world):
+    s = _load(mini_world, "world.json")["summary"]
+    assert s["web_train_images"] == 36 * SMOKE.web_train_per_class
+    assert s["web_val_images"] == 36 * SMOKE.web_val_per_class
+    assert s["det_train_images"] == SMOKE.det_train_images and s["det_val_images"] == SMOKE.det_val_images
+    assert s["det_train_annotations"] == len(_load(mini_world, "det/train.json")["annotations"])
+    assert s["det_train_objects"] == len(_load(mini_world, "det/train_oracle.json")["annotations"])
+    assert s["det_val_annotations"] == len(_load(mini_world, "det/val.json")["annotations"])
+    assert s["det_train_novel_objects"] == s["det_train_objects"] - s["det_train_annotations"] > 0
+
+
+def test_existing_world_is_reused(mini_world):
+    probe = [
+        mini_world / "world.json",
+        mini_world / "det/train.json",
+        mini_world / "det/images/val/000001.png",
+    ]
+    before = [p.stat().st_mtime_ns for p in probe]
+    summary = generate_mini_world(mini_world, preset="smoke", seed=0, progress=False)
+    assert summary == _load(mini_world, "world.json")["summary"]
+    assert [p.stat().st_mtime_ns for p in probe] == before
+
+
+def test_bad_arguments(tmp_path, world_seed1):
+    with pytest.raises(OvdError, match="unknown mini-world preset 'huge'"):
+        generate_mini_world(tmp_path / "a", preset="huge", progress=False)
+    with pytest.raises(OvdError, match="seed"):
+        generate_mini_world(tmp_path / "a", seed=-1, progress=False)
+    assert not (tmp_path / "a").exists()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(OvdError, match="not empty"):
+        generate_mini_world(foreign, progress=False)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+    # a world with another seed is foreign too, and stays untouched
+    before = (world_seed1 / "world.json").read_bytes()
+    with pytest.raises(OvdError, match="not empty"):
+        generate_mini_world(world_seed1, preset="smoke", seed=0, progress=False)
+    assert (world_seed1 / "world.json").read_bytes() == before
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    with pytest.raises(OvdError, match="not a directory"):
+        generate_mini_world(a_file, progress=False)
+    with pytest.raises(OvdError, match="cannot write mini-world"):
+        generate_mini_world(a_file / "sub", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "foreign"]
+
+
+def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_save = mw._save_png
+
+    def failing_save(arr, path):
+        calls["n"] += 1
+        if calls["n"] > 20:
+            raise KeyboardInterrupt
+        real_save(arr, path)
+
+    monkeypatch.setattr(mw, "_save_png", failing_save)
+    with pytest.raises(KeyboardInterrupt):
+        generate_mini_world(tmp_path / "w", preset="smoke", seed=0, progress=False)
+    assert list(tmp_path.iterdir()) == []
