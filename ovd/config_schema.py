@@ -52,7 +52,7 @@ class PretrainConfig:
     # Tiny open_clip CLIP for the mini-world, trained with open_clip's ClipLoss on the web domain.
     out: str = "${work_dir}/tiny_clip"
     embed_dim: int = 128
-    image_size: int = 48
+    image_size: int = 32
     patch_size: int = 8
     vision_width: int = 128
     vision_layers: int = 4

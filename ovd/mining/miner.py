@@ -77,6 +77,33 @@ def filter_base_overlap(boxes: torch.Tensor, base_gt: torch.Tensor, iou_thr: flo
     return torch.nonzero(box_iou(boxes, base_gt).amax(dim=1) <= iou_thr).flatten()
 
 
+def candidate_boxes(
+    height: int, width: int, m, base_gt: torch.Tensor | None = None, extra_boxes: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Dense anchors (+ external boxes), minus those overlapping base GT above ``m.base_iou_thr``.
+
+    Base-GT filtering happens before CLIP sees anything: no encoder work on boxes that would be
+    dropped anyway, and a confident base box cannot suppress a neighbouring novel one in the NMS.
+    """
+    cand = dense_anchors(height, width, m.stride, list(m.scales), list(m.ratios), m.min_size)
+    if extra_boxes is not None and len(extra_boxes):
+        extra = clip_boxes_to_image(extra_boxes.float(), (height, width))
+        cand = torch.cat([cand, extra[remove_small_boxes(extra, m.min_size)]])
+    if base_gt is not None and len(base_gt):
+        cand = cand[filter_base_overlap(cand, base_gt, m.base_iou_thr)]
+    return cand
+
+
+def select(cand: torch.Tensor, emb: torch.Tensor, text: torch.Tensor, logit_scale: float, m) -> dict:
+    """Class distribution over the vocabulary → objectness → NMS → top-K."""
+    if len(cand) == 0:
+        return {"boxes": cand, "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
+    probs = (logit_scale * emb @ text.T).softmax(dim=1)
+    score = objectness(probs, m.objectness)
+    keep = nms(cand, score, m.nms_thr)[: m.topk]
+    return {"boxes": cand[keep], "scores": score[keep], "labels": probs[keep].argmax(dim=1)}
+
+
 def mine_image(
     clip,
     image: torch.Tensor,
@@ -91,20 +118,9 @@ def mine_image(
     ``encode(image, boxes) -> (N, D)`` defaults to the fast path (:meth:`ClipModel.encode_boxes`);
     the benchmark passes the naive per-crop path to compare the two on identical boxes.
     """
-    h, w = image.shape[-2:]
-    cand = dense_anchors(h, w, m.stride, list(m.scales), list(m.ratios), m.min_size)
-    if extra_boxes is not None and len(extra_boxes):
-        extra = clip_boxes_to_image(extra_boxes.float(), (h, w))
-        cand = torch.cat([cand, extra[remove_small_boxes(extra, m.min_size)]])
-    if base_gt is not None and len(base_gt):  # filter first: no CLIP work on boxes that will be dropped
-        cand = cand[filter_base_overlap(cand, base_gt, m.base_iou_thr)]
-    if len(cand) == 0:
-        return {"boxes": cand, "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
-    emb = (encode or (lambda im, b: clip.encode_boxes(im, b, m.batch_size)))(image, cand)
-    probs = (clip.model.logit_scale.exp().item() * emb @ text.T).softmax(dim=1)
-    score = objectness(probs, m.objectness)
-    keep = nms(cand, score, m.nms_thr)[: m.topk]
-    return {"boxes": cand[keep], "scores": score[keep], "labels": probs[keep].argmax(dim=1)}
+    cand = candidate_boxes(image.shape[-2], image.shape[-1], m, base_gt, extra_boxes)
+    emb = (encode or (lambda im, b: clip.encode_boxes(im, b, m.batch_size)))(image, cand) if len(cand) else None
+    return select(cand, emb, text, clip.model.logit_scale.exp().item(), m)
 
 
 def run_mine(cfg, progress: bool = True) -> dict:

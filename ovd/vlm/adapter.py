@@ -6,7 +6,7 @@ split, classified against the frozen text embeddings of the base class names. Sh
 normalisation statistics moves detection-domain crops back to where CLIP's text embeddings expect
 them, without forgetting what the rest of the network knows (novel classes included).
 
-The adapter file holds just those parameters (a few KB for the tiny CLIP, ~100 KB for ViT-B/32),
+The adapter file holds just those parameters (a few KB for the tiny CLIP, ~160 KB for ViT-B/32),
 as safetensors with metadata naming the CLIP it was made for.
 """
 

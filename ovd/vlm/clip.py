@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def fill_template(template: str, name: str) -> str:
     """Insert a class name; "a {}" becomes "an {}" before a vowel, as in natural captions."""
     text = template.format(name)
     if name[:1].lower() in "aeiou":
-        text = text.replace(f"a {name}", f"an {name}").replace(f"A {name}", f"An {name}")
+        text = re.sub(rf"\b([aA]) {re.escape(name)}", rf"\1n {name}", text)
     return text
 
 
@@ -55,6 +56,15 @@ def _hub_offline(offline: bool):
         yield
     finally:
         hc.HF_HUB_OFFLINE = old
+
+
+def _short_error(e: Exception) -> str:
+    """One line from a loader error: the headline plus its first detail (e.g. the first mismatched key)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [e.__class__.__name__]
+    text = " ".join(lines[:2])[:300]
+    if "TorchScript" in text:
+        text += " (a TorchScript archive: save its state_dict() to a .safetensors file and pass that)"
+    return f"{e.__class__.__name__}: {text}"
 
 
 @contextlib.contextmanager
@@ -147,10 +157,14 @@ class ClipModel:
                         f"CLIP weights '{pretrained}' for {model}: no such file, and not a known pretrained tag "
                         f"({', '.join(tags) or 'none'})"
                     )
+        kwargs = {"device": device, "weights_only": True}
+        tag_cfg = open_clip.get_pretrained_cfg(model, pretrained) if pretrained and not Path(pretrained).is_file() else {}
+        if tag_cfg.get("quick_gelu"):
+            kwargs["force_quick_gelu"] = True  # OpenAI's weights were trained with QuickGELU
         try:
             with _hub_offline(True), _quiet_logging():  # the local hub cache first: no network, no retries
                 try:
-                    net = open_clip.create_model(model, pretrained=pretrained, device=device, weights_only=True)
+                    net = open_clip.create_model(model, pretrained=pretrained, **kwargs)
                 except RuntimeError as e:
                     if not (pretrained and not Path(pretrained).is_file() and "download" in str(e).lower()):
                         raise
@@ -163,7 +177,7 @@ class ClipModel:
                         f"e.g. clip.pretrained=weights/{model}.safetensors"
                     )
                 try:
-                    net = open_clip.create_model(model, pretrained=pretrained, device=device, weights_only=True)
+                    net = open_clip.create_model(model, pretrained=pretrained, **kwargs)
                 except RuntimeError as e:
                     raise OvdError(
                         f"could not download CLIP weights {model}/{pretrained} (offline?): "
@@ -172,8 +186,8 @@ class ClipModel:
                     ) from None
         except OvdError:
             raise
-        except (RuntimeError, ValueError, KeyError, OSError) as e:
-            raise OvdError(f"could not load CLIP {source}: {str(e).splitlines()[0][:300]}") from None
+        except Exception as e:  # corrupt files and architecture mismatches surface as many error types
+            raise OvdError(f"could not load CLIP {source}: {_short_error(e)}") from None
         tokenizer = open_clip.get_tokenizer(model)
         pp = getattr(net.visual, "preprocess_cfg", {}) or {}
         size = net.visual.image_size
@@ -218,9 +232,11 @@ class ClipModel:
         """
         if boxes.numel() == 0:
             return image.new_zeros((0, 3, self.image_size, self.image_size))
-        sq = crop_boxes_square(boxes.to(torch.float32), enlarge)
+        sq = crop_boxes_square(boxes.to(torch.float32), enlarge) + 1.0  # +1: the padding ring below
         rois = torch.cat([sq.new_zeros((len(sq), 1)), sq], dim=1)
-        norm = self.normalize(image.to(torch.float32))[None]
+        # roi_align clamps samples within one pixel outside the image to the edge pixel; a ring of
+        # zeros (= the mean colour once normalised) makes all outside samples padding.
+        norm = F.pad(self.normalize(image.to(torch.float32)), (1, 1, 1, 1))[None]
         return roi_align(norm, rois, output_size=self.image_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
     @torch.no_grad()

@@ -98,13 +98,21 @@ def zero_shot_accuracy(clip, images_u8: torch.Tensor, labels: torch.Tensor, cate
 def pretrain_tiny_clip(cfg, progress: bool = True) -> dict:
     """Train the tiny CLIP on ``cfg.data.web_train_json``; save to ``cfg.pretrain.out``; report
     zero-shot accuracy on ``cfg.data.web_val_json``."""
+    p = cfg.pretrain
+    threads = torch.get_num_threads()
+    if p.threads:
+        torch.set_num_threads(p.threads)
+    try:
+        return _pretrain(cfg, p, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(cfg, p, progress: bool) -> dict:
     import open_clip
 
     from ovd.vlm.clip import ClipModel, save_local_dir
 
-    p = cfg.pretrain
-    if p.threads:
-        torch.set_num_threads(p.threads)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     model_cfg = tiny_clip_config(p)
