@@ -45,9 +45,7 @@ def dump(path: Path, obj) -> Path:
 
 def load_make_eval_example() -> ModuleType:
     """Import tools/make_eval_example.py (tools/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(
-        "make_eval_example", REPO / "tools" / "make_eval_example.py"
-    )
+    spec = importlib.util.spec_from_file_location("make_eval_example", REPO / "tools" / "make_eval_example.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -69,9 +67,7 @@ def ann(ann_id: int, image_id: int, cat_id: int, bbox, **extra) -> dict:
 def coco_gt(num_images: int = 5, seed: int = 1, with_omega: bool = True) -> dict:
     """A few images with boxes of every size range (small / medium / large) for the first 5 categories."""
     rng = random.Random(seed)
-    images = [
-        {"id": 100 + k, "file_name": f"img{k}.jpg", "width": 320, "height": 240} for k in range(num_images)
-    ]
+    images = [{"id": 100 + k, "file_name": f"img{k}.jpg", "width": 320, "height": 240} for k in range(num_images)]
     anns: list[dict] = []
     names = ["alpha", "beta", "gamma", "delta"] + (["omega"] if with_omega else [])
     for im in images:
@@ -128,9 +124,7 @@ def scenario(gt: dict, kind: str, seed: int = 0) -> list[dict]:
         return scenario(gt, "perfect", seed) + false_positives(gt, 12, seed + 1, ids)
     if kind == "mixed":
         out = scenario(gt, "partial", seed)
-        out += [
-            det(a, 0.55, cat_id=CAT_ID["alpha"]) for a in anns[1::4] if a["category_id"] != CAT_ID["alpha"]
-        ]
+        out += [det(a, 0.55, cat_id=CAT_ID["alpha"]) for a in anns[1::4] if a["category_id"] != CAT_ID["alpha"]]
         return out + false_positives(gt, 8, seed + 2, ids)
     raise ValueError(kind)
 

@@ -274,9 +274,7 @@ def test_default_schema(tmp_path):
     assert cfg.work_dir == "work_dirs/e1"  # interpolation of ${name} after the file is merged
     assert cfg.data.split == "coco_ovd_48_17" and cfg.data.val_json == "v.json" and cfg.data.lvis is True
     assert cfg.data.train_json == ""
-    with pytest.raises(
-        OvdError, match=r"exp2\.yaml: unknown config key 'data\.trian_json'.*'data\.train_json'"
-    ):
+    with pytest.raises(OvdError, match=r"exp2\.yaml: unknown config key 'data\.trian_json'.*'data\.train_json'"):
         load_config(write(tmp_path / "exp2.yaml", "data:\n  trian_json: t.json\n"))
     with pytest.raises(OvdError, match=r"config key 'data\.lvis'"):
         load_config(None, ["data.lvis=sometimes"])

@@ -189,9 +189,7 @@ def test_gt_as_loaded_dataset_and_split_object(tmp_path, coco_files):
     dets = scenario(gt, "mixed")
     ds = load_detection_dataset(gt_path, drop_degenerate=False)
     split = resolve_split(str(split_path), ds.categories)
-    assert evaluate_detections(ds, dets, split=split) == evaluate_detections(
-        gt_path, dets, split=str(split_path)
-    )
+    assert evaluate_detections(ds, dets, split=split) == evaluate_detections(gt_path, dets, split=str(split_path))
 
 
 def test_coco_ovd_48_17_on_make_example(tmp_path):
@@ -251,9 +249,7 @@ def test_lvis_perfect_detections(lvis_files):
     assert official["AP"] == pytest.approx(1.0)
     m = evaluate_detections(gt_path, dets)
     assert_lvis_equal(m, official)
-    assert (
-        m["APr"] == pytest.approx(1.0) and m["APc"] == pytest.approx(1.0) and m["APf"] == pytest.approx(1.0)
-    )
+    assert m["APr"] == pytest.approx(1.0) and m["APc"] == pytest.approx(1.0) and m["APf"] == pytest.approx(1.0)
 
 
 def test_lvis_rare_split_equals_lvis_api(lvis_files):
@@ -433,10 +429,7 @@ def test_gt_without_area_or_iscrowd_is_an_ovd_error_not_a_traceback(tmp_path, co
 def test_out_file_gets_normal_permissions(tmp_path, coco_files):
     _, gt_path, _ = coco_files
     out = tmp_path / "m.json"
-    assert (
-        main(["eval", "--gt", str(gt_path), "--dets", str(dump(tmp_path / "d.json", [])), "--out", str(out)])
-        == 0
-    )
+    assert main(["eval", "--gt", str(gt_path), "--dets", str(dump(tmp_path / "d.json", [])), "--out", str(out)]) == 0
     ref = tmp_path / "ref.json"
     ref.write_text("{}")  # what a plain open() creates under the current umask
     assert stat.S_IMODE(out.stat().st_mode) == stat.S_IMODE(ref.stat().st_mode)
@@ -446,7 +439,5 @@ def test_out_is_a_directory_is_a_clear_error(tmp_path, coco_files, capsys):
     _, gt_path, _ = coco_files
     out_dir = tmp_path / "outdir"
     out_dir.mkdir()
-    rc = main(
-        ["eval", "--gt", str(gt_path), "--dets", str(dump(tmp_path / "d.json", [])), "--out", str(out_dir)]
-    )
+    rc = main(["eval", "--gt", str(gt_path), "--dets", str(dump(tmp_path / "d.json", [])), "--out", str(out_dir)])
     assert rc == 2 and "outdir" in capsys.readouterr().err

@@ -171,9 +171,7 @@ def test_train_is_base_only_and_oracle_has_novel(mini_world):
     # object classes are balanced over all 36 classes
     counts = Counter(a["category_id"] for a in oracle["annotations"])
     assert max(counts.values()) - min(counts.values()) <= 1
-    n = Counter(
-        len([a for a in oracle["annotations"] if a["image_id"] == im["id"]]) for im in oracle["images"]
-    )
+    n = Counter(len([a for a in oracle["annotations"] if a["image_id"] == im["id"]]) for im in oracle["images"])
     assert min(n) >= SMOKE.det_objects[0] and max(n) <= SMOKE.det_objects[1]
 
 
@@ -224,9 +222,7 @@ def test_fewshot_splits(mini_world):
             # TFA-style: every instance of the chosen class in a chosen image is annotated
             for cid in NOVEL_IDS:
                 chosen = {a["image_id"] for a in fs["annotations"] if a["category_id"] == cid}
-                n_oracle = sum(
-                    1 for a in oracle["annotations"] if a["category_id"] == cid and a["image_id"] in chosen
-                )
+                n_oracle = sum(1 for a in oracle["annotations"] if a["category_id"] == cid and a["image_id"] in chosen)
                 assert n_oracle == k
             image_sets[k].append(frozenset(img_ids))
     for k in (1, 5, 10):
@@ -241,8 +237,15 @@ def test_web_records(mini_world):
     for sp, per_cls in (("train", SMOKE.web_train_per_class), ("val", SMOKE.web_val_per_class)):
         d = _load(mini_world, f"web/{sp}.json")
         assert [c["id"] for c in d["categories"]] == list(range(1, 37))
-        assert Counter(r["category_id"] for r in d["images"]) == {i: per_cls for i in range(1, 37)}
+        n_nonclass = round(SMOKE.web_background_frac * 36 * per_cls)
+        assert Counter(r["category_id"] for r in d["images"]) == {i: per_cls for i in range(1, 37)} | {0: n_nonclass}
+        nonclass = [r for r in d["images"] if r["category_id"] == 0]
+        assert nonclass and all(r["caption"].startswith("a photo of ") for r in nonclass)
+        for r in nonclass:  # what it shows is outside the vocabulary: no class name in the caption
+            assert not any(c["name"] in r["caption"] for c in cats), r["caption"]
         for r in d["images"]:
+            if r["category_id"] == 0:
+                continue
             c = names[r["category_id"]]
             cap = r["caption"]
             assert c["colour"] in cap and c["shape"] in cap, cap
@@ -254,7 +257,7 @@ def test_web_records(mini_world):
 
 def test_web_objects_are_large_and_centred(mini_world):
     d = _load(mini_world, "web/val.json")
-    for r in d["images"][::7]:
+    for r in [r for r in d["images"] if r["category_id"]][::7]:
         img = np.asarray(Image.open(mini_world / "web/images" / r["file_name"]), dtype=np.int16)
         assert img.shape == (SMOKE.web_size, SMOKE.web_size, 3)
         sat = (img.max(2) - img.min(2)) > 60  # the object is saturated; the background is near-neutral
@@ -270,8 +273,10 @@ def test_web_objects_are_large_and_centred(mini_world):
 # ------------------------------------------------------------------------- reuse and errors
 def test_summary_matches_files(mini_world):
     s = _load(mini_world, "world.json")["summary"]
-    assert s["web_train_images"] == 36 * SMOKE.web_train_per_class
-    assert s["web_val_images"] == 36 * SMOKE.web_val_per_class
+    for sp, per_cls in (("train", SMOKE.web_train_per_class), ("val", SMOKE.web_val_per_class)):
+        n_nonclass = round(SMOKE.web_background_frac * 36 * per_cls)
+        assert s[f"web_{sp}_nonclass_images"] == n_nonclass
+        assert s[f"web_{sp}_images"] == 36 * per_cls + n_nonclass
     assert s["det_train_images"] == SMOKE.det_train_images and s["det_val_images"] == SMOKE.det_val_images
     assert s["det_train_annotations"] == len(_load(mini_world, "det/train.json")["annotations"])
     assert s["det_train_objects"] == len(_load(mini_world, "det/train_oracle.json")["annotations"])

@@ -34,8 +34,7 @@ def test_coco_ovd_48_17():
     assert set(s.base_names) == set(OFFICIAL_BASE_48) and set(s.novel_names) == set(OFFICIAL_NOVEL_17)
     # names and ids line up
     assert all(
-        OFFICIAL_ALL_80[n] == i
-        for n, i in zip(s.base_names + s.novel_names, s.base_ids + s.novel_ids, strict=True)
+        OFFICIAL_ALL_80[n] == i for n, i in zip(s.base_names + s.novel_names, s.base_ids + s.novel_ids, strict=True)
     )
     # a few by their official ids
     assert 1 in s.base_ids  # person

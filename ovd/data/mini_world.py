@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 #: Bump whenever the generated content changes, so stale worlds on disk are not reused.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,10 @@ class MiniPreset:
     det_train_images: int
     det_val_images: int
     web_size: int = 64
+    # Web images that show no class (textures, gray/black/white shapes, scribbles) with their own
+    # captions, as a fraction of the class images: real web data is not all objects of the
+    # vocabulary, and without such images CLIP cannot tell a background crop from an object.
+    web_background_frac: float = 0.25
     det_size: int = 160
     det_objects: tuple[int, int] = (3, 8)  # annotated-class objects per scene (inclusive)
     det_object_px: tuple[int, int] = (14, 48)  # object extent in pixels (log-uniform)
@@ -68,9 +72,7 @@ class MiniPreset:
 
 
 PRESETS: dict[str, MiniPreset] = {
-    "smoke": MiniPreset(
-        "smoke", web_train_per_class=20, web_val_per_class=5, det_train_images=100, det_val_images=30
-    ),
+    "smoke": MiniPreset("smoke", web_train_per_class=20, web_val_per_class=5, det_train_images=100, det_val_images=30),
     "bench": MiniPreset(
         "bench", web_train_per_class=400, web_val_per_class=50, det_train_images=1500, det_val_images=400
     ),
@@ -303,9 +305,7 @@ def _apply_matrix(img: np.ndarray, m: np.ndarray) -> np.ndarray:
     return np.einsum("hwk,ck->hwc", img, m)
 
 
-def _jitter_colour(
-    rng: np.random.Generator, rgb, hue_deg: float, val: tuple[float, float], desat: float
-) -> np.ndarray:
+def _jitter_colour(rng: np.random.Generator, rgb, hue_deg: float, val: tuple[float, float], desat: float) -> np.ndarray:
     c = np.asarray(rgb, np.float32) / 255.0
     c = _hue_matrix(rng.uniform(-hue_deg, hue_deg)) @ c
     c = c * rng.uniform(*val)
@@ -362,9 +362,7 @@ def _render_web(rng: np.random.Generator, cls: dict, size: int) -> np.ndarray:
         shade = np.ones((h, w), np.float32)
     elif kind == 1:
         a = rng.uniform(0, 2 * np.pi)
-        shade = 1 + rng.uniform(0.02, 0.06) * ((xx - w / 2) * math.cos(a) + (yy - h / 2) * math.sin(a)) / (
-            w / 2
-        )
+        shade = 1 + rng.uniform(0.02, 0.06) * ((xx - w / 2) * math.cos(a) + (yy - h / 2) * math.sin(a)) / (w / 2)
     else:
         r = np.hypot(xx - w / 2, yy - h / 2) / (w / 2)
         shade = 1 - rng.uniform(0.02, 0.07) * r
@@ -385,19 +383,50 @@ def _render_web(rng: np.random.Generator, cls: dict, size: int) -> np.ndarray:
     return _to_uint8(img)
 
 
+_TEXTURE_NAMES = ("a blotchy texture", "a striped pattern", "a checkered pattern", "a smooth gradient")
+_NEUTRAL = {"black": 0.08, "gray": 0.5, "white": 0.93}
+_STROKE_NAMES = {"bar": "a thin bar", "line": "a thin line", "scribble": "a scribble", "arc": "a curved line"}
+
+
+def _render_web_nonclass(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
+    """A web image of something outside the vocabulary, with a caption that says what it is."""
+    kind = int(rng.integers(3))
+    if kind == 0:  # a texture / background, nothing on it
+        tex = int(rng.integers(len(_TEXTURE_NAMES)))
+        img = _det_background(rng, size, size, kind=tex)
+        cap = f"a photo of {_TEXTURE_NAMES[tex]}."
+    else:
+        img = np.full((size, size, 3), rng.uniform(0.86, 0.99), np.float32)
+        if kind == 1:  # a vocabulary shape in a neutral colour: not a class ("gray star")
+            shape = SHAPES[int(rng.integers(len(SHAPES)))]
+            tone = list(_NEUTRAL)[int(rng.integers(len(_NEUTRAL)))]
+            if tone == "white":
+                img = _det_background(rng, size, size, kind=3) * 0.6
+            ext = rng.uniform(0.5, 0.85) * size
+            polys = _shape_polys(shape, size / 2, size / 2, ext, ext, rng.uniform(-_MAX_ROT[shape], _MAX_ROT[shape]))
+            _composite(img, _polys_alpha(polys, size, size), np.full(3, _NEUTRAL[tone], np.float32))
+            cap = f"a photo of {_article(tone)} {tone} {shape}."
+        else:  # strokes
+            stroke = ("bar", "line", "scribble", "arc")[int(rng.integers(4))]
+            colour = _clutter_colour(rng, stroke)
+            for _ in range(int(rng.integers(1, 4))):
+                _composite(img, _clutter_alpha(rng, stroke, size, size), colour)
+            cap = f"a photo of {_STROKE_NAMES[stroke]}."
+    img += rng.normal(0, 1.0 / 255, img.shape).astype(np.float32)
+    return _to_uint8(img), cap
+
+
 # --------------------------------------------------------------------------------------------
 # detection domain
 # --------------------------------------------------------------------------------------------
 def _rand_bg_colour(rng: np.random.Generator) -> np.ndarray:
-    return np.array(
-        colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0, 0.35), rng.uniform(0.1, 0.9)), np.float32
-    )
+    return np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0, 0.35), rng.uniform(0.1, 0.9)), np.float32)
 
 
-def _det_background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+def _det_background(rng: np.random.Generator, h: int, w: int, kind: int | None = None) -> np.ndarray:
     xx, yy = _grid(h, w)
     c1, c2 = _rand_bg_colour(rng), _rand_bg_colour(rng)
-    kind = int(rng.integers(4))
+    kind = int(rng.integers(4)) if kind is None else kind
     a = rng.uniform(0, np.pi)
     u = xx * math.cos(a) + yy * math.sin(a)
     v = -xx * math.sin(a) + yy * math.cos(a)
@@ -520,10 +549,7 @@ class _Placed:
         if len(xs) == 0:
             return False
         full_h, full_w = self.box[0].stop - self.box[0].start, self.box[1].stop - self.box[1].start
-        return (
-            int(xs.max()) - int(xs.min()) + 1 >= 0.9 * full_w
-            and int(ys.max()) - int(ys.min()) + 1 >= 0.9 * full_h
-        )
+        return int(xs.max()) - int(xs.min()) + 1 >= 0.9 * full_w and int(ys.max()) - int(ys.min()) + 1 >= 0.9 * full_h
 
     def cover(self, alpha: np.ndarray) -> None:
         self.free *= 1 - alpha
@@ -621,9 +647,11 @@ def _run_task(task: tuple) -> Any:
     kind, seed, split, index, payload, preset, path = task
     if kind == "web":
         rng = _image_rng(seed, _DOMAIN_WEB, split, index)
-        cls = payload
-        arr = _render_web(rng, cls, preset.web_size)
-        caption = _web_caption(rng, cls)
+        if payload is None:  # no class in the picture
+            arr, caption = _render_web_nonclass(rng, preset.web_size)
+        else:
+            arr = _render_web(rng, payload, preset.web_size)
+            caption = _web_caption(rng, payload)
         _save_png(arr, path)
         return caption
     rng = _image_rng(seed, _DOMAIN_DET, split, index)
@@ -780,9 +808,7 @@ def _existing_world(out: Path, preset: str, seed: int) -> dict | None:
     ):
         return None
     p = PRESETS[preset]
-    files = list(_WORLD_FILES) + [
-        f"det/fewshot/{k}shot_seed{s}.json" for k in p.fewshot_shots for s in p.fewshot_seeds
-    ]
+    files = list(_WORLD_FILES) + [f"det/fewshot/{k}shot_seed{s}.json" for k in p.fewshot_shots for s in p.fewshot_seeds]
     if not all((out / f).is_file() for f in files):
         return None
     return world.get("summary")
@@ -867,6 +893,12 @@ def _generate_into(root: Path, p: MiniPreset, seed: int, progress: bool) -> dict
                 }
             )
             tasks.append(("web", seed, sp, i, cls, p, str(root / "web" / "images" / fn)))
+        n_class = per_cls * n_cls
+        for j in range(round(p.web_background_frac * n_class)):
+            i = n_class + j
+            fn = f"{sp}/{i + 1:06d}.png"
+            recs.append({"id": i + 1, "file_name": fn, "width": p.web_size, "height": p.web_size, "category_id": 0})
+            tasks.append(("web", seed, sp, i, None, p, str(root / "web" / "images" / fn)))
         web_meta[sp] = recs
     det_meta: dict[str, list[dict]] = {}
     for sp, n_img in (("train", p.det_train_images), ("val", p.det_val_images)):
@@ -964,6 +996,8 @@ def _generate_into(root: Path, p: MiniPreset, seed: int, progress: bool) -> dict
         "web_image_size": p.web_size,
         "web_train_images": len(web_meta["train"]),
         "web_val_images": len(web_meta["val"]),
+        "web_train_nonclass_images": sum(r["category_id"] == 0 for r in web_meta["train"]),
+        "web_val_nonclass_images": sum(r["category_id"] == 0 for r in web_meta["val"]),
         "det_image_size": p.det_size,
         "det_train_images": len(det_meta["train"]),
         "det_val_images": len(det_meta["val"]),

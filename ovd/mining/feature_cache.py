@@ -18,6 +18,7 @@ chunk is the unit of work, of resumption and of sharding:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -52,35 +53,61 @@ def _read_meta(path: Path) -> dict | None:
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:
-    """ "i/N" → (i, N); None → torchrun's (RANK, WORLD_SIZE) when set, else (0, 1)."""
+    """``"i/N"`` → (i, N); None → torchrun's (RANK, WORLD_SIZE) when set, else (0, 1)."""
+    what = "--shard"
     if spec is None:
-        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        spec = f"{os.environ.get('RANK', 0)}/{os.environ.get('WORLD_SIZE', 1)}"
+        what = "RANK/WORLD_SIZE from the environment"
     try:
         i, n = (int(v) for v in spec.split("/"))
     except ValueError:
-        raise OvdError(f"--shard must look like i/N (e.g. 0/4), got '{spec}'") from None
+        raise OvdError(f"{what} must look like i/N (e.g. 0/4), got '{spec}'") from None
     if not (n >= 1 and 0 <= i < n):
-        raise OvdError(f"--shard {spec}: need 0 <= i < N")
+        raise OvdError(f"{what} {spec}: need 0 <= i < N")
     return i, n
 
 
-def check_compatible(folder: Path, clip, overwrite: bool = False) -> None:
-    """Refuse to mix embeddings of different CLIPs in one cache folder."""
+def check_compatible(folder: Path, clip, overwrite: bool = False, chunk_size: int | None = None) -> None:
+    """Refuse to mix embeddings of different CLIPs, or chunk layouts, in one cache folder.
+
+    With ``overwrite`` nothing is refused: chunks of another chunk layout are deleted (they could
+    never be merged with the new ones) and every chunk of this run is recomputed.
+    """
     for p in sorted(folder.glob("chunk_*.safetensors")):
         meta = _read_meta(p)
         if meta is None:
             continue
+        if overwrite:
+            if chunk_size is not None and int(meta.get("chunk_size", -1)) != chunk_size:
+                p.unlink(missing_ok=True)
+            continue
+        if chunk_size is not None and int(meta.get("chunk_size", -1)) != chunk_size:
+            raise OvdError(
+                f"feature cache {folder} was cut into chunks of {meta.get('chunk_size')} images, this run uses "
+                f"extract.chunk_size={chunk_size}: use the same chunk size, another extract.out, or --overwrite"
+            )
         if int(meta["embed_dim"]) != clip.embed_dim:
             raise OvdError(
                 f"feature cache {folder} holds {meta['embed_dim']}-d embeddings but the CLIP {clip.source} gives "
                 f"{clip.embed_dim}-d: it was made with a different CLIP (use another extract.out, or --overwrite)"
             )
-        if meta["fingerprint"] != clip.fingerprint() and not overwrite:
+        if meta["fingerprint"] != clip.fingerprint():
             raise OvdError(
                 f"feature cache {folder} was made with another CLIP or adapter ({meta.get('clip_source')}); "
                 f"use another extract.out, or --overwrite to recompute it"
             )
         return
+
+
+def _content_hash(items: list[dict], dtype: str) -> str:
+    """What a chunk holds besides the embeddings: boxes, weights, GT flags, storage dtype. A rerun
+    with other proposals, another split or dtype therefore recomputes the chunk instead of trusting it."""
+    h = hashlib.sha1(dtype.encode())
+    for it in items:
+        h.update(str(it["image_id"]).encode())
+        for k in ("boxes", "weights", "is_gt"):
+            h.update(it[k].contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def encode_chunk(clip, items: list[dict], dtype: torch.dtype, batch_size: int) -> dict[str, torch.Tensor]:
@@ -94,6 +121,26 @@ def encode_chunk(clip, items: list[dict], dtype: torch.dtype, batch_size: int) -
         "is_gt": torch.cat([it["is_gt"] for it in items]).to(torch.uint8).contiguous(),
         "image_ids": torch.cat([torch.full((len(it["boxes"]),), it["image_id"], dtype=torch.int64) for it in items]),
     }
+
+
+def _chunk_item(rec: dict, proposals: dict, include_gt: bool, gt_cat_ids: set[int] | None) -> dict:
+    """Boxes of one image to encode: its GT boxes (of ``gt_cat_ids``) first, then its proposals."""
+    boxes, weights = [], []
+    if include_gt:
+        for b, lab in zip(rec["boxes"], rec["labels"]):
+            if gt_cat_ids is None or lab in gt_cat_ids:
+                boxes.append(b)
+                weights.append(1.0)
+    n_gt = len(boxes)
+    b_t = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    w_t = torch.tensor(weights, dtype=torch.float32)
+    p = proposals.get(rec["image_id"])
+    if p is not None and len(p["boxes"]):
+        b_t = torch.cat([b_t, p["boxes"].float()])
+        w_t = torch.cat([w_t, p["weights"].float()])
+    is_gt = torch.zeros(len(b_t), dtype=torch.uint8)
+    is_gt[:n_gt] = 1
+    return {"image_id": rec["image_id"], "path": rec["path"], "boxes": b_t, "weights": w_t, "is_gt": is_gt}
 
 
 def extract_features(
@@ -121,7 +168,7 @@ def extract_features(
         raise OvdError("extract.chunk_size must be >= 1")
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    check_compatible(folder, clip, overwrite)
+    check_compatible(folder, clip, overwrite, chunk_size)
     n_img = len(dataset)
     n_chunks = max(1, -(-n_img // chunk_size))
     mine = [c for c in range(n_chunks) if c % shard[1] == shard[0]]
@@ -130,7 +177,8 @@ def extract_features(
     n_boxes = 0
     for c in tqdm(mine, desc=f"extract shard {shard[0]}/{shard[1]}", disable=not progress):
         idx = range(c * chunk_size, min(n_img, (c + 1) * chunk_size))
-        ids = [dataset.images[i]["id"] for i in idx]
+        items = [_chunk_item(dataset.record(i), proposals, include_gt, gt_cat_ids) for i in idx]
+        content = _content_hash(items, dtype)
         path = chunk_path(folder, c)
         meta = _read_meta(path) if path.exists() else None
         if path.exists() and meta is None:
@@ -139,32 +187,14 @@ def extract_features(
             meta is not None
             and not overwrite
             and meta["fingerprint"] == clip.fingerprint()
-            and json.loads(meta["image_ids"]) == ids
+            and meta.get("content") == content
         ):
             skipped += 1
             continue
         if stop_after_chunks is not None and done >= stop_after_chunks:
             raise KeyboardInterrupt(f"stopped after {done} chunks (simulated interruption)")
-        items = []
-        for i in idx:
-            rec = dataset.record(i)
-            boxes, weights, is_gt = [], [], []
-            if include_gt:
-                for b, lab in zip(rec["boxes"], rec["labels"]):
-                    if gt_cat_ids is None or lab in gt_cat_ids:
-                        boxes.append(b)
-                        weights.append(1.0)
-                        is_gt.append(1)
-            p = proposals.get(rec["image_id"])
-            b_t = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-            w_t = torch.tensor(weights, dtype=torch.float32)
-            g_t = torch.tensor(is_gt, dtype=torch.uint8)
-            if p is not None and len(p["boxes"]):
-                b_t = torch.cat([b_t, p["boxes"]])
-                w_t = torch.cat([w_t, p["weights"].float()])
-                g_t = torch.cat([g_t, torch.zeros(len(p["boxes"]), dtype=torch.uint8)])
-            image = load_image(rec["path"]) if len(b_t) else torch.zeros(3, 1, 1)
-            items.append({"image_id": rec["image_id"], "image": image, "boxes": b_t, "weights": w_t, "is_gt": g_t})
+        for it in items:
+            it["image"] = load_image(it.pop("path")) if len(it["boxes"]) else torch.zeros(3, 1, 1)
         tensors = encode_chunk(clip, items, DTYPES[dtype], batch_size)
         n_boxes += len(tensors["boxes"])
         meta = {
@@ -174,7 +204,9 @@ def extract_features(
             "embed_dim": str(clip.embed_dim),
             "chunk": str(c),
             "num_chunks": str(n_chunks),
-            "image_ids": json.dumps(ids),
+            "chunk_size": str(chunk_size),
+            "content": content,
+            "image_ids": json.dumps([it["image_id"] for it in items]),
         }
         from safetensors.torch import save_file
 
@@ -213,6 +245,12 @@ def merge_cache(out: str | os.PathLike) -> dict:
         raise OvdError(
             f"feature cache {folder} is incomplete: chunks {missing[:10]}{' ...' if len(missing) > 10 else ''} "
             f"of {n_chunks} are missing (run the remaining --shard jobs)"
+        )
+    layouts = {(m["num_chunks"], m.get("chunk_size")) for _, m in metas.values()}
+    if len(layouts) > 1:
+        raise OvdError(
+            f"feature cache {folder} mixes chunks of different layouts (chunk sizes "
+            f"{sorted({str(c) for _, c in layouts})}): rerun `ovd extract` with --overwrite"
         )
     fps = {m["fingerprint"] for _, m in metas.values()}
     if len(fps) > 1:

@@ -24,6 +24,7 @@ import torch
 from torchvision.ops import box_iou, clip_boxes_to_image, nms, remove_small_boxes
 from tqdm import tqdm
 
+from ovd.data.coco import _is_int, _is_num
 from ovd.errors import OvdError
 
 OBJECTNESS = ("entropy", "max_prob")
@@ -134,6 +135,8 @@ def run_mine(cfg, progress: bool = True) -> dict:
     m = cfg.miner
     if not cfg.data.split:
         raise OvdError("mine needs data.split: its base and novel names are the miner's vocabulary")
+    if m.objectness not in OBJECTNESS:
+        raise OvdError(f"unknown miner.objectness '{m.objectness}' (choose from {', '.join(OBJECTNESS)})")
     train = load_detection_dataset(cfg.data.train_json, cfg.data.image_root or None)
     split = resolve_split(cfg.data.split, train.categories, source=str(train.path))
     vocab = {"all": list(split.base_names) + list(split.novel_names), "base": list(split.base_names)}.get(m.vocabulary)
@@ -190,11 +193,11 @@ def _read_external_proposals(path: str, image_ids: set[int]) -> dict[int, torch.
         raise OvdError(f"{path}: external proposals must be a JSON list of {{image_id, bbox}}")
     out: dict[int, list] = {}
     for i, d in enumerate(data):
-        if not isinstance(d, dict) or d.get("image_id") not in image_ids:
+        if not isinstance(d, dict) or not _is_int(d.get("image_id")) or d["image_id"] not in image_ids:
             raise OvdError(f"{path}: [{i}] has no image_id of the train set")
         bb = d.get("bbox")
-        if not (isinstance(bb, list) and len(bb) == 4):
-            raise OvdError(f"{path}: [{i}]: 'bbox' must be [x, y, w, h]")
+        if not (isinstance(bb, list) and len(bb) == 4 and all(_is_num(v) for v in bb)):
+            raise OvdError(f"{path}: [{i}]: 'bbox' must be 4 numbers [x, y, w, h]")
         out.setdefault(d["image_id"], []).append([bb[0], bb[1], bb[0] + bb[2], bb[1] + bb[3]])
     return {k: torch.tensor(v, dtype=torch.float32) for k, v in out.items()}
 

@@ -58,6 +58,19 @@ def _hub_offline(offline: bool):
         hc.HF_HUB_OFFLINE = old
 
 
+def _weights_stamp(model: str, pretrained: str | None) -> str:
+    """Size + mtime of the weights file(s), so new weights at the same path are a different CLIP."""
+    if model.startswith("local-dir:"):
+        files = sorted(
+            p for p in Path(model[len("local-dir:") :]).iterdir() if p.suffix in (".safetensors", ".bin", ".pth")
+        )
+    elif pretrained and Path(pretrained).is_file():
+        files = [Path(pretrained)]
+    else:
+        return "tag"
+    return ",".join(f"{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
 def _short_error(e: Exception) -> str:
     """One line from a loader error: the headline plus its first detail (e.g. the first mismatched key)."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [e.__class__.__name__]
@@ -102,6 +115,7 @@ class ClipModel:
         self.name = name
         self.source = source
         self.adapter: str | None = None  # fingerprint of applied adapter parameters, if any
+        self.weights_stamp = ""  # size + mtime of the weights files (set by load)
         self._text_cache: dict[tuple, torch.Tensor] = {}
 
     # -- loading ----------------------------------------------------------------------------------
@@ -158,7 +172,9 @@ class ClipModel:
                         f"({', '.join(tags) or 'none'})"
                     )
         kwargs = {"device": device, "weights_only": True}
-        tag_cfg = open_clip.get_pretrained_cfg(model, pretrained) if pretrained and not Path(pretrained).is_file() else {}
+        tag_cfg = (
+            open_clip.get_pretrained_cfg(model, pretrained) if pretrained and not Path(pretrained).is_file() else {}
+        )
         if tag_cfg.get("quick_gelu"):
             kwargs["force_quick_gelu"] = True  # OpenAI's weights were trained with QuickGELU
         try:
@@ -194,7 +210,9 @@ class ClipModel:
         size = size[0] if isinstance(size, (tuple, list)) else size
         mean = pp.get("mean", open_clip.OPENAI_DATASET_MEAN)
         std = pp.get("std", open_clip.OPENAI_DATASET_STD)
-        return cls(net, tokenizer, size, mean, std, name=model, source=source)
+        clip = cls(net, tokenizer, size, mean, std, name=model, source=source)
+        clip.weights_stamp = _weights_stamp(model, pretrained)
+        return clip
 
     # -- properties -------------------------------------------------------------------------------
     @property
@@ -207,7 +225,7 @@ class ClipModel:
 
     def fingerprint(self) -> str:
         """Identifies the weights (incl. an applied adapter), for caches keyed by model."""
-        h = hashlib.sha1(f"{self.source}|{self.embed_dim}|{self.adapter}".encode())
+        h = hashlib.sha1(f"{self.source}|{self.weights_stamp}|{self.embed_dim}|{self.adapter}".encode())
         return h.hexdigest()[:16]
 
     def check_dim(self, dim: int, what: str) -> None:

@@ -86,7 +86,10 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 @torch.no_grad()
 def zero_shot_accuracy(clip, images_u8: torch.Tensor, labels: torch.Tensor, categories: list[dict], templates) -> dict:
-    """Top-1 accuracy of classifying whole images against every class name."""
+    """Top-1 accuracy of classifying whole images against every class name (class images only:
+    records with ``category_id`` 0 show no class)."""
+    keep = labels > 0
+    images_u8, labels = images_u8[keep], labels[keep]
     ids = [c["id"] for c in categories]
     text = clip.encode_text([c["name"] for c in categories], templates)
     emb = clip.encode_images(images_u8.float() / 255.0)
