@@ -98,6 +98,9 @@ class MinerConfig:
     topk: int = 200
     batch_size: int = 256
     external_proposals: str = ""  # optional JSON list of {image_id, bbox xywh} added to the anchors
+    # Names of "stuff" that is not an object (e.g. "striped pattern"): scored with the class names,
+    # a crop that looks most like one of them gets low objectness. Empty: EZSD's class names only.
+    background_prompts: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -281,6 +281,27 @@ def test_select_nms_topk_labels_and_order():
     assert len(empty["boxes"]) == len(empty["scores"]) == len(empty["labels"]) == 0
 
 
+def test_select_background_prompts_push_stuff_down():
+    """Two crops with the same peaked class distribution; the one that also looks like a background
+    prompt loses: score = objectness(renormalised class probs) * (1 - p(background))."""
+    text = torch.eye(3)[:2]  # classes along x and y
+    bg = torch.eye(3)[2:]  # "stuff" along z
+    obj = torch.nn.functional.normalize(torch.tensor([[1.0, 0.5, 0.0]]), dim=1)
+    stuff = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0, 0.8]]), dim=1)
+    cand = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
+    emb = torch.cat([obj, stuff])
+    cfg = miner_cfg(nms_thr=0.7, topk=10)
+    plain = select(cand, emb, text, 10.0, cfg)
+    with_bg = select(cand, emb, text, 10.0, cfg, bg)
+    assert plain["boxes"].tolist() == cand[[1, 0]].tolist()  # without background prompts: stuff ranks first
+    assert with_bg["boxes"].tolist() == cand[[0, 1]].tolist()
+    full = (10.0 * emb @ torch.cat([text, bg]).T).softmax(dim=1)
+    mass = full[:, :2].sum(dim=1)
+    expected = objectness(full[:, :2] / mass[:, None], "entropy") * mass
+    assert with_bg["scores"].tolist() == pytest.approx(sorted(expected.tolist(), reverse=True), abs=1e-6)
+    assert with_bg["labels"].tolist() == [0, 0]
+
+
 # -- tiny CLIP and the smoke world -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory) -> Path:

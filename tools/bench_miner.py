@@ -9,6 +9,7 @@ then reports crops/s of each and the ratio.
 Recall (``--recall``): recall at IoU 0.5 of the *novel* objects in the train images (known only to
 the generator: ``det/train_oracle.json``) by the top-K boxes per image of
   * ``miner``      — CLIP vs base + novel names (EZSD, the default miner),
+  * ``miner_no_background_prompts`` — the same without ``miner.background_prompts``,
   * ``base_names`` — CLIP vs base names only (a base-biased miner),
   * ``random``     — K random candidates,
 all from the same candidates (anchors minus base-GT overlaps) and the same embeddings.
@@ -70,6 +71,7 @@ def speed(cfg, n_images: int) -> dict:
     train, split, clip = setup(cfg)
     m = cfg.miner
     text = clip.encode_text(list(split.base_names) + list(split.novel_names), list(cfg.clip.templates))
+    bg = clip.encode_text(list(m.background_prompts), list(cfg.clip.templates)) if m.background_prompts else None
     scale = clip.model.logit_scale.exp().item()
     base_ids = set(split.base_ids)
     recs = [train.record(i) for i in range(min(n_images, len(train)))]
@@ -80,11 +82,11 @@ def speed(cfg, n_images: int) -> dict:
     clip.encode_boxes(images[0], cands[0][:8])  # warm-up
 
     t = time.perf_counter()
-    fast = [select(c, clip.encode_boxes(im, c, m.batch_size), text, scale, m) for im, c in zip(images, cands)]
+    fast = [select(c, clip.encode_boxes(im, c, m.batch_size), text, scale, m, bg) for im, c in zip(images, cands)]
     t_fast = time.perf_counter() - t
     t = time.perf_counter()
     naive_emb = [naive_encode(clip, p, c) for p, c in zip(pils, cands)]
-    naive = [select(c, e, text, scale, m) for c, e in zip(cands, naive_emb)]
+    naive = [select(c, e, text, scale, m, bg) for c, e in zip(cands, naive_emb)]
     t_naive = time.perf_counter() - t
     # same crops, two implementations: their embeddings must agree
     cos = torch.cat([(clip.encode_boxes(im, c, m.batch_size) * e).sum(1) for im, c, e in zip(images, cands, naive_emb)])
@@ -117,9 +119,10 @@ def recall(cfg, n_images: int, iou: float = 0.5) -> dict:
     novel_ids, base_ids = set(split.novel_ids), set(split.base_ids)
     t_all = clip.encode_text(list(split.base_names) + list(split.novel_names), list(cfg.clip.templates))
     t_base = clip.encode_text(list(split.base_names), list(cfg.clip.templates))
+    bg = clip.encode_text(list(m.background_prompts), list(cfg.clip.templates)) if m.background_prompts else None
     scale = clip.model.logit_scale.exp().item()
     gen = torch.Generator().manual_seed(cfg.seed)
-    hits = {"miner": 0, "base_names": 0, "random": 0}
+    hits = {"miner": 0, "miner_no_background_prompts": 0, "base_names": 0, "random": 0}
     n_novel = 0
     t0 = time.time()
     n = min(n_images, len(train)) if n_images else len(train)
@@ -134,8 +137,9 @@ def recall(cfg, n_images: int, iou: float = 0.5) -> dict:
             continue
         emb = clip.encode_boxes(image, cand, m.batch_size)
         picks = {
-            "miner": select(cand, emb, t_all, scale, m)["boxes"],
-            "base_names": select(cand, emb, t_base, scale, m)["boxes"],
+            "miner": select(cand, emb, t_all, scale, m, bg)["boxes"],
+            "miner_no_background_prompts": select(cand, emb, t_all, scale, m)["boxes"],
+            "base_names": select(cand, emb, t_base, scale, m, bg)["boxes"],
             "random": cand[torch.randperm(len(cand), generator=gen)[: m.topk]],
         }
         for k, boxes in picks.items():

@@ -95,12 +95,32 @@ def candidate_boxes(
     return cand
 
 
-def select(cand: torch.Tensor, emb: torch.Tensor, text: torch.Tensor, logit_scale: float, m) -> dict:
-    """Class distribution over the vocabulary → objectness → NMS → top-K."""
+def select(
+    cand: torch.Tensor,
+    emb: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: float,
+    m,
+    bg_text: torch.Tensor | None = None,
+) -> dict:
+    """Class distribution over the vocabulary → objectness → NMS → top-K.
+
+    With background prompts (``bg_text``, e.g. "a striped pattern"), the softmax runs over
+    classes + background; objectness is taken on the renormalised class part and multiplied by
+    the class mass 1 − p(background), so a crop that looks most like stuff scores low even if its
+    class distribution happens to be peaked.
+    """
     if len(cand) == 0:
         return {"boxes": cand, "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
-    probs = (logit_scale * emb @ text.T).softmax(dim=1)
-    score = objectness(probs, m.objectness)
+    logits = logit_scale * emb @ text.T
+    if bg_text is not None and len(bg_text):
+        full = torch.cat([logits, logit_scale * emb @ bg_text.T], dim=1).softmax(dim=1)
+        mass = full[:, : text.shape[0]].sum(dim=1, keepdim=True)
+        probs = full[:, : text.shape[0]] / mass
+        score = objectness(probs, m.objectness) * mass.squeeze(1)
+    else:
+        probs = logits.softmax(dim=1)
+        score = objectness(probs, m.objectness)
     keep = nms(cand, score, m.nms_thr)[: m.topk]
     return {"boxes": cand[keep], "scores": score[keep], "labels": probs[keep].argmax(dim=1)}
 
@@ -113,6 +133,7 @@ def mine_image(
     base_gt: torch.Tensor | None = None,
     extra_boxes: torch.Tensor | None = None,
     encode=None,
+    bg_text: torch.Tensor | None = None,
 ) -> dict:
     """Mine one image. ``text``: (C, D) unit text embeddings of the vocabulary; ``m``: miner config.
 
@@ -121,7 +142,7 @@ def mine_image(
     """
     cand = candidate_boxes(image.shape[-2], image.shape[-1], m, base_gt, extra_boxes)
     emb = (encode or (lambda im, b: clip.encode_boxes(im, b, m.batch_size)))(image, cand) if len(cand) else None
-    return select(cand, emb, text, clip.model.logit_scale.exp().item(), m)
+    return select(cand, emb, text, clip.model.logit_scale.exp().item(), m, bg_text)
 
 
 def run_mine(cfg, progress: bool = True) -> dict:
@@ -146,6 +167,7 @@ def run_mine(cfg, progress: bool = True) -> dict:
     adapter = cfg.adapter.out if cfg.adapter.enabled else None
     clip = clip_from_config(cfg.clip, adapter)
     text = clip.encode_text(vocab, list(cfg.clip.templates))
+    bg_text = clip.encode_text(list(m.background_prompts), list(cfg.clip.templates)) if m.background_prompts else None
     extra = _read_external_proposals(m.external_proposals, set(train.image_ids)) if m.external_proposals else {}
     base_ids = set(split.base_ids)
     results = []
@@ -155,7 +177,7 @@ def run_mine(cfg, progress: bool = True) -> dict:
         rec = train.record(i)
         image = load_image(rec["path"])
         gt = torch.tensor([b for b, c in zip(rec["boxes"], rec["labels"]) if c in base_ids], dtype=torch.float32)
-        out = mine_image(clip, image, text, m, gt.reshape(-1, 4), extra.get(rec["image_id"]))
+        out = mine_image(clip, image, text, m, gt.reshape(-1, 4), extra.get(rec["image_id"]), bg_text=bg_text)
         num_candidates += len(out["boxes"])
         for b, s, lab in zip(out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist()):
             results.append(
