@@ -477,9 +477,16 @@ def _check_proposals(props, train, vocab, clip, mini_world, base_iou_thr=0.5):
     boxes = torch.tensor([[d["bbox"][0], d["bbox"][1], d["bbox"][0] + d["bbox"][2], d["bbox"][1] + d["bbox"][3]]
                           for d in ds])  # fmt: skip
     text = clip.encode_text(vocab)
-    probs = (clip.model.logit_scale.exp().item() * clip.encode_boxes(image, boxes) @ text.T).softmax(dim=1)
-    for d, p in zip(ds, probs.tolist()):
-        assert d["score"] == pytest.approx(_entropy_score(p), abs=2e-3)
+    # the smoke config scores background prompts too: p over classes + stuff, score = objectness of
+    # the renormalised class part times the class mass
+    bg = clip.encode_text(list(load_config(CONFIG).miner.background_prompts))
+    emb = clip.encode_boxes(image, boxes)
+    scale = clip.model.logit_scale.exp().item()
+    full = (scale * emb @ torch.cat([text, bg]).T).softmax(dim=1)
+    mass = full[:, : len(vocab)].sum(dim=1)
+    probs = full[:, : len(vocab)] / mass[:, None]
+    for d, p, w in zip(ds, probs.tolist(), mass.tolist()):
+        assert d["score"] == pytest.approx(_entropy_score(p) * w, abs=2e-3)
         assert p[vocab.index(d["category_name"])] >= max(p) - 1e-3
 
 
@@ -551,9 +558,9 @@ def test_mine_passes_external_proposals_to_each_image(mini_world, clip_dir, smal
     got = {}
     real = miner_mod.mine_image
 
-    def spy(clip, image, text, m, base_gt=None, extra_boxes=None, encode=None):
+    def spy(clip, image, text, m, base_gt=None, extra_boxes=None, encode=None, bg_text=None):
         got[len(got)] = None if extra_boxes is None else extra_boxes.tolist()
-        return real(clip, image, text, m, base_gt, extra_boxes, encode)
+        return real(clip, image, text, m, base_gt, extra_boxes, encode, bg_text)
 
     monkeypatch.setattr(miner_mod, "mine_image", spy)
     cfg = load_config(
