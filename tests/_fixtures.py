@@ -177,3 +177,16 @@ def lvis_dets(gt: dict, seed: int = 4) -> list[dict]:
             out.append({"image_id": im["id"], "category_id": c, "bbox": [10.0, 20.0, 50.0, 40.0],
                         "score": round(rng.uniform(0.1, 0.8), 3)})  # fmt: skip
     return out
+
+
+def run_err(capsys, *argv: str) -> str:
+    """Run the CLI expecting a user error: exit 2, exactly one ``ovd: error:`` line, no traceback."""
+    from ovd.cli import main
+
+    capsys.readouterr()
+    rc = main(list(argv))
+    err = capsys.readouterr().err
+    assert rc == 2, f"expected exit status 2, got {rc}; stderr: {err[-500:]}"
+    lines = [ln for ln in err.splitlines() if ln.startswith("ovd: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-500:]
+    return lines[0]

@@ -5,8 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from ovd.data.mini_world import generate_mini_world
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _single_thread():
+    """The test models are tiny: one intra-op thread is as fast, and immune to the pathological
+    slowdown of OpenMP threads on a busy 2-core machine (100x seen). Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -59,16 +59,6 @@ def state(clip: ClipModel) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in clip.model.state_dict().items()}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """These models are tiny: one intra-op thread is as fast, and immune to the pathological slowdown
-    of OpenMP threads on a busy 2-core machine (100x seen). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 NAMES = ["red star", "blue ring", "green cross", "yellow circle"]
 
 

@@ -35,16 +35,6 @@ def _assert_same_state(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """These models are tiny: one intra-op thread is as fast, and immune to the pathological slowdown
-    of OpenMP threads on a busy 2-core machine (100x seen). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # -- fixtures ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def b32_file(tmp_path_factory):

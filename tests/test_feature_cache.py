@@ -18,6 +18,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from _fixtures import run_err
 from safetensors import safe_open
 
 from ovd.cli import main
@@ -54,16 +55,6 @@ def save_tiny(folder: Path, seed: int, embed_dim: int = 32) -> Path:
     cfg = tiny_cfg(embed_dim)
     net = open_clip.model.CLIP(**cfg).eval()
     return save_local_dir(net, folder, cfg, 32, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """These models are tiny: one intra-op thread is as fast, and immune to the pathological slowdown
-    of OpenMP threads on a busy 2-core machine (100x seen). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # -- fixtures ------------------------------------------------------------------------------------
@@ -147,16 +138,6 @@ def assert_same_cache(a: Path, b: Path, image_ids) -> None:
 def xyxy(bbox) -> list[float]:
     x, y, w, h = bbox
     return [x, y, x + w, y + h]
-
-
-def run_err(capsys, *argv: str) -> str:
-    capsys.readouterr()
-    rc = main(list(argv))
-    err = capsys.readouterr().err
-    assert rc == 2, f"expected exit status 2, got {rc}; stderr: {err[-500:]}"
-    lines = [ln for ln in err.splitlines() if ln.startswith("ovd: error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err[-500:]
-    return lines[0]
 
 
 # -- contents ------------------------------------------------------------------------------------

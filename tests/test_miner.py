@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import open_clip
 import pytest
 import torch
+from _fixtures import run_err
 from torchvision.ops import box_iou
 
 import ovd.mining.miner as miner_mod
@@ -43,16 +44,6 @@ TINY_CFG = {
 }
 NUM_IMAGES = 6  # train images mined end to end (a prefix of the smoke world's train.json)
 TOPK = 5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """These models are tiny: one intra-op thread is as fast, and immune to the pathological slowdown
-    of OpenMP threads on a busy 2-core machine (100x seen). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def miner_cfg(**kw) -> SimpleNamespace:
@@ -409,16 +400,6 @@ def mine_args(mini_world: Path, work: Path, clip_dir: Path, train_json: Path, *e
         f"miner.topk={TOPK}",
         *extra,
     ]
-
-
-def run_err(capsys, *argv: str) -> str:
-    capsys.readouterr()
-    rc = main(list(argv))
-    err = capsys.readouterr().err
-    assert rc == 2, f"expected exit status 2, got {rc}; stderr: {err[-500:]}"
-    lines = [ln for ln in err.splitlines() if ln.startswith("ovd: error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err[-500:]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

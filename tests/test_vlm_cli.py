@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _fixtures import run_err
 
 from ovd.cli import main
 from ovd.data.coco import load_detection_dataset
@@ -30,16 +31,6 @@ FAST = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """These models are tiny: one intra-op thread is as fast, and immune to the pathological slowdown
-    of OpenMP threads on a busy 2-core machine (100x seen). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def overrides(world: Path, work: Path, *extra: str) -> list[str]:
     return [f"world.dir={world}", f"work_dir={work}", *FAST, *extra]
 
@@ -47,17 +38,6 @@ def overrides(world: Path, work: Path, *extra: str) -> list[str]:
 def run_ok(*argv: str) -> None:
     rc = main(list(argv))
     assert rc == 0, f"ovd {' '.join(argv)} returned {rc}"
-
-
-def run_err(capsys, *argv: str) -> str:
-    capsys.readouterr()
-    rc = main(list(argv))
-    err = capsys.readouterr().err
-    assert rc == 2, f"expected exit status 2, got {rc}; stderr: {err[-500:]}"
-    lines = [ln for ln in err.splitlines() if ln.startswith("ovd: error: ")]
-    assert len(lines) == 1, err[-500:]
-    assert "Traceback" not in err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
