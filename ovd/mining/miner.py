@@ -172,13 +172,11 @@ def run_mine(cfg, progress: bool = True) -> dict:
     base_ids = set(split.base_ids)
     results = []
     t0 = time.time()
-    num_candidates = 0
     for i in tqdm(range(len(train)), desc="mine proposals", disable=not progress):
         rec = train.record(i)
         image = load_image(rec["path"])
         gt = torch.tensor([b for b, c in zip(rec["boxes"], rec["labels"]) if c in base_ids], dtype=torch.float32)
         out = mine_image(clip, image, text, m, gt.reshape(-1, 4), extra.get(rec["image_id"]), bg_text=bg_text)
-        num_candidates += len(out["boxes"])
         for b, s, lab in zip(out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist()):
             results.append(
                 {
