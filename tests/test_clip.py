@@ -350,3 +350,22 @@ def test_check_dim(tiny):
 def test_fingerprint_depends_on_source_and_adapter(tiny, b32):
     assert tiny.fingerprint() != b32.fingerprint()
     assert tiny.fingerprint() == tiny.fingerprint()
+
+
+def test_text_embeddings_file_round_trip_and_dimension_check(tiny, tmp_path):
+    from ovd.vlm.clip import load_text_embeddings, save_text_embeddings
+
+    names = ["red circle", "orange star", "blue ring"]
+    path = save_text_embeddings(tmp_path / "vocab.safetensors", tiny, names, ("a photo of a {}.", "a {}."))
+    emb, got = load_text_embeddings(path, embed_dim=tiny.embed_dim)
+    assert got == names
+    assert torch.equal(emb, tiny.encode_text(names, ("a photo of a {}.", "a {}.")))
+    with pytest.raises(OvdError, match=rf"{tiny.embed_dim}-d.*expects {tiny.embed_dim + 1}-d"):
+        load_text_embeddings(path, embed_dim=tiny.embed_dim + 1)
+    with pytest.raises(OvdError, match="not found"):
+        load_text_embeddings(tmp_path / "missing.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(OvdError, match="not a readable"):
+        load_text_embeddings(bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "vocab.safetensors"]  # no temp files

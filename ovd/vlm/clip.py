@@ -331,3 +331,52 @@ def clip_from_config(c, adapter: str | os.PathLike | None = None) -> ClipModel:
 
         apply_adapter(clip, adapter)
     return clip
+
+
+TEXT_FORMAT = "ovd-text-embeddings/1"
+
+
+def save_text_embeddings(path: str | os.PathLike, clip: ClipModel, names: Sequence[str], templates=DEFAULT_TEMPLATES):
+    """Store a vocabulary's text embeddings (safetensors + names, templates, CLIP, dim) atomically,
+    so a detector can be prompted with it later without the text tower."""
+    from safetensors.torch import save_file
+
+    from ovd.utils.io import atomic_path
+
+    emb = clip.encode_text(names, templates)
+    meta = {
+        "format": TEXT_FORMAT,
+        "names": json.dumps(list(names)),
+        "templates": json.dumps(list(templates)),
+        "clip_source": clip.source,
+        "embed_dim": str(clip.embed_dim),
+    }
+    with atomic_path(path) as tmp:
+        save_file({"embeddings": emb.contiguous()}, str(tmp), metadata=meta)
+    return Path(path)
+
+
+def load_text_embeddings(path: str | os.PathLike, embed_dim: int | None = None) -> tuple[torch.Tensor, list[str]]:
+    """Read stored text embeddings → (C, D) tensor and the class names; checks the dimension."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise OvdError(f"text embeddings file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            emb = f.get_tensor("embeddings")
+    except Exception as e:  # corrupt header / missing tensor: several safetensors error types
+        raise OvdError(f"{path} is not a readable text-embeddings file: {_short_error(e)}") from None
+    if meta.get("format") != TEXT_FORMAT:
+        raise OvdError(f"{path} is not an ovd text-embeddings file (metadata format {meta.get('format')!r})")
+    names = json.loads(meta["names"])
+    if emb.ndim != 2 or emb.shape[0] != len(names):
+        raise OvdError(f"{path}: {emb.shape[0]} embeddings for {len(names)} class names")
+    if embed_dim is not None and emb.shape[1] != embed_dim:
+        raise OvdError(
+            f"text embeddings {path} are {emb.shape[1]}-d (made with {meta.get('clip_source')}), "
+            f"but the model expects {embed_dim}-d: they were made with a different CLIP"
+        )
+    return emb, names
