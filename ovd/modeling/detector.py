@@ -1,0 +1,109 @@
+"""The open-vocabulary Faster R-CNN: torchvision's FasterRCNN with :class:`OVRoIHeads`.
+
+Backbone, transform, RPN, RoI pooling and the two-layer box head are torchvision's; the RoI heads
+are replaced by the open-vocabulary ones (zero-shot classifier, distillation, semantic-aware
+regression). The only change to the forward pass: targets may carry cached distillation boxes
+(``distill_boxes`` xyxy, ``distill_embeddings``, ``distill_weights``), which are resized with the
+image like ``boxes`` (torchvision's transform resizes only the keys it knows).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+from ovd.errors import OvdError
+from ovd.modeling.roi_heads import OVRoIHeads, SemanticBoxRegressor
+from ovd.modeling.zero_shot_classifier import ZeroShotClassifier
+
+BACKBONES = {
+    # name: (torchvision ResNet, returned layers, anchor sizes per FPN level)
+    "resnet50_fpn": ("resnet50", [1, 2, 3, 4], ((32,), (64,), (128,), (256,), (512,))),
+    # the mini-world's scenes are 160 px with 14-48 px objects: a small ResNet, strides 8-32 (+ pool)
+    "resnet18_fpn_small": ("resnet18", [2, 3, 4], ((16,), (32,), (64,), (128,))),
+}
+
+
+def build_backbone(name: str, trainable_layers: int = 3, weights: str | None = None) -> tuple[nn.Module, tuple]:
+    if name not in BACKBONES:
+        raise OvdError(f"unknown backbone '{name}' (choose from {', '.join(BACKBONES)})")
+    arch, layers, anchors = BACKBONES[name]
+    backbone = resnet_fpn_backbone(
+        backbone_name=arch, weights=None, trainable_layers=trainable_layers, returned_layers=layers
+    )
+    if weights:
+        from ovd.utils.checkpoint import load_state_dict_file
+
+        state = load_state_dict_file(weights)
+        missing, unexpected = backbone.body.load_state_dict(state, strict=False)
+        if len(missing) == len(backbone.body.state_dict()):
+            raise OvdError(f"backbone weights {weights} match none of {arch}'s parameters")
+    return backbone, anchors
+
+
+class OVFasterRCNN(FasterRCNN):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        embed_dim: int,
+        anchor_sizes: tuple = ((32,), (64,), (128,), (256,), (512,)),
+        semantic_regression: bool = True,
+        distill_weight: float = 1.0,
+        min_size: int = 800,
+        max_size: int = 1333,
+        box_score_thresh: float = 0.05,
+        box_nms_thresh: float = 0.5,
+        box_detections_per_img: int = 100,
+        box_fg_iou_thresh: float = 0.5,
+        box_bg_iou_thresh: float = 0.5,
+        box_batch_size_per_image: int = 512,
+        box_positive_fraction: float = 0.25,
+        **kwargs,
+    ):
+        anchor_gen = AnchorGenerator(anchor_sizes, ((0.5, 1.0, 2.0),) * len(anchor_sizes))
+        super().__init__(
+            backbone, num_classes=2, rpn_anchor_generator=anchor_gen, min_size=min_size, max_size=max_size, **kwargs
+        )
+        stock = self.roi_heads
+        rep = stock.box_head.fc7.out_features
+        self.roi_heads = OVRoIHeads(
+            stock.box_roi_pool,
+            stock.box_head,
+            ZeroShotClassifier(rep, embed_dim),
+            SemanticBoxRegressor(rep, embed_dim, semantic=semantic_regression),
+            distill_weight=distill_weight,
+            fg_iou_thresh=box_fg_iou_thresh,
+            bg_iou_thresh=box_bg_iou_thresh,
+            batch_size_per_image=box_batch_size_per_image,
+            positive_fraction=box_positive_fraction,
+            bbox_reg_weights=None,
+            score_thresh=box_score_thresh,
+            nms_thresh=box_nms_thresh,
+            detections_per_img=box_detections_per_img,
+        )
+
+    @property
+    def embed_dim(self) -> int:
+        return self.roi_heads.classifier.embed_dim
+
+    def set_vocabulary(self, text: torch.Tensor) -> None:
+        """Detect these classes from now on: (C, D) text embeddings; labels 1..C index them."""
+        self.roi_heads.classifier.set_vocabulary(text)
+
+    def forward(self, images, targets=None):
+        original_sizes = [tuple(img.shape[-2:]) for img in images]
+        images_t, targets_t = self.transform(images, targets)  # copies the target dicts
+        if targets_t is not None:
+            for t, (h0, w0), (h, w) in zip(targets_t, original_sizes, images_t.image_sizes):
+                if "distill_boxes" in t:
+                    scale = t["distill_boxes"].new_tensor([w / w0, h / h0, w / w0, h / h0])
+                    t["distill_boxes"] = t["distill_boxes"] * scale
+        features = self.backbone(images_t.tensors)
+        proposals, proposal_losses = self.rpn(images_t, features, targets_t)
+        detections, detector_losses = self.roi_heads(features, proposals, images_t.image_sizes, targets_t)
+        if self.training:
+            return {**proposal_losses, **detector_losses}
+        return self.transform.postprocess(detections, images_t.image_sizes, original_sizes)
