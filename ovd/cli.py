@@ -93,6 +93,21 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ovd.engine.trainer import run_train
+
+    _print_report(run_train(_load(args)))
+    return 0
+
+
+def _cmd_test(args: argparse.Namespace) -> int:
+    from ovd.engine.trainer import run_test
+    from ovd.evaluation import format_metrics
+
+    print(format_metrics(run_test(_load(args), args.ckpt, args.out)))
+    return 0
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. adapter.epochs=2")
@@ -159,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--merge", action="store_true", help="only index the chunks already on disk")
     ex.add_argument("--overwrite", action="store_true", help="recompute chunks made with another CLIP / adapter")
     ex.set_defaults(func=_cmd_extract)
+
+    tr = sub.add_parser("train", help="train the open-vocabulary detector on base classes (resumes from train.out)")
+    _add_config_args(tr)
+    tr.set_defaults(func=_cmd_train)
+
+    te = sub.add_parser("test", help="detect on val with base + novel names, then ovd eval with the config's split")
+    _add_config_args(te)
+    te.add_argument("--ckpt", required=True, help="detector checkpoint (train.out/final.pt)")
+    te.add_argument("--out", default=None, help="folder for detections.json and metrics.json (default: beside --ckpt)")
+    te.set_defaults(func=_cmd_test)
     return p
 
 

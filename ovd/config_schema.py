@@ -113,6 +113,43 @@ class ExtractConfig:
 
 
 @dataclass
+class ModelConfig:
+    # Open-vocabulary Faster R-CNN (ovd/modeling). Each card component can be switched off for ablations.
+    backbone: str = "resnet50_fpn"  # resnet50_fpn | resnet18_fpn_small
+    backbone_weights: str = ""  # local ImageNet weights file (.safetensors / .pth); "" = random init
+    trainable_layers: int = 3
+    min_size: int = 800
+    max_size: int = 1333
+    semantic_regression: bool = True
+    distill: bool = True
+    distill_weight: float = 1.0
+    box_score_thresh: float = 0.05
+    box_detections_per_img: int = 100
+    representation_size: int = 1024  # width of the two-layer box head
+    box_batch_size_per_image: int = 512  # sampled RoIs per image in training
+    rpn_post_nms_top_n_train: int = 2000
+    rpn_post_nms_top_n_test: int = 1000
+
+
+@dataclass
+class TrainConfig:
+    out: str = "${work_dir}/train"
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1.0e-4
+    batch_size: int = 8
+    # Named lengths: "1x" = 12 epochs with lr steps after 8 and 11 (x N for "Nx"); "" uses epochs.
+    schedule: str = "1x"
+    epochs: int = 12
+    lr_steps: list[int] = field(default_factory=lambda: [8, 11])
+    warmup_iters: int = 100
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    checkpoint_every: int = 50  # iterations
+    hflip: bool = True
+
+
+@dataclass
 class Config:
     name: str = "ovd"
     work_dir: str = "work_dirs/${name}"
@@ -124,3 +161,5 @@ class Config:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     miner: MinerConfig = field(default_factory=MinerConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

@@ -14,6 +14,7 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
 
 from ovd.errors import OvdError
 from ovd.modeling.roi_heads import OVRoIHeads, SemanticBoxRegressor
@@ -61,11 +62,20 @@ class OVFasterRCNN(FasterRCNN):
         box_bg_iou_thresh: float = 0.5,
         box_batch_size_per_image: int = 512,
         box_positive_fraction: float = 0.25,
+        representation_size: int = 1024,
         **kwargs,
     ):
         anchor_gen = AnchorGenerator(anchor_sizes, ((0.5, 1.0, 2.0),) * len(anchor_sizes))
+        # torchvision's two-layer box head; its width is the main cost per RoI on CPU
+        box_head = TwoMLPHead(backbone.out_channels * 7 * 7, representation_size)
         super().__init__(
-            backbone, num_classes=2, rpn_anchor_generator=anchor_gen, min_size=min_size, max_size=max_size, **kwargs
+            backbone,
+            num_classes=2,
+            rpn_anchor_generator=anchor_gen,
+            box_head=box_head,
+            min_size=min_size,
+            max_size=max_size,
+            **kwargs,
         )
         stock = self.roi_heads
         rep = stock.box_head.fc7.out_features
