@@ -206,7 +206,7 @@ def test_apply_to_clip_of_other_architecture(tiny, tmp_path):
 
 def test_bad_adapter_files(tiny, tmp_path):
     missing = tmp_path / "missing.safetensors"
-    with pytest.raises(OvdError, match="adapter file not found"):
+    with pytest.raises(OvdError, match="CLIP adapter file not found"):
         apply_adapter(tiny, missing)
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x00\x01 definitely not safetensors")
@@ -220,7 +220,7 @@ def test_bad_adapter_files(tiny, tmp_path):
     # a valid safetensors file that is not an adapter (e.g. CLIP weights)
     foreign = tmp_path / "weights.safetensors"
     save_file({k: v.detach().contiguous() for k, v in layernorm_parameters(tiny.model).items()}, str(foreign))
-    with pytest.raises(OvdError, match="not an ovd CLIP adapter"):
+    with pytest.raises(OvdError, match="not an ovd CLIP adapter file"):
         apply_adapter(tiny, foreign)
     assert tiny.adapter is None
 

@@ -30,3 +30,24 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise OvdError(f"weights file {path} does not hold a state dict of tensors")
     return obj
+
+
+def read_safetensors(path: str | os.PathLike, what: str, fmt: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors + metadata of an ovd safetensors file whose metadata ``format`` must be ``fmt``.
+
+    ``what`` names the kind of file in errors ("adapter file", "text embeddings file", ...).
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise OvdError(f"{what} not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise OvdError(f"{what} {path} is not a readable safetensors file: {str(e).splitlines()[0][:200]}") from None
+    if meta.get("format") != fmt:
+        raise OvdError(f"{path} is not an ovd {what} (metadata format {meta.get('format')!r}, expected {fmt!r})")
+    return tensors, meta

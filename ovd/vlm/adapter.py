@@ -56,20 +56,9 @@ def save_adapter(path: str | os.PathLike, clip, params: dict[str, torch.Tensor],
 
 
 def load_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors import safe_open
+    from ovd.utils.checkpoint import read_safetensors
 
-    path = Path(path)
-    if not path.is_file():
-        raise OvdError(f"adapter file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise OvdError(f"adapter file {path} is not a readable safetensors file: {e}") from None
-    if meta.get("format") != ADAPTER_FORMAT:
-        raise OvdError(f"{path} is not an ovd CLIP adapter (metadata format {meta.get('format')!r})")
-    return tensors, meta
+    return read_safetensors(path, "CLIP adapter file", ADAPTER_FORMAT)
 
 
 def apply_adapter(clip, path: str | os.PathLike) -> None:

@@ -358,19 +358,12 @@ def save_text_embeddings(path: str | os.PathLike, clip: ClipModel, names: Sequen
 
 def load_text_embeddings(path: str | os.PathLike, embed_dim: int | None = None) -> tuple[torch.Tensor, list[str]]:
     """Read stored text embeddings → (C, D) tensor and the class names; checks the dimension."""
-    from safetensors import safe_open
+    from ovd.utils.checkpoint import read_safetensors
 
-    path = Path(path)
-    if not path.is_file():
-        raise OvdError(f"text embeddings file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            emb = f.get_tensor("embeddings")
-    except Exception as e:  # corrupt header / missing tensor: several safetensors error types
-        raise OvdError(f"{path} is not a readable text-embeddings file: {_short_error(e)}") from None
-    if meta.get("format") != TEXT_FORMAT:
-        raise OvdError(f"{path} is not an ovd text-embeddings file (metadata format {meta.get('format')!r})")
+    tensors, meta = read_safetensors(path, "text embeddings file", TEXT_FORMAT)
+    if "embeddings" not in tensors:
+        raise OvdError(f"{path}: no 'embeddings' tensor")
+    emb = tensors["embeddings"]
     names = json.loads(meta["names"])
     if emb.ndim != 2 or emb.shape[0] != len(names):
         raise OvdError(f"{path}: {emb.shape[0]} embeddings for {len(names)} class names")
