@@ -67,6 +67,9 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(setup, mini_world
     with pytest.raises(KeyboardInterrupt):
         run_train(cfg_b, progress=False, stop_after=3)
     assert load_checkpoint(tmp_path / "b" / "train" / "last.pt")["iteration"] == 3
+    # a line logged after the last checkpoint (a kill between the two) is replayed, not duplicated
+    log = tmp_path / "b" / "train" / "log.jsonl"
+    log.write_text(log.read_text() + json.dumps({"iter": 4, "loss": 0.0}) + "\n")
     resumed = run_train(cfg_b, progress=False)
     assert resumed["iterations"] == 4
     a = load_checkpoint(tmp_path / "a" / "train" / "final.pt")["model"]

@@ -194,7 +194,13 @@ def run_train(cfg, progress: bool = True, stop_after: int | None = None) -> dict
             "model": dict(cfg.model), "templates": list(cfg.clip.templates)}  # fmt: skip
 
     model.train()
-    log = open(out / "log.jsonl", "a", encoding="utf-8")
+    log_path = out / "log.jsonl"
+    if log_path.is_file():  # a resumed run replays iterations after the checkpoint: drop their old lines
+        kept = [
+            ln for ln in log_path.read_text(encoding="utf-8").splitlines() if ln and json.loads(ln)["iter"] <= start
+        ]
+        log_path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+    log = open(log_path, "a", encoding="utf-8")
     bar = tqdm(total=total, initial=start, desc="train", disable=not progress)
     t0 = time.time()
     it = start
