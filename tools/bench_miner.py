@@ -34,7 +34,7 @@ from ovd.config import load_config
 from ovd.data.coco import load_detection_dataset
 from ovd.data.images import load_image
 from ovd.data.splits import resolve_split
-from ovd.mining.miner import candidate_boxes, select
+from ovd.mining.miner import candidate_boxes, gt_boxes_of, select
 from ovd.vlm.clip import CROP_ENLARGE, clip_from_config, crop_boxes_square
 
 
@@ -61,12 +61,6 @@ def setup(cfg):
     return train, split, clip
 
 
-def base_gt_of(rec, base_ids):
-    return torch.tensor([b for b, c in zip(rec["boxes"], rec["labels"]) if c in base_ids], dtype=torch.float32).reshape(
-        -1, 4
-    )
-
-
 def speed(cfg, n_images: int) -> dict:
     train, split, clip = setup(cfg)
     m = cfg.miner
@@ -77,7 +71,7 @@ def speed(cfg, n_images: int) -> dict:
     recs = [train.record(i) for i in range(min(n_images, len(train)))]
     images = [load_image(r["path"]) for r in recs]
     pils = [Image.open(r["path"]).convert("RGB") for r in recs]
-    cands = [candidate_boxes(im.shape[1], im.shape[2], m, base_gt_of(r, base_ids)) for im, r in zip(images, recs)]
+    cands = [candidate_boxes(im.shape[1], im.shape[2], m, gt_boxes_of(r, base_ids)) for im, r in zip(images, recs)]
     n_crops = sum(len(c) for c in cands)
     clip.encode_boxes(images[0], cands[0][:8])  # warm-up
 
@@ -131,7 +125,7 @@ def recall(cfg, n_images: int, iou: float = 0.5) -> dict:
         orec = oracle.record(oracle.image_ids.index(rec["image_id"]))
         novel = torch.tensor([b for b, c in zip(orec["boxes"], orec["labels"]) if c in novel_ids]).reshape(-1, 4)
         image = load_image(rec["path"])
-        cand = candidate_boxes(image.shape[1], image.shape[2], m, base_gt_of(rec, base_ids))
+        cand = candidate_boxes(image.shape[1], image.shape[2], m, gt_boxes_of(rec, base_ids))
         if len(novel) == 0 or len(cand) == 0:
             n_novel += len(novel)
             continue

@@ -78,6 +78,12 @@ def filter_base_overlap(boxes: torch.Tensor, base_gt: torch.Tensor, iou_thr: flo
     return torch.nonzero(box_iou(boxes, base_gt).amax(dim=1) <= iou_thr).flatten()
 
 
+def gt_boxes_of(rec: dict, cat_ids: set[int]) -> torch.Tensor:
+    """(N, 4) xyxy GT boxes of a dataset record whose category is in ``cat_ids`` (e.g. the base classes)."""
+    boxes = [b for b, c in zip(rec["boxes"], rec["labels"]) if c in cat_ids]
+    return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+
+
 def candidate_boxes(
     height: int, width: int, m, base_gt: torch.Tensor | None = None, extra_boxes: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -175,8 +181,7 @@ def run_mine(cfg, progress: bool = True) -> dict:
     for i in tqdm(range(len(train)), desc="mine proposals", disable=not progress):
         rec = train.record(i)
         image = load_image(rec["path"])
-        gt = torch.tensor([b for b, c in zip(rec["boxes"], rec["labels"]) if c in base_ids], dtype=torch.float32)
-        out = mine_image(clip, image, text, m, gt.reshape(-1, 4), extra.get(rec["image_id"]), bg_text=bg_text)
+        out = mine_image(clip, image, text, m, gt_boxes_of(rec, base_ids), extra.get(rec["image_id"]), bg_text=bg_text)
         for b, s, lab in zip(out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist()):
             results.append(
                 {
