@@ -108,6 +108,24 @@ def _cmd_test(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_detect(args: argparse.Namespace) -> int:
+    from ovd.engine.predictor import run_detect
+
+    for rec in run_detect(args.images, args.ckpt, args.classes, score_thr=args.score_thr, out=args.out):
+        print(f"{rec['image']}: {rec['detections']} detections -> {rec['json']}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ovd.engine.pipeline import run_pipeline
+    from ovd.evaluation import format_metrics
+
+    report = run_pipeline(_load(args), until=args.until)
+    if isinstance(report.get("test"), dict):
+        print(format_metrics(report["test"]))
+    return 0
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. adapter.epochs=2")
@@ -184,6 +202,21 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("--ckpt", required=True, help="detector checkpoint (train.out/final.pt)")
     te.add_argument("--out", default=None, help="folder for detections.json and metrics.json (default: beside --ckpt)")
     te.set_defaults(func=_cmd_test)
+
+    rn = sub.add_parser(
+        "run", help="the whole pipeline: world, tiny CLIP, adapt, mine, extract, train, test (reuses outputs)"
+    )
+    _add_config_args(rn)
+    rn.add_argument("--until", default="test", help="stop after this stage (world pretrain adapt mine extract train)")
+    rn.set_defaults(func=_cmd_run)
+
+    dt = sub.add_parser("detect", help="detect any classes by name in images with a trained detector")
+    dt.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    dt.add_argument("--ckpt", required=True, help="detector checkpoint (train.out/final.pt)")
+    dt.add_argument("--classes", required=True, help='comma-separated class names, e.g. "red circle,blue star"')
+    dt.add_argument("--score-thr", type=float, default=0.3, help="keep detections scoring at least this (0-1)")
+    dt.add_argument("--out", default="detections", help="folder for <image>.json and <image>.png")
+    dt.set_defaults(func=_cmd_detect)
     return p
 
 

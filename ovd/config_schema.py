@@ -23,6 +23,7 @@ class DataConfig:
     train_json: str = ""
     val_json: str = ""
     image_root: str = ""
+    val_image_root: str = ""  # val images, if not under image_root (COCO: train2017/ vs val2017/)
     # Open-vocabulary split: "coco_ovd_48_17", "lvis_rare", or a YAML/JSON file {base: [...], novel: [...]}.
     split: str = ""
     # Evaluate val with the LVIS API (None: detect from the annotation file).
@@ -110,6 +111,9 @@ class ExtractConfig:
     chunk_size: int = 64
     dtype: str = "float16"
     include_gt: bool = True
+    # with miner.enabled=false: this many random dense-anchor boxes per image instead (ViLD-style
+    # base-biased targets for the ablation); 0 = GT boxes only
+    random_boxes: int = 0
 
 
 @dataclass
@@ -118,6 +122,9 @@ class ModelConfig:
     backbone: str = "resnet50_fpn"  # resnet50_fpn | resnet18_fpn_small
     backbone_weights: str = ""  # local ImageNet weights file (.safetensors / .pth); "" = random init
     trainable_layers: int = 3
+    # frozen_bn: torchvision's frozen ImageNet statistics | bn: trained BatchNorm (backbones from scratch)
+    norm: str = "frozen_bn"
+    fpn_channels: int = 256
     min_size: int = 800
     max_size: int = 1333
     semantic_regression: bool = True
@@ -147,6 +154,9 @@ class TrainConfig:
     grad_clip: float = 0.0  # max gradient norm; 0 = off
     checkpoint_every: int = 50  # iterations
     hflip: bool = True
+    device: str = "auto"  # auto: cuda when available, else cpu
+    amp: bool = True  # float16 autocast + grad scaling on CUDA; ignored on CPU
+    eval_every: int = 0  # iterations between val evaluations (train.out/eval.jsonl); 0 = off
 
 
 @dataclass

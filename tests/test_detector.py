@@ -94,20 +94,36 @@ def test_distill_boxes_are_resized_with_the_image(monkeypatch):
     m.set_vocabulary(torch.randn(4, D))
     m.train()
     seen = {}
-    real = m.roi_heads.distill_loss
+    real = m.roi_heads.forward
 
-    def spy(features, tg, image_shapes):
+    def spy(features, proposals, image_shapes, tg=None):
         seen["boxes"] = tg[0]["distill_boxes"].clone()
         seen["gt"] = tg[0]["boxes"].clone()
-        return real(features, tg, image_shapes)
+        return real(features, proposals, image_shapes, tg)
 
-    monkeypatch.setattr(m.roi_heads, "distill_loss", spy)
+    monkeypatch.setattr(m.roi_heads, "forward", spy)
     big = [torch.rand(3, 256, 256)]  # resized to 128: boxes halve, like the GT boxes
     t = targets()
     m(big, t)
     assert torch.allclose(seen["boxes"], t[0]["distill_boxes"] / 2)
     assert torch.allclose(seen["gt"], t[0]["boxes"] / 2)
     assert torch.equal(t[0]["distill_boxes"], targets()[0]["distill_boxes"])  # the caller's dict is untouched
+
+
+def test_one_pooling_pass_gives_the_same_distillation_loss_as_a_separate_pass():
+    # forward pools proposals and cached boxes together; the loss must equal distill_loss's own pass
+    m = make_model()
+    m.set_vocabulary(torch.randn(4, D))
+    m.train()
+    t = targets() + targets()  # two images: the split between proposals and cached boxes is per image
+    images = IMAGES + [torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(5))]
+    images_t, targets_t = m.transform(images, t)
+    feats = m.backbone(images_t.tensors)
+    torch.manual_seed(3)
+    proposals, _ = m.rpn(images_t, feats, targets_t)
+    separate = m.roi_heads.distill_loss(feats, targets_t, images_t.image_sizes)
+    _, losses = m.roi_heads(feats, proposals, images_t.image_sizes, targets_t)
+    assert torch.allclose(losses["loss_distill"], separate, atol=1e-6)
 
 
 def test_vocabulary_is_data_labels_index_the_current_vocabulary():

@@ -180,9 +180,15 @@ class DetectionDataset:
                 self._by_image.setdefault(a["image_id"], []).append(a)
         return self._by_image.get(image_id, [])
 
-    def image_path(self, image: dict) -> Path:
+    def image_path(self, image: dict) -> Path | None:
+        """``image_root / file_name``; LVIS v1 has no file_name, only ``coco_url`` (…/train2017/x.jpg),
+        whose last two parts are the path under a COCO image root."""
         root = self.image_root if self.image_root is not None else self.path.parent
-        return root / image["file_name"]
+        if image.get("file_name"):
+            return root / image["file_name"]
+        if image.get("coco_url"):
+            return root.joinpath(*str(image["coco_url"]).split("/")[-2:])
+        return None
 
     def record(self, index: int) -> dict:
         """Per-image record in the torchvision detection convention (boxes xyxy, labels = category ids)."""
@@ -192,7 +198,7 @@ class DetectionDataset:
         return {
             "image_id": im["id"],
             "file_name": im.get("file_name", ""),
-            "path": self.image_path(im) if "file_name" in im else None,
+            "path": self.image_path(im),
             "width": im.get("width"),
             "height": im.get("height"),
             "boxes": boxes,

@@ -1,4 +1,4 @@
-"""Training and testing the open-vocabulary detector (single process; DDP is not built yet).
+"""Training and testing the open-vocabulary detector (one process, or data-parallel under torchrun).
 
 Exact resume: a checkpoint holds model, optimizer, scheduler, the iteration counter and torch's RNG
 state (torchvision's RPN/RoI samplers draw from it); the image order of epoch e is a permutation
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from pathlib import Path
@@ -70,7 +71,9 @@ class DetectionTrainSet(torch.utils.data.Dataset):
 def build_model(m, embed_dim: int):
     from ovd.modeling.detector import OVFasterRCNN, build_backbone
 
-    backbone, anchors = build_backbone(m.backbone, m.trainable_layers, m.backbone_weights or None)
+    backbone, anchors = build_backbone(
+        m.backbone, m.trainable_layers, m.backbone_weights or None, norm=m.norm, fpn_channels=m.fpn_channels
+    )
     return OVFasterRCNN(
         backbone,
         embed_dim,
@@ -109,8 +112,21 @@ def _lr_lambda(warmup: int, steps_iters: list[int]):
     return f
 
 
+def clip_spec(c) -> dict:
+    """The CLIP a detector's text embeddings come from, with local paths made absolute, so that
+    ``Detector.from_checkpoint`` can prompt it from any working directory."""
+    model, pretrained = c.model, c.pretrained
+    if model.startswith("local-dir:"):
+        model = "local-dir:" + str(Path(model[len("local-dir:") :]).resolve())
+    elif Path(model).is_dir():
+        model = str(Path(model).resolve())
+    if pretrained and Path(pretrained).is_file():
+        pretrained = str(Path(pretrained).resolve())
+    return {"model": model, "pretrained": pretrained}
+
+
 # --- checkpoints -------------------------------------------------------------------------------------
-def save_checkpoint(path, model, opt, sched, it: int, meta: dict) -> None:
+def save_checkpoint(path, model, opt, sched, it: int, meta: dict, extra: dict | None = None) -> None:
     state = {
         "format": CKPT_FORMAT,
         "model": model.state_dict(),
@@ -120,6 +136,7 @@ def save_checkpoint(path, model, opt, sched, it: int, meta: dict) -> None:
         "torch_rng": torch.get_rng_state(),
         "text": model.roi_heads.classifier.text.clone(),
         "meta_json": json.dumps(meta),
+        **(extra or {}),
     }
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -142,17 +159,83 @@ def load_checkpoint(path) -> dict:
 
 
 # --- training ----------------------------------------------------------------------------------------
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OvdError(f"train.device is '{name}' but no CUDA device is available (use cpu or auto)")
+    return dev
+
+
+def _dist_setup(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) — initialises torch.distributed when started by torchrun."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    rank = int(os.environ["RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def _plain(section) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else dict(section)
+
+
+def _val_root(cfg) -> str | None:
+    return cfg.data.val_image_root or cfg.data.image_root or None
+
+
+def _to(t: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+
+
+def _check_resume(meta: dict, stored: dict, path: Path) -> None:
+    """Refuse to continue a checkpoint made with other model / training settings."""
+    diffs = []
+    for sec in ("model", "train_settings"):
+        a, b = stored.get(sec, {}), meta.get(sec, {})
+        name = "model" if sec == "model" else "train"
+        diffs += [f"{name}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if diffs:
+        raise OvdError(
+            f"{path} was trained with other settings ({'; '.join(diffs[:4])}): resuming would mix two runs. "
+            f"Use another train.out, or delete {path} to start over"
+        )
+
+
+# settings that change what a run computes (resume must match); not: out, logging, eval cadence
+_RUN_KEYS = ("optimizer", "lr", "momentum", "weight_decay", "batch_size", "schedule", "epochs", "lr_steps",
+             "warmup_iters", "grad_clip", "hflip", "amp")  # fmt: skip
+
+
 def run_train(cfg, progress: bool = True, stop_after: int | None = None) -> dict:
     """``ovd train``: base-class training with CLIP distillation; resumes from ``train.out/last.pt``.
 
-    ``stop_after`` ends the run after that many iterations *of this call* (tests: a simulated kill).
+    Runs in one process, or data-parallel under ``torchrun`` (DDP; gloo on CPU, NCCL on GPU): the
+    batch of ``train.batch_size`` images is split across the processes, rank 0 writes checkpoints
+    and logs. ``stop_after`` ends the run after that many iterations *of this call* (tests: a kill).
     """
+    import torch.distributed as dist
+
     from ovd.data.coco import load_detection_dataset
     from ovd.data.splits import resolve_split
     from ovd.mining.feature_cache import FeatureCache
     from ovd.vlm.clip import clip_from_config
 
     t = cfg.train
+    rank, world, device = _dist_setup(_resolve_device(t.device))
+    if t.batch_size % world:
+        raise OvdError(f"train.batch_size {t.batch_size} does not split over {world} processes")
+    use_amp = bool(t.amp) and device.type == "cuda"  # CPU float16 autocast is slower than float32 here
     torch.manual_seed(cfg.seed)
     train = load_detection_dataset(cfg.data.train_json, cfg.data.image_root or None)
     if not cfg.data.split:
@@ -162,8 +245,9 @@ def run_train(cfg, progress: bool = True, stop_after: int | None = None) -> dict
     text = clip.encode_text(list(split.base_names), list(cfg.clip.templates))
     cache = FeatureCache(cfg.extract.out, embed_dim=clip.embed_dim) if cfg.model.distill else None
     data = DetectionTrainSet(train, list(split.base_ids), cache)
-    model = build_model(cfg.model, clip.embed_dim)
+    model = build_model(cfg.model, clip.embed_dim).to(device)
     model.set_vocabulary(text)
+    evaluator = _PeriodicEval(cfg, clip, device) if t.eval_every > 0 and rank == 0 else None
 
     params = [p for p in model.parameters() if p.requires_grad]
     if t.optimizer == "sgd":
@@ -178,67 +262,165 @@ def run_train(cfg, progress: bool = True, stop_after: int | None = None) -> dict
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, _lr_lambda(t.warmup_iters, [e * iters_per_epoch for e in step_epochs])
     )
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
+    meta = {"base_names": list(split.base_names), "embed_dim": clip.embed_dim, "clip": clip.source,
+            "clip_spec": clip_spec(cfg.clip), "model": _plain(cfg.model), "templates": list(cfg.clip.templates),
+            "train_settings": {k: _plain(t)[k] for k in _RUN_KEYS}}  # fmt: skip
+    meta = json.loads(json.dumps(meta))  # plain lists / dicts, as they come back from a checkpoint
     out = Path(t.out)
-    out.mkdir(parents=True, exist_ok=True)
     last = out / "last.pt"
     start = 0
     if last.is_file():
         state = load_checkpoint(last)
+        _check_resume(meta, state["meta"], last)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        rngs = state.get("torch_rng_ranks") or [state["torch_rng"]]
+        torch.set_rng_state(rngs[rank] if len(rngs) == world else state["torch_rng"])
         start = int(state["iteration"])
-    meta = {"base_names": list(split.base_names), "embed_dim": clip.embed_dim, "clip": clip.source,
-            "model": dict(cfg.model), "templates": list(cfg.clip.templates)}  # fmt: skip
+    elif world > 1:
+        torch.manual_seed(cfg.seed * 1009 + rank)  # ranks sample different RoIs from the first step on
 
+    ddp = model
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     model.train()
-    log_path = out / "log.jsonl"
-    if log_path.is_file():  # a resumed run replays iterations after the checkpoint: drop their old lines
-        kept = [
-            ln for ln in log_path.read_text(encoding="utf-8").splitlines() if ln and json.loads(ln)["iter"] <= start
-        ]
-        log_path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
-    log = open(log_path, "a", encoding="utf-8")
-    bar = tqdm(total=total, initial=start, desc="train", disable=not progress)
+    log = _JsonlLog(out / "log.jsonl", start) if rank == 0 else None
+    eval_log = _JsonlLog(out / "eval.jsonl", start) if evaluator else None
+    bar = tqdm(total=total, initial=start, desc="train", disable=not progress or rank != 0)
     t0 = time.time()
     it = start
     try:
         while it < total:
             epoch, k = divmod(it, iters_per_epoch)
             order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-            idx = order[k * t.batch_size : (k + 1) * t.batch_size].tolist()
-            batch = []
+            idx = order[k * t.batch_size : (k + 1) * t.batch_size].tolist()[rank::world]
+            images, targets = [], []
             for i in idx:
                 g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 100_003 + i)
                 flip = t.hflip and bool(torch.rand(1, generator=g) < 0.5)
-                batch.append(data.get(i, flip))
-            losses = model([b[0] for b in batch], [b[1] for b in batch])
+                image, target = data.get(i, flip)
+                images.append(image.to(device))
+                targets.append(_to(target, device))
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                losses = ddp(images, targets)
             loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise OvdError(f"training diverged at iteration {it} (loss {float(loss)}): lower train.lr")
+            values = torch.stack([loss.detach().float()] + [v.detach().float() for v in losses.values()])
+            if world > 1:  # the logged numbers (and the divergence check) cover every process
+                dist.all_reduce(values)
+                values /= world
+            if not torch.isfinite(values[0]):
+                raise OvdError(f"training diverged at iteration {it} (loss {float(values[0])}): lower train.lr")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if t.grad_clip > 0:
+                scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             it += 1
-            rec = {"iter": it, "epoch": epoch, "lr": opt.param_groups[0]["lr"], "loss": float(loss.detach())}
-            rec.update({k2: round(float(v.detach()), 5) for k2, v in losses.items()})
-            log.write(json.dumps(rec) + "\n")
-            bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.3f}")
+            if log:
+                rec = {"iter": it, "epoch": epoch, "lr": opt.param_groups[0]["lr"], "loss": float(values[0])}
+                rec.update({k2: round(float(v), 5) for k2, v in zip(losses, values[1:].tolist())})
+                log.write(rec)
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}")
             if it % t.checkpoint_every == 0 or it == total:
-                save_checkpoint(last, model, opt, sched, it, meta)
+                _save_all_ranks(last, model, opt, sched, scaler, it, meta, rank, world)
+            if evaluator and (it % t.eval_every == 0 or it == total):
+                eval_log.write({"iter": it, **evaluator(model, text)})
+                model.train()
             if stop_after is not None and it - start >= stop_after and it < total:
                 raise KeyboardInterrupt(f"stopped after {stop_after} iterations (simulated interruption)")
+        if world > 1:
+            _check_replicas_agree(model)
     finally:
         bar.close()
-        log.close()
-    save_checkpoint(out / "final.pt", model, None, None, it, meta)
-    return {"out": str(out / "final.pt"), "iterations": it, "seconds": round(time.time() - t0, 1)}
+        for lg in (log, eval_log):
+            if lg:
+                lg.close()
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    final = out / "final.pt"
+    if rank == 0:
+        save_checkpoint(final, model, None, None, it, meta)
+    return {"out": str(final), "iterations": it, "seconds": round(time.time() - t0, 1), "world_size": world,
+            "device": str(device), "amp": use_amp}  # fmt: skip
+
+
+def _save_all_ranks(path, model, opt, sched, scaler, it, meta, rank, world) -> None:
+    """Checkpoint on rank 0 with every rank's RNG state (exact resume of a DDP run)."""
+    import torch.distributed as dist
+
+    rngs = [torch.get_rng_state()]
+    if world > 1:
+        rngs = [None] * world
+        dist.all_gather_object(rngs, torch.get_rng_state())
+    if rank == 0:
+        extra = {"torch_rng_ranks": rngs, "scaler": scaler.state_dict()}
+        save_checkpoint(path, model, opt, sched, it, meta, extra=extra)
+    if world > 1:
+        dist.barrier()  # nobody runs ahead of a checkpoint that may be resumed from
+
+
+def _check_replicas_agree(model) -> None:
+    """DDP keeps replicas identical; verify it once at the end (a cheap checksum per rank)."""
+    import torch.distributed as dist
+
+    s = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1).cpu()
+    sums = [torch.zeros_like(s) for _ in range(dist.get_world_size())]
+    dist.all_gather(sums, s)
+    if any(not torch.allclose(x, sums[0], rtol=1e-9, atol=0) for x in sums):
+        raise OvdError(f"data-parallel replicas diverged (parameter checksums {[float(x) for x in sums]})")
+
+
+class _JsonlLog:
+    """Append-only JSON-lines log; a resumed run first drops lines after its checkpoint's iteration."""
+
+    def __init__(self, path: Path, start: int):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file():
+            lines = path.read_text(encoding="utf-8").splitlines()
+            kept = [ln for ln in lines if ln and json.loads(ln)["iter"] <= start]
+            path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+        self.f = open(path, "a", encoding="utf-8")
+
+    def write(self, rec: dict) -> None:
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class _PeriodicEval:
+    """Val AP (base + novel vocabulary) during training; the model is put back to training after."""
+
+    def __init__(self, cfg, clip, device):
+        from ovd.data.coco import load_detection_dataset
+        from ovd.data.splits import resolve_split
+
+        self.val = load_detection_dataset(cfg.data.val_json, _val_root(cfg), drop_degenerate=False)
+        self.split = resolve_split(cfg.data.split, self.val.categories, source=str(self.val.path))
+        names = list(self.split.base_names) + list(self.split.novel_names)
+        self.text = clip.encode_text(names, list(cfg.clip.templates)).to(device)
+        self.ids = list(self.split.base_ids) + list(self.split.novel_ids)
+
+    def __call__(self, model, train_text) -> dict:
+        from ovd.evaluation import evaluate_detections
+
+        model.set_vocabulary(self.text)
+        try:
+            dets = predict_dataset(model, self.val, self.ids, progress=False)
+        finally:
+            model.set_vocabulary(train_text)
+        m = evaluate_detections(self.val, dets, split=self.split)
+        return {k: m[k] for k in ("AP", "AP50", "AP_base", "AP50_base", "AP_novel", "AP50_novel") if k in m}
 
 
 # --- testing -----------------------------------------------------------------------------------------
@@ -248,10 +430,11 @@ def predict_dataset(model, dataset, class_ids: list[int], progress: bool = True)
     from ovd.data.images import load_image
 
     model.eval()
+    device = next(model.parameters()).device
     results = []
     for i in tqdm(range(len(dataset)), desc="test", disable=not progress):
         rec = dataset.record(i)
-        out = model([load_image(rec["path"])])[0]
+        out = model([load_image(rec["path"]).to(device)])[0]
         for b, s, lab in zip(out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist()):
             results.append(
                 {
@@ -268,16 +451,17 @@ def run_test(cfg, ckpt: str, out: str | None = None, progress: bool = True) -> d
     """``ovd test``: detections of the val set over base + novel names, then ``ovd eval`` metrics."""
     from ovd.data.coco import load_detection_dataset
     from ovd.data.splits import resolve_split
+    from ovd.engine.predictor import model_from_checkpoint
     from ovd.evaluation import evaluate_detections
     from ovd.vlm.clip import clip_from_config
 
     state = load_checkpoint(ckpt)
-    val = load_detection_dataset(cfg.data.val_json, cfg.data.image_root or None, drop_degenerate=False)
+    val = load_detection_dataset(cfg.data.val_json, _val_root(cfg), drop_degenerate=False)
     split = resolve_split(cfg.data.split, val.categories, source=str(val.path))
     clip = clip_from_config(cfg.clip)
     names = list(split.base_names) + list(split.novel_names)
-    model = build_model(cfg.model, state["meta"]["embed_dim"])
-    model.load_state_dict(state["model"])
+    model = model_from_checkpoint(state, ckpt)
+    clip.check_dim(int(state["meta"]["embed_dim"]), f"detector {ckpt}")
     model.set_vocabulary(clip.encode_text(names, list(cfg.clip.templates)))
     dets = predict_dataset(model, val, list(split.base_ids) + list(split.novel_ids), progress)
     out_dir = Path(out) if out else Path(ckpt).parent

@@ -326,6 +326,26 @@ class FeatureCache:
         }
 
 
+def random_proposals(dataset, m, k: int, seed: int = 0) -> dict[int, dict]:
+    """K boxes per image drawn uniformly from the miner's dense candidate set, unranked, weight 1.
+
+    The no-miner baseline: same candidate boxes as the miner, but nothing (no CLIP, no novel names)
+    decides which are kept. Seeded per image, so the draw does not depend on the image order.
+    """
+    from ovd.mining.miner import candidate_boxes
+
+    out = {}
+    for i in range(len(dataset)):
+        rec = dataset.record(i)
+        if not rec["width"] or not rec["height"]:
+            raise OvdError(f"{dataset.path}: image {rec['image_id']} needs width and height for random boxes")
+        cand = candidate_boxes(int(rec["height"]), int(rec["width"]), m)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + int(rec["image_id"]))
+        boxes = cand[torch.randperm(len(cand), generator=g)[:k]]
+        out[rec["image_id"]] = {"boxes": boxes, "weights": torch.ones(len(boxes))}
+    return out
+
+
 def run_extract(
     cfg, shard: str | None = None, overwrite: bool = False, merge_only: bool = False, progress: bool = True
 ) -> dict:
@@ -342,7 +362,10 @@ def run_extract(
         gt_ids = None
         if cfg.data.split:
             gt_ids = set(resolve_split(cfg.data.split, train.categories, source=str(train.path)).base_ids)
-        proposals = load_proposals(cfg.miner.out) if cfg.miner.enabled else {}
+        if cfg.miner.enabled:
+            proposals = load_proposals(cfg.miner.out)
+        else:  # no miner: optionally ViLD-style unranked regions (the ablation's base-biased targets)
+            proposals = random_proposals(train, cfg.miner, e.random_boxes, cfg.seed) if e.random_boxes > 0 else {}
         clip = clip_from_config(cfg.clip, cfg.adapter.out if cfg.adapter.enabled else None)
         report = extract_features(
             clip,

@@ -1,0 +1,181 @@
+"""``ovd run CONFIG``: the whole EZSD pipeline, each stage reused when its output is already on disk.
+
+    world → pretrain (tiny CLIP) → adapt → mine → extract → train → test
+
+A stage's output is reused only if it was made from the same settings: every stage records a stamp
+(hash of the config keys it reads plus the stamps of the stages it consumes) in
+``work_dir/run_stamps.json``. A changed setting re-runs that stage and everything downstream; an
+output made outside ``ovd run`` (no stamp) is reused as it is, and said so. Training is never
+silently restarted: a ``train.out`` holding a run from other inputs is an error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from ovd.errors import OvdError
+from ovd.utils.io import read_json, write_json
+
+STAGES = ("world", "pretrain", "adapt", "mine", "extract", "train", "test")
+
+# config keys each stage reads (sections or section.key), besides its upstream stages' stamps
+_READS = {
+    "world": ["world"],
+    "pretrain": ["pretrain", "data.web_train_json", "data.web_val_json", "data.web_image_root", "seed"],
+    "adapt": ["adapter", "clip", "data.train_json", "data.image_root", "data.split", "seed"],
+    "mine": ["miner", "clip", "adapter.enabled", "data.train_json", "data.image_root", "data.split"],
+    "extract": ["extract", "clip", "adapter.enabled", "miner.enabled", "miner.stride", "miner.scales",
+                "miner.ratios", "miner.min_size", "data.train_json", "data.image_root", "data.split", "seed"],
+    "train": ["model", "train.optimizer", "train.lr", "train.momentum", "train.weight_decay", "train.batch_size",
+              "train.schedule", "train.epochs", "train.lr_steps", "train.warmup_iters", "train.grad_clip",
+              "train.hflip", "train.amp", "clip", "data.train_json", "data.split", "seed"],
+    "test": ["data.val_json", "data.val_image_root", "data.split", "clip.templates"],
+}  # fmt: skip
+_UPSTREAM = {
+    "world": [],
+    "pretrain": ["world"],
+    "adapt": ["pretrain"],
+    "mine": ["adapt", "pretrain"],
+    "extract": ["mine", "adapt", "pretrain"],
+    "train": ["extract", "pretrain"],
+    "test": ["train"],
+}
+
+
+def _get(cfg, dotted: str):
+    from omegaconf import OmegaConf
+
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+class Pipeline:
+    def __init__(self, cfg, progress: bool = True, log=print):
+        self.cfg = cfg
+        self.progress = progress
+        self.log = log
+        self.work = Path(cfg.work_dir)
+        self.stamp_file = self.work / "run_stamps.json"
+        self.stamps = read_json(self.stamp_file, "run stamps") if self.stamp_file.is_file() else {}
+        self.fresh: dict[str, str] = {}  # stamps of this run
+        self.report: dict = {}
+
+    # which stages apply to this config
+    def active(self, stage: str) -> bool:
+        c = self.cfg
+        return {
+            "world": bool(c.world.dir),
+            "pretrain": c.clip.model == f"local-dir:{c.pretrain.out}",
+            "adapt": bool(c.adapter.enabled),
+            "mine": bool(c.miner.enabled),
+            "extract": bool(c.model.distill),
+            "train": True,
+            "test": bool(c.data.val_json),
+        }[stage]
+
+    def stamp(self, stage: str) -> str:
+        reads = {k: _get(self.cfg, k) for k in _READS[stage]}
+        up = {u: self.fresh.get(u, "") for u in _UPSTREAM[stage]}
+        return hashlib.sha1(json.dumps([reads, up], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def output_exists(self, stage: str) -> bool:
+        c = self.cfg
+        if stage == "world":
+            return (Path(c.world.dir) / "split.json").is_file()
+        if stage == "pretrain":
+            return (Path(c.pretrain.out) / "open_clip_config.json").is_file()
+        if stage == "adapt":
+            return Path(c.adapter.out).is_file()
+        if stage == "mine":
+            return Path(c.miner.out).is_file()
+        if stage == "extract":
+            return (Path(c.extract.out) / "index.json").is_file()
+        if stage == "train":
+            return (Path(c.train.out) / "final.pt").is_file()
+        if stage == "test":
+            return (Path(c.train.out) / "metrics.json").is_file()
+        raise KeyError(stage)
+
+    def run(self, until: str = "test") -> dict:
+        if until not in STAGES:
+            raise OvdError(f"unknown stage '{until}' (choose from {', '.join(STAGES)})")
+        for stage in STAGES[: STAGES.index(until) + 1]:
+            if not self.active(stage):
+                self.log(f"[{stage}] off in this config")
+                continue
+            stamp = self.stamp(stage)
+            old = self.stamps.get(stage)
+            if self.output_exists(stage) and old in (stamp, None):
+                note = "made outside `ovd run`, reused as it is" if old is None else "up to date, reused"
+                self.log(f"[{stage}] {note}")
+                self.report[stage] = "reused"
+            else:
+                exists = self.output_exists(stage)
+                self.log(f"[{stage}] running ({'settings changed' if exists else 'no output yet'})")
+                t0 = time.time()
+                runner = getattr(self, f"_run_{stage}")
+                if stage != "train":
+                    self.report[stage] = runner(stale=exists)
+                else:  # the stamp goes down first: an interrupted run then resumes only with equal settings
+                    self.report[stage] = runner(stale=exists, stamp=stamp)
+                self.log(f"[{stage}] done in {time.time() - t0:.0f} s")
+            self.fresh[stage] = stamp
+            self._record(stage, stamp)
+        return self.report
+
+    # --- the stages ----------------------------------------------------------------------------------
+    def _run_world(self, stale: bool):
+        from ovd.data.mini_world import generate_mini_world
+
+        w = self.cfg.world
+        return generate_mini_world(w.dir, preset=w.preset, seed=w.seed, overwrite=stale, progress=self.progress)
+
+    def _run_pretrain(self, stale: bool):
+        from ovd.vlm.pretrain import pretrain_tiny_clip
+
+        return pretrain_tiny_clip(self.cfg, progress=self.progress)
+
+    def _run_adapt(self, stale: bool):
+        from ovd.vlm.adapter import run_adapt
+
+        return run_adapt(self.cfg, progress=self.progress)
+
+    def _run_mine(self, stale: bool):
+        from ovd.mining.miner import run_mine
+
+        return run_mine(self.cfg, progress=self.progress)
+
+    def _run_extract(self, stale: bool):
+        from ovd.mining.feature_cache import run_extract
+
+        return run_extract(self.cfg, overwrite=stale, progress=self.progress)
+
+    def _record(self, stage: str, stamp: str) -> None:
+        self.stamps[stage] = stamp
+        write_json(self.stamp_file, self.stamps)
+
+    def _run_train(self, stale: bool, stamp: str):
+        from ovd.engine.trainer import run_train
+
+        out = Path(self.cfg.train.out)
+        if (out / "last.pt").is_file() and self.stamps.get("train") not in (None, stamp):
+            raise OvdError(
+                f"{out} holds a training run made from other settings or inputs; delete it or set another "
+                f"train.out (a run is never restarted silently)"
+            )
+        self._record("train", stamp)
+        return run_train(self.cfg, progress=self.progress)
+
+    def _run_test(self, stale: bool):
+        from ovd.engine.trainer import run_test
+
+        return run_test(self.cfg, str(Path(self.cfg.train.out) / "final.pt"), progress=self.progress)
+
+
+def run_pipeline(cfg, until: str = "test", progress: bool = True, log=print) -> dict:
+    return Pipeline(cfg, progress, log).run(until)
