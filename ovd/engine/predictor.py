@@ -65,7 +65,7 @@ def as_image_tensor(image) -> torch.Tensor:
         if image.ndim != 3 or image.shape[2] != 3:
             raise OvdError(f"expected an HxWx3 image array, got shape {image.shape}")
         scale = 255.0 if image.dtype == np.uint8 else 1.0
-        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / scale
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / scale
     if isinstance(image, torch.Tensor):
         if image.ndim != 3 or image.shape[0] != 3:
             raise OvdError(f"expected a 3xHxW image tensor, got shape {tuple(image.shape)}")
@@ -152,6 +152,11 @@ def run_detect(
     from ovd.utils.io import atomic_path, write_json
 
     names = parse_classes(classes)
+    if not 0.0 <= score_thr <= 1.0:
+        raise OvdError(f"score threshold must be in [0, 1], got {score_thr}")
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OvdError(f"--out {out_dir} exists and is not a folder")
     paths = [Path(p) for p in images]
     if not paths:
         raise OvdError("no images given")
@@ -165,8 +170,10 @@ def run_detect(
     pixels = [load_image(p) for p in paths]  # unreadable files fail here, before any output is written
     det = Detector.from_checkpoint(ckpt, clip=clip)
     det.set_classes(names)
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OvdError(f"cannot create output folder {out_dir}: {e.strerror or e}") from None
     summary = []
     for p, img in zip(paths, pixels):
         pred = det.predict(img, score_thr=score_thr)

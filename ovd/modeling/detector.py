@@ -61,8 +61,15 @@ def build_backbone(
         from ovd.utils.checkpoint import load_state_dict_file
 
         state = load_state_dict_file(weights)
+        own = body.state_dict()
+        wrong = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        if wrong:
+            raise OvdError(
+                f"backbone weights {weights} do not fit {arch}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, "
+                f"expected {tuple(own[wrong[0]].shape)} (weights of another network?)"
+            )
         missing, _ = body.load_state_dict(state, strict=False)
-        if len(missing) == len(body.state_dict()):
+        if len(missing) == len(own):
             raise OvdError(f"backbone weights {weights} match none of {arch}'s parameters")
     # freeze the stem and the first stages like torchvision's _resnet_fpn_extractor
     trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]

@@ -1,0 +1,316 @@
+"""Prompting a trained detector with class names: the Detector API and ``ovd detect``.
+
+One tiny checkpoint is trained per module (4 images, batch 2, 4 iterations, 96 px) with a tiny
+random open_clip CLIP given by a *relative* local-dir path, so that loading the checkpoint from
+another working directory checks that the CLIP path was recorded absolute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from _fixtures import run_err
+from PIL import Image
+
+from ovd.cli import main
+from ovd.config import load_config
+from ovd.engine.predictor import Detector, as_image_tensor, parse_classes
+from ovd.engine.trainer import load_checkpoint, run_train
+from ovd.errors import OvdError
+from ovd.vlm.clip import ClipModel, save_local_dir
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mini" / "smoke.yaml")
+
+# a vocabulary of mini-world class names, base and novel mixed
+VOCAB = ["red circle", "blue star", "green square", "yellow ring", "purple circle", "cyan cross"]
+
+
+def tiny_clip(folder: Path, embed_dim: int, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    cfg = {
+        "embed_dim": embed_dim,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 32, "patch_size": 8},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    return save_local_dir(
+        open_clip.model.CLIP(**cfg), folder, cfg, 32, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(mini_world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("detect")
+    tiny_clip(root / "clip", 32)
+    train = json.loads((mini_world / "det" / "train.json").read_text())
+    keep = {im["id"] for im in train["images"][:4]}
+    train["images"] = [im for im in train["images"] if im["id"] in keep]
+    train["annotations"] = [a for a in train["annotations"] if a["image_id"] in keep]
+    (root / "train4.json").write_text(json.dumps(train))
+    old = os.getcwd()
+    os.chdir(root)  # the CLIP is named relative to this folder at training time
+    try:
+        cfg = load_config(
+            CONFIG,
+            [
+                f"world.dir={mini_world}",
+                f"work_dir={root / 'work'}",
+                "clip.model=local-dir:clip",
+                f"data.train_json={root / 'train4.json'}",
+                "model.distill=false",
+                "model.min_size=96",
+                "model.max_size=96",
+                "model.box_batch_size_per_image=32",
+                "model.box_score_thresh=0.0",
+                "model.rpn_post_nms_top_n_test=100",
+                "train.batch_size=2",
+                "train.epochs=2",
+                "train.lr_steps=[1]",
+                "train.warmup_iters=2",
+                "train.checkpoint_every=100",
+                "train.device=cpu",
+            ],
+        )
+        res = run_train(cfg, progress=False)
+    finally:
+        os.chdir(old)
+    assert res["iterations"] == 4
+    val = json.loads((mini_world / "det" / "val.json").read_text())
+    image = mini_world / "det" / "images" / val["images"][0]["file_name"]
+    return {"root": root, "ckpt": Path(res["out"]), "clip": root / "clip", "image": image, "world": mini_world}
+
+
+@pytest.fixture(scope="module")
+def detector(trained):
+    return Detector.from_checkpoint(trained["ckpt"])
+
+
+def same(a: dict, b: dict) -> None:
+    assert torch.equal(a["boxes"], b["boxes"])
+    assert torch.equal(a["scores"], b["scores"])
+    assert torch.equal(a["labels"], b["labels"])
+    assert a["names"] == b["names"]
+
+
+def check_prediction(pred: dict, classes: list[str], width: int, height: int, thr: float) -> None:
+    n = len(pred["boxes"])
+    assert pred["boxes"].shape == (n, 4) and pred["scores"].shape == (n,) and pred["labels"].shape == (n,)
+    assert len(pred["names"]) == n
+    b = pred["boxes"]
+    assert (b[:, 0] >= 0).all() and (b[:, 1] >= 0).all()
+    assert (b[:, 2] <= width).all() and (b[:, 3] <= height).all()
+    assert (b[:, 0] <= b[:, 2]).all() and (b[:, 1] <= b[:, 3]).all()
+    s = pred["scores"]
+    assert (s >= thr).all()
+    assert torch.equal(s, s.sort(descending=True).values)
+    assert pred["labels"].dtype == torch.int64
+    assert ((pred["labels"] >= 0) & (pred["labels"] < len(classes))).all()
+    assert pred["names"] == [classes[i] for i in pred["labels"].tolist()]
+
+
+# --- Detector API ----------------------------------------------------------------------------------
+def test_checkpoint_records_absolute_clip_path_and_base_vocabulary(trained, detector):
+    spec = load_checkpoint(trained["ckpt"])["meta"]["clip_spec"]
+    assert spec["model"] == f"local-dir:{trained['clip'].resolve()}"
+    assert Path(spec["model"][len("local-dir:") :]).is_absolute()
+    # a detector loaded without classes is set to the base names it was trained on
+    assert detector.classes == json.loads((trained["world"] / "split.json").read_text())["base"]
+
+
+def test_predict_accepts_path_pil_array_tensor_with_the_same_result(trained, detector):
+    path = trained["image"]
+    with Image.open(path) as im:
+        pil = im.convert("RGB")
+    arr = np.asarray(pil).copy()
+    h, w = arr.shape[:2]
+    ten = torch.from_numpy(arr).permute(2, 0, 1).float() / 255.0
+    ref = detector.predict(path, classes=VOCAB, score_thr=0.0)
+    assert len(ref["boxes"]) > 0  # box_score_thresh=0: a random-ish detector still proposes boxes
+    check_prediction(ref, VOCAB, w, h, 0.0)
+    for image in (str(path), pil, arr, ten):
+        same(detector.predict(image, classes=VOCAB, score_thr=0.0), ref)
+    assert torch.equal(as_image_tensor(arr), ten) and torch.equal(as_image_tensor(pil), ten)
+
+
+def test_score_threshold_filters_and_keeps_order(trained, detector):
+    full = detector.predict(trained["image"], classes=VOCAB, score_thr=0.0)
+    thr = float(full["scores"][len(full["scores"]) // 2])
+    part = detector.predict(trained["image"], classes=VOCAB, score_thr=thr)
+    check_prediction(part, VOCAB, 160, 160, thr)
+    k = int((full["scores"] >= thr).sum())
+    assert 0 < k == len(part["scores"])
+    assert torch.equal(part["scores"], full["scores"][:k])
+    assert torch.equal(part["boxes"], full["boxes"][:k])
+    with pytest.raises(OvdError, match="score threshold"):
+        detector.predict(trained["image"], score_thr=1.5)
+
+
+def test_vocabulary_swap_and_back(trained, detector):
+    a = detector.predict(trained["image"], classes=VOCAB, score_thr=0.0)
+    assert detector.classes == VOCAB
+    omitted = a["names"][0]  # the best-scoring class of vocabulary A
+    b_vocab = [c for c in VOCAB if c != omitted]
+    b = detector.predict(trained["image"], classes=b_vocab, score_thr=0.0)
+    assert len(b["names"]) > 0 and omitted not in b["names"]
+    check_prediction(b, b_vocab, 160, 160, 0.0)
+    assert detector.classes == b_vocab
+    # back to A: the cached text embeddings give exactly the first result
+    again = detector.predict(trained["image"], classes=VOCAB, score_thr=0.0)
+    same(again, a)
+    assert detector.clip.encode_text(VOCAB, detector.templates) is detector.clip.encode_text(VOCAB, detector.templates)
+    # a comma-separated string is the same vocabulary
+    same(detector.predict(trained["image"], classes=", ".join(VOCAB), score_thr=0.0), a)
+
+
+def test_class_absent_from_vocabulary_is_never_predicted(trained, detector):
+    single = detector.predict(trained["image"], classes=["blue star"], score_thr=0.0)
+    assert len(single["names"]) > 0
+    assert set(single["names"]) == {"blue star"} and set(single["labels"].tolist()) == {0}
+    # names outside the mini-world are fine as a vocabulary; nothing else comes out
+    odd = ["zebra", "teapot"]
+    out = detector.predict(trained["image"], classes=odd, score_thr=0.0)
+    assert set(out["names"]) <= set(odd)
+    for cls in VOCAB:
+        assert cls not in out["names"]
+
+
+def test_from_checkpoint_in_another_working_directory(trained, detector, tmp_path, monkeypatch):
+    ref = detector.predict(trained["image"], classes=VOCAB, score_thr=0.0)
+    monkeypatch.chdir(tmp_path)
+    det = Detector.from_checkpoint(trained["ckpt"])
+    same(det.predict(trained["image"], classes=VOCAB, score_thr=0.0), ref)
+
+
+def test_from_checkpoint_with_explicit_clip(trained, detector):
+    ref = detector.predict(trained["image"], classes=VOCAB, score_thr=0.0)
+    clip = ClipModel.load(f"local-dir:{trained['clip']}")
+    det = Detector.from_checkpoint(trained["ckpt"], clip=clip)
+    assert det.clip is clip
+    same(det.predict(trained["image"], classes=VOCAB, score_thr=0.0), ref)
+
+
+def test_clip_of_another_dimension_is_refused(trained, tmp_path):
+    clip = ClipModel.load(f"local-dir:{tiny_clip(tmp_path / 'clip16', 16)}")
+    assert clip.embed_dim == 16
+    with pytest.raises(OvdError, match="dimension 32") as e:
+        Detector.from_checkpoint(trained["ckpt"], clip=clip)
+    assert "16" in str(e.value)
+
+
+def test_parse_classes():
+    assert parse_classes(" a , b,,c ") == ["a", "b", "c"]
+    assert parse_classes(["x ", " y"]) == ["x", "y"]
+    with pytest.raises(OvdError, match="empty class list"):
+        parse_classes(" , ")
+    with pytest.raises(OvdError, match="duplicate class names: a"):
+        parse_classes("a,b, a")
+
+
+# --- ovd detect ------------------------------------------------------------------------------------
+def test_cli_detect_writes_json_and_drawing(trained, detector, tmp_path, capsys):
+    image = trained["image"]
+    out = tmp_path / "out"
+    capsys.readouterr()
+    rc = main(["detect", str(image), "--ckpt", str(trained["ckpt"]), "--classes", ",".join(VOCAB),
+               "--score-thr", "0", "--out", str(out)])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [f"{image.stem}.json", f"{image.stem}.png"]
+    rec = json.loads((out / f"{image.stem}.json").read_text())
+    with Image.open(image) as im:
+        src = np.asarray(im.convert("RGB"))
+    assert rec["image"] == str(image)
+    assert (rec["width"], rec["height"]) == (src.shape[1], src.shape[0])
+    assert rec["classes"] == VOCAB
+    pred = detector.predict(image, classes=VOCAB, score_thr=0.0)
+    dets = rec["detections"]
+    assert len(dets) == len(pred["boxes"]) > 0
+    for d, (x0, y0, x1, y1), s, n in zip(dets, pred["boxes"].tolist(), pred["scores"].tolist(), pred["names"]):
+        assert set(d) == {"bbox", "score", "category_name"}
+        assert d["bbox"] == pytest.approx([x0, y0, x1 - x0, y1 - y0], abs=0.011)
+        assert d["score"] == pytest.approx(s, abs=1e-5)
+        assert d["category_name"] == n
+    with Image.open(out / f"{image.stem}.png") as im:
+        assert im.format == "PNG" and im.size == (src.shape[1], src.shape[0])
+        drawn = np.asarray(im.convert("RGB"))
+    assert (drawn != src).any()
+    assert f"{len(dets)} detections" in capsys.readouterr().out
+
+
+def test_cli_detect_without_detections_draws_the_input_unchanged(trained, tmp_path):
+    image = trained["image"]
+    out = tmp_path / "out"
+    assert main(["detect", str(image), "--ckpt", str(trained["ckpt"]), "--classes", "red circle",
+                 "--score-thr", "1", "--out", str(out)]) == 0  # fmt: skip
+    rec = json.loads((out / f"{image.stem}.json").read_text())
+    with Image.open(image) as im:
+        src = np.asarray(im.convert("RGB"))
+    with Image.open(out / f"{image.stem}.png") as im:
+        drawn = np.asarray(im.convert("RGB"))
+    assert rec["detections"] == []
+    assert np.array_equal(drawn, src)
+
+
+def _no_outputs(out: Path) -> None:
+    assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_image", "image not found"),
+        ("text_png", "cannot read image"),
+        ("empty_classes", "empty class list"),
+        ("duplicate_classes", "duplicate class names: red circle"),
+        ("same_stem", "share the name scene"),
+        ("missing_ckpt", "checkpoint not found"),
+        ("foreign_ckpt", "not an ovd detector checkpoint"),
+        ("garbage_ckpt", "cannot read checkpoint"),
+        ("bad_score_thr", "score threshold"),
+    ],
+)
+def test_cli_detect_errors(trained, tmp_path, capsys, case, message):
+    good = str(trained["image"])
+    images, ckpt, classes, extra = [good], str(trained["ckpt"]), "red circle,blue star", []
+    if case == "missing_image":
+        images = [good, str(tmp_path / "nope.png")]
+    elif case == "text_png":
+        (tmp_path / "x.png").write_text("not an image\n")
+        images = [good, str(tmp_path / "x.png")]
+    elif case == "empty_classes":
+        classes = ", ,"
+    elif case == "duplicate_classes":
+        classes = "red circle,blue star,red circle"
+    elif case == "same_stem":
+        for d in ("a", "b"):
+            (tmp_path / d).mkdir()
+            Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / d / "scene.png")
+        images = [str(tmp_path / "a" / "scene.png"), str(tmp_path / "b" / "scene.png")]
+    elif case == "missing_ckpt":
+        ckpt = str(tmp_path / "none.pt")
+    elif case == "foreign_ckpt":
+        ckpt = str(tmp_path / "foreign.pt")
+        torch.save({"model": {"w": torch.zeros(2)}}, ckpt)
+    elif case == "garbage_ckpt":
+        ckpt = str(tmp_path / "garbage.pt")
+        Path(ckpt).write_bytes(b"\x00garbage" * 10)
+    elif case == "bad_score_thr":
+        extra = ["--score-thr", "1.5"]
+    out = tmp_path / "out"
+    line = run_err(capsys, "detect", *images, "--ckpt", ckpt, "--classes", classes, "--out", str(out), *extra)
+    assert message in line, line
+    _no_outputs(out)
+
+
+def test_cli_detect_out_is_an_existing_file(trained, tmp_path, capsys):
+    """--out naming a file (not a folder) is a user error: exit 2, one line, the file left as it was."""
+    out = tmp_path / "results"
+    out.write_text("keep me\n")
+    line = run_err(capsys, "detect", str(trained["image"]), "--ckpt", str(trained["ckpt"]), "--classes", "red circle",
+                   "--out", str(out))  # fmt: skip
+    assert str(out) in line
+    assert out.read_text() == "keep me\n"

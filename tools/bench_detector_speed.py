@@ -1,0 +1,147 @@
+"""Inference and training-step time of the open-vocabulary detector vs stock torchvision Faster R-CNN.
+
+Both models share backbone architecture, image size, anchors, RPN and RoI settings (from the config's
+``model`` section); the stock one has torchvision's ``FastRCNNPredictor`` (linear classifier over the
+same number of classes, per-class box regression) instead of the zero-shot classifier, semantic
+regression and distillation. Timings alternate between the two models round by round, so both see
+the same machine load; the ratio is the median of ours / the median of stock.
+
+    python tools/bench_detector_speed.py configs/mini/bench.yaml [--images 32] [--rounds 5] [--out F]
+
+Targets (issue 5): inference ≤ 1.1×, training step ≤ 1.3× (distillation boxes included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ovd.config import load_config  # noqa: E402
+from ovd.engine.trainer import DetectionTrainSet, build_model  # noqa: E402
+
+
+def stock_model(m, num_classes: int):
+    from ovd.modeling.detector import build_backbone
+
+    backbone, anchors = build_backbone(m.backbone, m.trainable_layers, None, norm=m.norm, fpn_channels=m.fpn_channels)
+    return FasterRCNN(
+        backbone,
+        num_classes=num_classes + 1,
+        rpn_anchor_generator=AnchorGenerator(anchors, ((0.5, 1.0, 2.0),) * len(anchors)),
+        box_head=TwoMLPHead(backbone.out_channels * 7 * 7, m.representation_size),
+        box_predictor=FastRCNNPredictor(m.representation_size, num_classes + 1),
+        min_size=m.min_size,
+        max_size=m.max_size,
+        box_score_thresh=m.box_score_thresh,
+        box_detections_per_img=m.box_detections_per_img,
+        box_batch_size_per_image=m.box_batch_size_per_image,
+        rpn_post_nms_top_n_train=m.rpn_post_nms_top_n_train,
+        rpn_post_nms_top_n_test=m.rpn_post_nms_top_n_test,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config")
+    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--images", type=int, default=32, help="images per inference round")
+    ap.add_argument("--steps", type=int, default=8, help="training steps per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from ovd.data.coco import load_detection_dataset
+    from ovd.data.splits import resolve_split
+    from ovd.mining.feature_cache import FeatureCache
+
+    cfg = load_config(args.config, args.overrides)
+    train = load_detection_dataset(cfg.data.train_json, cfg.data.image_root or None)
+    split = resolve_split(cfg.data.split, train.categories)
+    n_cls = len(split.base_ids)
+    has_cache = cfg.model.distill and Path(cfg.extract.out, "index.json").is_file()
+    cache = FeatureCache(cfg.extract.out) if has_cache else None
+    data = DetectionTrainSet(train, list(split.base_ids), cache)
+    embed_dim = cache.embed_dim if cache else 128
+
+    torch.manual_seed(0)
+    ours = build_model(cfg.model, embed_dim)
+    ours.set_vocabulary(torch.nn.functional.normalize(torch.randn(n_cls, embed_dim), dim=-1))
+    torch.manual_seed(0)
+    stock = stock_model(cfg.model, n_cls)
+    models = {"ovd": ours, "stock": stock}
+
+    samples = [data.get(i) for i in range(max(args.images, args.steps * cfg.train.batch_size))]
+    bs = cfg.train.batch_size
+    stock_targets = [{k: v for k, v in t.items() if not k.startswith("distill")} for _, t in samples]
+
+    def infer(model) -> float:
+        model.eval()
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            for img, _ in samples[: args.images]:
+                model([img])
+            return (time.perf_counter() - t0) / args.images
+
+    def train_steps(name, model) -> float:
+        model.train()
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+        t0 = time.perf_counter()
+        for s in range(args.steps):
+            chunk = range(s * bs, (s + 1) * bs)
+            imgs = [samples[i][0] for i in chunk]
+            tg = [samples[i][1] if name == "ovd" else stock_targets[i] for i in chunk]
+            loss = sum(model(imgs, tg).values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return (time.perf_counter() - t0) / args.steps
+
+    for name, m in models.items():  # warm-up (allocator, oneDNN kernels)
+        infer(m)
+        train_steps(name, m)
+    t_inf = {k: [] for k in models}
+    t_train = {k: [] for k in models}
+    for _ in range(args.rounds):
+        for name, m in models.items():
+            t_inf[name].append(infer(m))
+            t_train[name].append(train_steps(name, m))
+
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    distill_boxes = sum(len(t.get("distill_boxes", [])) for _, t in samples[: args.steps * bs]) / (args.steps * bs)
+    res = {
+        "config": args.config,
+        "overrides": args.overrides,
+        "threads": torch.get_num_threads(),
+        "image_size": [cfg.model.min_size, cfg.model.max_size],
+        "backbone": cfg.model.backbone,
+        "batch_size": bs,
+        "distill_boxes_per_image": round(distill_boxes, 1),
+        "inference_s_per_image": {k: round(med(v), 5) for k, v in t_inf.items()},
+        "train_s_per_step": {k: round(med(v), 4) for k, v in t_train.items()},
+        "inference_ratio": round(med(t_inf["ovd"]) / med(t_inf["stock"]), 3),
+        "train_step_ratio": round(med(t_train["ovd"]) / med(t_train["stock"]), 3),
+        "rounds": args.rounds,
+    }
+    print(json.dumps(res, indent=2))
+    if args.out:
+        from ovd.utils.io import write_json
+
+        write_json(args.out, res)
+
+
+if __name__ == "__main__":
+    main()
