@@ -46,6 +46,9 @@ class ClipConfig:
     allow_download: bool | None = None
     batch_size: int = 256
     device: str = "cpu"
+    # Stored vocabulary (ovd.vlm.clip.save_text_embeddings): train/test read class text embeddings
+    # from this file instead of running the text tower; "" = encode with the CLIP above.
+    text_embeddings: str = ""
 
 
 @dataclass

@@ -4,9 +4,11 @@
 
 A stage's output is reused only if it was made from the same settings: every stage records a stamp
 (hash of the config keys it reads plus the stamps of the stages it consumes) in
-``work_dir/run_stamps.json``. A changed setting re-runs that stage and everything downstream; an
-output made outside ``ovd run`` (no stamp) is reused as it is, and said so. Training is never
-silently restarted: a ``train.out`` holding a run from other inputs is an error.
+``work_dir/run_stamps.json``, keyed by stage and output path, so configs that share a work_dir but
+write some stages elsewhere (the ablation variants) share the common stages. A changed setting
+re-runs that stage and everything downstream; an output made outside ``ovd run`` (no stamp) is
+reused as it is, and said so. Training is never silently restarted: a ``train.out`` holding a run
+from other inputs is an error.
 """
 
 from __future__ import annotations
@@ -83,6 +85,21 @@ class Pipeline:
         up = {u: self.fresh.get(u, "") for u in _UPSTREAM[stage]}
         return hashlib.sha1(json.dumps([reads, up], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+    def output(self, stage: str) -> Path:
+        c = self.cfg
+        return {
+            "world": Path(c.world.dir),
+            "pretrain": Path(c.pretrain.out),
+            "adapt": Path(c.adapter.out),
+            "mine": Path(c.miner.out),
+            "extract": Path(c.extract.out),
+            "train": Path(c.train.out),
+            "test": Path(c.train.out) / "metrics.json",
+        }[stage]
+
+    def key(self, stage: str) -> str:
+        return f"{stage} {self.output(stage)}"
+
     def output_exists(self, stage: str) -> bool:
         c = self.cfg
         if stage == "world":
@@ -109,7 +126,7 @@ class Pipeline:
                 self.log(f"[{stage}] off in this config")
                 continue
             stamp = self.stamp(stage)
-            old = self.stamps.get(stage)
+            old = self.stamps.get(self.key(stage))
             if self.output_exists(stage) and old in (stamp, None):
                 note = "made outside `ovd run`, reused as it is" if old is None else "up to date, reused"
                 self.log(f"[{stage}] {note}")
@@ -156,14 +173,14 @@ class Pipeline:
         return run_extract(self.cfg, overwrite=stale, progress=self.progress)
 
     def _record(self, stage: str, stamp: str) -> None:
-        self.stamps[stage] = stamp
+        self.stamps[self.key(stage)] = stamp
         write_json(self.stamp_file, self.stamps)
 
     def _run_train(self, stale: bool, stamp: str):
         from ovd.engine.trainer import run_train
 
         out = Path(self.cfg.train.out)
-        if (out / "last.pt").is_file() and self.stamps.get("train") not in (None, stamp):
+        if (out / "last.pt").is_file() and self.stamps.get(self.key("train")) not in (None, stamp):
             raise OvdError(
                 f"{out} holds a training run made from other settings or inputs; delete it or set another "
                 f"train.out (a run is never restarted silently)"

@@ -112,6 +112,50 @@ def _lr_lambda(warmup: int, steps_iters: list[int]):
     return f
 
 
+class TextSource:
+    """Class names → unit text embeddings: the CLIP text tower, or a stored vocabulary file
+    (``clip.text_embeddings``, made by :func:`ovd.vlm.clip.save_text_embeddings`; like Detic's
+    zero-shot weight files, it spares loading CLIP just to embed a fixed vocabulary)."""
+
+    def __init__(self, c):
+        self.templates = list(c.templates)
+        self.file = c.text_embeddings
+        self._clip = None
+        self.c = c
+        if self.file:
+            from ovd.vlm.clip import load_text_embeddings
+
+            self.stored, self.names = load_text_embeddings(self.file)
+            self.embed_dim = int(self.stored.shape[1])
+            self.source = f"text-embeddings:{Path(self.file).resolve()}"
+        else:
+            self.embed_dim = self.clip.embed_dim
+            self.source = self.clip.source
+
+    @property
+    def clip(self):
+        if self._clip is None:
+            from ovd.vlm.clip import clip_from_config
+
+            self._clip = clip_from_config(self.c)
+        return self._clip
+
+    def encode(self, names: list[str]) -> torch.Tensor:
+        if not self.file:
+            return self.clip.encode_text(names, self.templates)
+        missing = [n for n in names if n not in self.names]
+        if missing:
+            raise OvdError(f"text embeddings {self.file} have no entry for: {', '.join(missing[:5])}")
+        return self.stored[[self.names.index(n) for n in names]]
+
+    def check_dim(self, dim: int, what: str) -> None:
+        if dim != self.embed_dim:
+            raise OvdError(
+                f"{what} has {dim}-d embeddings but the text embeddings ({self.source}) are {self.embed_dim}-d: "
+                f"they were made with a different CLIP"
+            )
+
+
 def clip_spec(c) -> dict:
     """The CLIP a detector's text embeddings come from, with local paths made absolute, so that
     ``Detector.from_checkpoint`` can prompt it from any working directory."""
@@ -229,7 +273,6 @@ def run_train(cfg, progress: bool = True, stop_after: int | None = None) -> dict
     from ovd.data.coco import load_detection_dataset
     from ovd.data.splits import resolve_split
     from ovd.mining.feature_cache import FeatureCache
-    from ovd.vlm.clip import clip_from_config
 
     t = cfg.train
     rank, world, device = _dist_setup(_resolve_device(t.device))
@@ -241,8 +284,8 @@ def run_train(cfg, progress: bool = True, stop_after: int | None = None) -> dict
     if not cfg.data.split:
         raise OvdError("train needs data.split: the detector is trained on its base classes")
     split = resolve_split(cfg.data.split, train.categories, source=str(train.path))
-    clip = clip_from_config(cfg.clip)
-    text = clip.encode_text(list(split.base_names), list(cfg.clip.templates))
+    clip = TextSource(cfg.clip)
+    text = clip.encode(list(split.base_names))
     cache = FeatureCache(cfg.extract.out, embed_dim=clip.embed_dim) if cfg.model.distill else None
     data = DetectionTrainSet(train, list(split.base_ids), cache)
     model = build_model(cfg.model, clip.embed_dim).to(device)
@@ -408,7 +451,7 @@ class _PeriodicEval:
         self.val = load_detection_dataset(cfg.data.val_json, _val_root(cfg), drop_degenerate=False)
         self.split = resolve_split(cfg.data.split, self.val.categories, source=str(self.val.path))
         names = list(self.split.base_names) + list(self.split.novel_names)
-        self.text = clip.encode_text(names, list(cfg.clip.templates)).to(device)
+        self.text = clip.encode(names).to(device)
         self.ids = list(self.split.base_ids) + list(self.split.novel_ids)
 
     def __call__(self, model, train_text) -> dict:
@@ -453,16 +496,15 @@ def run_test(cfg, ckpt: str, out: str | None = None, progress: bool = True) -> d
     from ovd.data.splits import resolve_split
     from ovd.engine.predictor import model_from_checkpoint
     from ovd.evaluation import evaluate_detections
-    from ovd.vlm.clip import clip_from_config
 
     state = load_checkpoint(ckpt)
     val = load_detection_dataset(cfg.data.val_json, _val_root(cfg), drop_degenerate=False)
     split = resolve_split(cfg.data.split, val.categories, source=str(val.path))
-    clip = clip_from_config(cfg.clip)
+    clip = TextSource(cfg.clip)
     names = list(split.base_names) + list(split.novel_names)
     model = model_from_checkpoint(state, ckpt)
     clip.check_dim(int(state["meta"]["embed_dim"]), f"detector {ckpt}")
-    model.set_vocabulary(clip.encode_text(names, list(cfg.clip.templates)))
+    model.set_vocabulary(clip.encode(names))
     dets = predict_dataset(model, val, list(split.base_ids) + list(split.novel_ids), progress)
     out_dir = Path(out) if out else Path(ckpt).parent
     write_json(out_dir / "detections.json", dets, indent=None)

@@ -339,20 +339,29 @@ TEXT_FORMAT = "ovd-text-embeddings/1"
 def save_text_embeddings(path: str | os.PathLike, clip: ClipModel, names: Sequence[str], templates=DEFAULT_TEMPLATES):
     """Store a vocabulary's text embeddings (safetensors + names, templates, CLIP, dim) atomically,
     so a detector can be prompted with it later without the text tower."""
+    return write_text_embeddings(path, clip.encode_text(names, templates), names, clip.source, templates)
+
+
+def write_text_embeddings(
+    path: str | os.PathLike, emb: torch.Tensor, names: Sequence[str], source: str, templates=DEFAULT_TEMPLATES
+) -> Path:
+    """Write (C, D) embeddings of ``names`` in the stored-vocabulary format (atomically)."""
     from safetensors.torch import save_file
 
     from ovd.utils.io import atomic_path
 
-    emb = clip.encode_text(names, templates)
+    names = list(names)
+    if emb.ndim != 2 or emb.shape[0] != len(names) or len(set(names)) != len(names):
+        raise OvdError(f"text embeddings: need one row per distinct class name ({emb.shape} for {len(names)} names)")
     meta = {
         "format": TEXT_FORMAT,
-        "names": json.dumps(list(names)),
+        "names": json.dumps(names),
         "templates": json.dumps(list(templates)),
-        "clip_source": clip.source,
-        "embed_dim": str(clip.embed_dim),
+        "clip_source": source,
+        "embed_dim": str(emb.shape[1]),
     }
     with atomic_path(path) as tmp:
-        save_file({"embeddings": emb.contiguous()}, str(tmp), metadata=meta)
+        save_file({"embeddings": emb.float().contiguous()}, str(tmp), metadata=meta)
     return Path(path)
 
 
