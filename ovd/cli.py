@@ -96,7 +96,9 @@ def _cmd_extract(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from ovd.engine.trainer import run_train
 
-    _print_report(run_train(_load(args)))
+    report = run_train(_load(args))
+    if report.pop("rank", 0) == 0:  # under torchrun, one report
+        _print_report(report)
     return 0
 
 
@@ -220,9 +222,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a command line; options may sit between CONFIG and the key=value overrides
+    (`ovd run C --until mine seed=3`): argparse closes the overrides list at the first option, so
+    the k=v tokens after it are collected here."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
         return args.func(args)
     except OvdError as e:

@@ -33,8 +33,8 @@ _READS = {
                 "miner.ratios", "miner.min_size", "data.train_json", "data.image_root", "data.split", "seed"],
     "train": ["model", "train.optimizer", "train.lr", "train.momentum", "train.weight_decay", "train.batch_size",
               "train.schedule", "train.epochs", "train.lr_steps", "train.warmup_iters", "train.grad_clip",
-              "train.hflip", "train.amp", "clip", "data.train_json", "data.split", "seed"],
-    "test": ["data.val_json", "data.val_image_root", "data.split", "clip.templates"],
+              "train.hflip", "train.amp", "clip", "data.train_json", "data.image_root", "data.split", "seed"],
+    "test": ["data.val_json", "data.image_root", "data.val_image_root", "data.lvis", "data.split", "clip"],
 }  # fmt: skip
 _UPSTREAM = {
     "world": [],

@@ -341,7 +341,9 @@ def run_train(cfg, progress: bool = True, stop_after: int | None = None) -> dict
         while it < total:
             epoch, k = divmod(it, iters_per_epoch)
             order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-            idx = order[k * t.batch_size : (k + 1) * t.batch_size].tolist()[rank::world]
+            # the last batch of an epoch is filled up from the epoch's start: every batch is full,
+            # so every process always has its share (DDP) and the gradient scale never jumps
+            idx = [int(order[j % len(data)]) for j in range(k * t.batch_size, (k + 1) * t.batch_size)][rank::world]
             images, targets = [], []
             for i in idx:
                 g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 100_003 + i)
@@ -392,8 +394,8 @@ def run_train(cfg, progress: bool = True, stop_after: int | None = None) -> dict
     final = out / "final.pt"
     if rank == 0:
         save_checkpoint(final, model, None, None, it, meta)
-    return {"out": str(final), "iterations": it, "seconds": round(time.time() - t0, 1), "world_size": world,
-            "device": str(device), "amp": use_amp}  # fmt: skip
+    return {"out": str(final), "rank": rank, "iterations": it, "seconds": round(time.time() - t0, 1),
+            "world_size": world, "device": str(device), "amp": use_amp}  # fmt: skip
 
 
 def _save_all_ranks(path, model, opt, sched, scaler, it, meta, rank, world) -> None:
@@ -448,7 +450,7 @@ class _PeriodicEval:
         from ovd.data.coco import load_detection_dataset
         from ovd.data.splits import resolve_split
 
-        self.val = load_detection_dataset(cfg.data.val_json, _val_root(cfg), drop_degenerate=False)
+        self.val = load_detection_dataset(cfg.data.val_json, _val_root(cfg), lvis=cfg.data.lvis, drop_degenerate=False)
         self.split = resolve_split(cfg.data.split, self.val.categories, source=str(self.val.path))
         names = list(self.split.base_names) + list(self.split.novel_names)
         self.text = clip.encode(names).to(device)
@@ -498,7 +500,7 @@ def run_test(cfg, ckpt: str, out: str | None = None, progress: bool = True) -> d
     from ovd.evaluation import evaluate_detections
 
     state = load_checkpoint(ckpt)
-    val = load_detection_dataset(cfg.data.val_json, _val_root(cfg), drop_degenerate=False)
+    val = load_detection_dataset(cfg.data.val_json, _val_root(cfg), lvis=cfg.data.lvis, drop_degenerate=False)
     split = resolve_split(cfg.data.split, val.categories, source=str(val.path))
     clip = TextSource(cfg.clip)
     names = list(split.base_names) + list(split.novel_names)
