@@ -123,7 +123,9 @@ class ExtractConfig:
 class ModelConfig:
     # Open-vocabulary Faster R-CNN (ovd/modeling). Each card component can be switched off for ablations.
     backbone: str = "resnet50_fpn"  # resnet50_fpn | resnet18_fpn_small
-    backbone_weights: str = ""  # local ImageNet weights file (.safetensors / .pth); "" = random init
+    # "imagenet": torchvision's ImageNet weights (hub cache / download); or a local file
+    # (.safetensors / .pth state dict); "" = random init
+    backbone_weights: str = ""
     trainable_layers: int = 3
     # frozen_bn: torchvision's frozen ImageNet statistics | bn: trained BatchNorm (backbones from scratch)
     norm: str = "frozen_bn"

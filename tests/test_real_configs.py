@@ -38,7 +38,7 @@ def test_coco_config_values():
     assert cfg.model.backbone == "resnet50_fpn" and cfg.model.trainable_layers == 3
     assert cfg.model.norm == "frozen_bn" and cfg.model.fpn_channels == 256
     assert (cfg.model.min_size, cfg.model.max_size) == (800, 1333)
-    assert cfg.model.backbone_weights == "weights/resnet50-imagenet.pth"
+    assert cfg.model.backbone_weights == "imagenet"
     assert cfg.clip.model == "ViT-B-32" and cfg.clip.pretrained == "openai"
     assert len(cfg.clip.templates) == 6
     assert cfg.train.schedule == "1x" and cfg.train.batch_size == 16
@@ -238,3 +238,38 @@ def test_lvis_image_path_from_coco_url(tmp_path):
     assert ds.record(1)["path"] == root / "train2017" / "000000000009.jpg"
     # without an image root, paths are relative to the annotation file's folder
     assert load_detection_dataset(path).record(0)["path"] == path.parent / "val2017" / "000000000001.jpg"
+
+
+def test_imagenet_backbone_weights_come_from_torchvision(monkeypatch):
+    # "imagenet" asks torchvision's weight enum (hub cache / download) for the state dict
+    import torchvision
+
+    from ovd.modeling.detector import build_backbone
+
+    ref = torchvision.models.resnet18(weights=None).state_dict()
+    ref = {k: v + 1.0 if v.is_floating_point() else v for k, v in ref.items()}
+    seen = {}
+
+    def fake_get_state_dict(self, *a, **k):
+        seen["url"] = self.url
+        return ref
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", fake_get_state_dict)
+    bb, _ = build_backbone("resnet18_fpn_small", weights="imagenet")
+    assert "resnet18" in seen["url"]
+    assert torch.equal(bb.body.layer4[0].conv1.weight, ref["layer4.0.conv1.weight"])
+
+
+def test_imagenet_backbone_weights_offline_is_one_clear_error(monkeypatch):
+    import urllib.error
+
+    import torchvision
+
+    from ovd.modeling.detector import build_backbone
+
+    def offline(self, *a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(OvdError, match="backbone_weights=FILE"):
+        build_backbone("resnet50_fpn", weights="imagenet")

@@ -58,9 +58,7 @@ def build_backbone(
     arch, layers, anchors = BACKBONES[name]
     body = getattr(resnet, arch)(weights=None, norm_layer=NORMS[norm])
     if weights:
-        from ovd.utils.checkpoint import load_state_dict_file
-
-        state = load_state_dict_file(weights)
+        state = _imagenet_state(arch) if weights == "imagenet" else _file_state(weights)
         own = body.state_dict()
         wrong = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
         if wrong:
@@ -87,6 +85,27 @@ def build_backbone(
         extra_blocks=LastLevelMaxPool(),
     )
     return backbone, anchors
+
+
+def _file_state(path: str) -> dict:
+    from ovd.utils.checkpoint import load_state_dict_file
+
+    return load_state_dict_file(path)
+
+
+def _imagenet_state(arch: str) -> dict:
+    """torchvision's ImageNet weights (IMAGENET1K_V1) from the torch hub cache, downloaded if needed."""
+    from torchvision.models import get_model_weights
+
+    w = get_model_weights(arch).IMAGENET1K_V1
+    try:
+        return w.get_state_dict(progress=True, check_hash=True)
+    except Exception as e:  # offline: URLError / OSError; a bad cache file: RuntimeError
+        raise OvdError(
+            f"cannot get torchvision's ImageNet {arch} weights ({e.__class__.__name__}: {str(e)[:120]}); "
+            f"offline, save them elsewhere (torchvision.models.{arch}(weights='IMAGENET1K_V1').state_dict()) "
+            f"and set model.backbone_weights=FILE"
+        ) from None
 
 
 class OVFasterRCNN(FasterRCNN):
