@@ -9,6 +9,11 @@ the same machine load; the ratio is the median of ours / the median of stock.
     python tools/bench_detector_speed.py configs/mini/bench.yaml [--images 32] [--rounds 5] [--out F]
 
 Targets (issue 5): inference ≤ 1.1×, training step ≤ 1.3× (distillation boxes included).
+
+Both models are untrained (random heads), so the score threshold would let different numbers of
+boxes into NMS (the cosine classifier's scaled logits are peakier than a random linear layer's):
+the benchmark sets ``model.box_score_thresh=0`` unless overridden, so both post-process every
+candidate box — the same work, whatever the weights.
 """
 
 from __future__ import annotations
@@ -37,7 +42,6 @@ def stock_model(m, num_classes: int):
     backbone, anchors = build_backbone(m.backbone, m.trainable_layers, None, norm=m.norm, fpn_channels=m.fpn_channels)
     return FasterRCNN(
         backbone,
-        num_classes=num_classes + 1,
         rpn_anchor_generator=AnchorGenerator(anchors, ((0.5, 1.0, 2.0),) * len(anchors)),
         box_head=TwoMLPHead(backbone.out_channels * 7 * 7, m.representation_size),
         box_predictor=FastRCNNPredictor(m.representation_size, num_classes + 1),
@@ -68,7 +72,10 @@ def main() -> None:
     from ovd.data.splits import resolve_split
     from ovd.mining.feature_cache import FeatureCache
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if not any(o.startswith("model.box_score_thresh=") for o in overrides):
+        overrides.append("model.box_score_thresh=0")
+    cfg = load_config(args.config, overrides)
     train = load_detection_dataset(cfg.data.train_json, cfg.data.image_root or None)
     split = resolve_split(cfg.data.split, train.categories)
     n_cls = len(split.base_ids)
@@ -124,7 +131,7 @@ def main() -> None:
     distill_boxes = sum(len(t.get("distill_boxes", [])) for _, t in samples[: args.steps * bs]) / (args.steps * bs)
     res = {
         "config": args.config,
-        "overrides": args.overrides,
+        "overrides": overrides,
         "threads": torch.get_num_threads(),
         "image_size": [cfg.model.min_size, cfg.model.max_size],
         "backbone": cfg.model.backbone,
