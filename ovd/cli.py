@@ -52,6 +52,14 @@ def _cmd_data_mini(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_mini_split(args: argparse.Namespace) -> int:
+    from ovd.data.mini_world import derive_shape_split
+
+    shapes = [x.strip() for x in args.novel_shapes.split(",") if x.strip()]
+    _print_report(derive_shape_split(args.world, shapes, args.name))
+    return 0
+
+
 def _cmd_pretrain_mini(args: argparse.Namespace) -> int:
     from ovd.vlm.pretrain import pretrain_tiny_clip
 
@@ -164,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--overwrite", action="store_true", help="replace an existing, different world in --out")
     m.set_defaults(func=_cmd_data_mini)
+    ms = d.add_parser("mini-split", help="a second split of a mini-world: every class of some shapes is novel")
+    ms.add_argument("--world", required=True, help="an existing mini-world folder")
+    ms.add_argument("--novel-shapes", required=True, help="comma-separated shapes, e.g. cross")
+    ms.add_argument("--name", default=None, help="split name (default heldout_<shapes>)")
+    ms.set_defaults(func=_cmd_data_mini_split)
 
     v = sub.add_parser("vlm", help="CLIP: pre-train the tiny mini-world CLIP, crop accuracy").add_subparsers(
         dest="vlm_command", metavar="WHAT", required=True

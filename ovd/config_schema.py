@@ -15,6 +15,9 @@ class WorldConfig:
     dir: str = ""
     preset: str = "smoke"
     seed: int = 0
+    # shapes whose classes are all novel in a second split (split_heldout_<shapes>.json and
+    # det/train_heldout_<shapes>.json, ``ovd data mini-split``); [] = only the standard split
+    heldout_shapes: list[str] = field(default_factory=list)
 
 
 @dataclass

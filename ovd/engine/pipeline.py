@@ -103,7 +103,10 @@ class Pipeline:
     def output_exists(self, stage: str) -> bool:
         c = self.cfg
         if stage == "world":
-            return (Path(c.world.dir) / "split.json").is_file()
+            shapes = "_".join(c.world.heldout_shapes)
+            return (Path(c.world.dir) / "split.json").is_file() and (
+                not shapes or (Path(c.world.dir) / f"split_heldout_{shapes}.json").is_file()
+            )
         if stage == "pretrain":
             return (Path(c.pretrain.out) / "open_clip_config.json").is_file()
         if stage == "adapt":
@@ -147,10 +150,13 @@ class Pipeline:
 
     # --- the stages ----------------------------------------------------------------------------------
     def _run_world(self, stale: bool):
-        from ovd.data.mini_world import generate_mini_world
+        from ovd.data.mini_world import derive_shape_split, generate_mini_world
 
         w = self.cfg.world
-        return generate_mini_world(w.dir, preset=w.preset, seed=w.seed, overwrite=stale, progress=self.progress)
+        report = generate_mini_world(w.dir, preset=w.preset, seed=w.seed, overwrite=stale, progress=self.progress)
+        if w.heldout_shapes:
+            report["heldout_split"] = derive_shape_split(w.dir, list(w.heldout_shapes))
+        return report
 
     def _run_pretrain(self, stale: bool):
         from ovd.vlm.pretrain import pretrain_tiny_clip
