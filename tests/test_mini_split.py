@@ -1,0 +1,69 @@
+"""The held-out-shape split of a mini-world (``ovd data mini-split``, ``world.heldout_shapes``)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from _fixtures import run_err
+
+from ovd.cli import main
+from ovd.data.coco import load_detection_dataset
+from ovd.data.mini_world import SHAPES, derive_shape_split, mini_vocabulary
+from ovd.data.splits import resolve_split
+from ovd.errors import OvdError
+
+
+@pytest.fixture
+def world(mini_world, tmp_path) -> Path:
+    """Only what the split reads, copied: the session world stays untouched."""
+    (tmp_path / "det").mkdir()
+    shutil.copy(mini_world / "det" / "train_oracle.json", tmp_path / "det" / "train_oracle.json")
+    return tmp_path
+
+
+def test_every_class_of_the_shape_is_novel_and_unlabelled_in_train(world):
+    rep = derive_shape_split(world, ["cross"])
+    split = json.loads(Path(rep["split"]).read_text())
+    vocab = {c["name"]: c for c in mini_vocabulary()}
+    assert sorted(split["novel"]) == sorted(n for n, c in vocab.items() if c["shape"] == "cross")
+    assert len(split["novel"]) == 6 and len(split["base"]) == 30
+    assert not set(split["base"]) & set(split["novel"])
+
+    oracle = json.loads((world / "det" / "train_oracle.json").read_text())
+    train = json.loads(Path(rep["train_json"]).read_text())
+    novel_ids = {vocab[n]["id"] for n in split["novel"]}
+    assert train["images"] == oracle["images"]  # same images: novel objects stay in the pixels
+    assert not any(a["category_id"] in novel_ids for a in train["annotations"])
+    assert train["annotations"] == [a for a in oracle["annotations"] if a["category_id"] not in novel_ids]
+    assert rep["novel_objects_unlabelled"] == sum(a["category_id"] in novel_ids for a in oracle["annotations"]) > 0
+    # every base class keeps its annotations
+    assert {a["category_id"] for a in train["annotations"]} == {vocab[n]["id"] for n in split["base"]}
+
+    # the files load like any split / COCO file
+    ds = load_detection_dataset(rep["train_json"], world / "det" / "images")
+    sp = resolve_split(rep["split"], ds.categories)
+    assert set(sp.novel_ids) == novel_ids
+
+
+def test_idempotent_and_named(world):
+    a = derive_shape_split(world, ["star", "ring"], name="two")
+    first = Path(a["train_json"]).read_bytes()
+    b = derive_shape_split(world, ["star", "ring"], name="two")
+    assert Path(b["train_json"]).read_bytes() == first and a == b
+    assert Path(a["split"]).name == "split_two.json" and b["novel"] == 12
+
+
+@pytest.mark.parametrize("shapes", [["hexagon"], [], list(SHAPES)])
+def test_bad_shapes(world, shapes):
+    with pytest.raises(OvdError):
+        derive_shape_split(world, shapes)
+
+
+def test_cli(world, capsys):
+    assert main(["data", "mini-split", "--world", str(world), "--novel-shapes", "cross"]) == 0
+    assert (world / "split_heldout_cross.json").is_file()
+    err = run_err(capsys, "data", "mini-split", "--world", str(world), "--novel-shapes", "hexagon")
+    assert "hexagon" in err
