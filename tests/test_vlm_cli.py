@@ -17,6 +17,7 @@ import torch
 from _fixtures import run_err
 
 from ovd.cli import main
+from ovd.config import load_config
 from ovd.data.coco import load_detection_dataset
 from ovd.errors import OvdError
 from ovd.vlm.adapter import apply_adapter, collect_gt_crops, layernorm_parameters
@@ -64,7 +65,8 @@ def test_pretrain_mini_writes_a_loadable_open_clip_folder(work, mini_world):
     # zero-shot accuracy is over the class images; the non-class ones (category_id 0) are not classifiable
     assert report["web_val_images"] == sum(r["category_id"] > 0 for r in web_val["images"]) < len(web_val["images"])
     assert report["web_train_images"] == len(web_train["images"])
-    assert report["steps"] == len(web_train["images"]) // 128  # one epoch at the default batch size
+    batch = load_config(CONFIG, []).pretrain.batch_size
+    assert report["steps"] == len(web_train["images"]) // batch  # one epoch at the config's batch size
 
     clip = ClipModel.load(str(folder))
     assert clip.embed_dim == 32 and clip.image_size == 32
