@@ -247,3 +247,24 @@ def test_image_root_change_is_a_change_for_train_and_test(first, mini_world, tmp
     with pytest.raises(OvdError, match="train.out"):
         _, logs = run([*ov, f"data.image_root={images}"])
         print(logs)  # today: every stage "up to date, reused"
+
+
+def test_a_changed_world_stamp_never_rebuilds_the_world_or_reruns_on_unread_keys(first, mini_world):
+    # a stale world stamp (e.g. from an older ovd) must not regenerate the world — other runs may be
+    # reading it — and settings no stage reads must not invalidate anything
+    stamps_file = first.work / "run_stamps.json"
+    saved = stamps_file.read_text()
+    stamps = json.loads(saved)
+    key = next(k for k in stamps if k.startswith("world "))
+    stamps[key] = "0000000000000000"
+    stamps_file.write_text(json.dumps(stamps))
+    before = mtimes(mini_world)
+    try:
+        _, logs = run([*first.ov, "train.eval_every=7", "train.checkpoint_every=3"])
+        st = status(logs)
+        assert st["world"] == "running (settings changed)"
+        assert mtimes(mini_world) == before  # generate_mini_world recognised its own world
+        # the world's stamp is made of the keys that define it, so downstream stamps are unchanged
+        assert all(st[s] == "up to date, reused" for s in STAGES[1:]), logs
+    finally:
+        stamps_file.write_text(saved)

@@ -25,7 +25,7 @@ STAGES = ("world", "pretrain", "adapt", "mine", "extract", "train", "test")
 
 # config keys each stage reads (sections or section.key), besides its upstream stages' stamps
 _READS = {
-    "world": ["world"],
+    "world": ["world.dir", "world.preset", "world.seed"],
     "pretrain": ["pretrain", "data.web_train_json", "data.web_val_json", "data.web_image_root", "seed"],
     "adapt": ["adapter", "clip", "data.train_json", "data.image_root", "data.split", "seed"],
     "mine": ["miner", "clip", "adapter.enabled", "data.train_json", "data.image_root", "data.split"],
@@ -56,6 +56,25 @@ def _get(cfg, dotted: str):
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
+_UNSET = object()
+
+
+def _defaults() -> dict:
+    from omegaconf import OmegaConf
+
+    from ovd.config_schema import Config
+
+    return OmegaConf.to_container(OmegaConf.structured(Config), resolve=True)
+
+
+def _changed(value, default):
+    """The parts of ``value`` that differ from the schema default (dicts recursively). Stamps hash
+    only these, so a key added to the schema later (with its default) leaves existing stamps valid."""
+    if isinstance(value, dict) and isinstance(default, dict):
+        return {k: _changed(v, default.get(k, _UNSET)) for k, v in value.items() if v != default.get(k, _UNSET)}
+    return value
+
+
 class Pipeline:
     def __init__(self, cfg, progress: bool = True, log=print):
         self.cfg = cfg
@@ -81,7 +100,12 @@ class Pipeline:
         }[stage]
 
     def stamp(self, stage: str) -> str:
-        reads = {k: _get(self.cfg, k) for k in _READS[stage]}
+        defaults = _defaults()
+        reads = {}
+        for k in _READS[stage]:
+            value, default = _get(self.cfg, k), _get(defaults, k)
+            if value != default:
+                reads[k] = _changed(value, default)
         up = {u: self.fresh.get(u, "") for u in _UPSTREAM[stage]}
         return hashlib.sha1(json.dumps([reads, up], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -152,8 +176,10 @@ class Pipeline:
     def _run_world(self, stale: bool):
         from ovd.data.mini_world import derive_shape_split, generate_mini_world
 
+        # never overwrite: the world is a pure function of (preset, seed, generator version), which
+        # generate_mini_world checks; a different world in that folder is its error, not a rebuild
         w = self.cfg.world
-        report = generate_mini_world(w.dir, preset=w.preset, seed=w.seed, overwrite=stale, progress=self.progress)
+        report = generate_mini_world(w.dir, preset=w.preset, seed=w.seed, progress=self.progress)
         if w.heldout_shapes:
             report["heldout_split"] = derive_shape_split(w.dir, list(w.heldout_shapes))
         return report
@@ -179,6 +205,9 @@ class Pipeline:
         return run_extract(self.cfg, overwrite=stale, progress=self.progress)
 
     def _record(self, stage: str, stamp: str) -> None:
+        # re-read first: other `ovd run`s (ablation variants) may share this work_dir's stamp file
+        if self.stamp_file.is_file():
+            self.stamps = {**read_json(self.stamp_file, "run stamps"), **{self.key(stage): stamp}}
         self.stamps[self.key(stage)] = stamp
         write_json(self.stamp_file, self.stamps)
 
