@@ -190,3 +190,31 @@ def run_err(capsys, *argv: str) -> str:
     lines = [ln for ln in err.splitlines() if ln.startswith("ovd: error: ")]
     assert len(lines) == 1 and "Traceback" not in err, err[-500:]
     return lines[0]
+
+
+def tiny_clip_dir(folder, embed_dim: int = 32, seed: int = 0):
+    """A randomly initialised 1-layer open_clip CLIP saved as a local-dir model (a real checkpoint)."""
+    import open_clip
+    import torch
+
+    from ovd.vlm.clip import save_local_dir
+
+    torch.manual_seed(seed)
+    cfg = {
+        "embed_dim": embed_dim,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 32, "patch_size": 8},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    return save_local_dir(
+        open_clip.model.CLIP(**cfg), folder, cfg, 32, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    )
+
+
+def subset_json(src, dst, n: int):
+    """The first ``n`` images of a COCO file (and their annotations) written to ``dst``."""
+    data = json.loads(Path(src).read_text())
+    keep = {im["id"] for im in data["images"][:n]}
+    data["images"] = [im for im in data["images"] if im["id"] in keep]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+    Path(dst).write_text(json.dumps(data))
+    return Path(dst)

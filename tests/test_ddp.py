@@ -10,45 +10,28 @@ import subprocess
 import sys
 from pathlib import Path
 
-import open_clip
 import pytest
 import torch
+from _fixtures import subset_json, tiny_clip_dir
 
 from ovd.config import load_config
 from ovd.data.coco import load_detection_dataset
 from ovd.engine.trainer import build_model, load_checkpoint, run_train
 from ovd.errors import OvdError
 from ovd.mining.feature_cache import FeatureCache, random_proposals, run_extract
-from ovd.vlm.clip import clip_from_config, save_local_dir
+from ovd.vlm.clip import clip_from_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "mini" / "smoke.yaml")
-
-
-def _subset(src: Path, dst: Path, n: int) -> Path:
-    data = json.loads(src.read_text())
-    keep = {im["id"] for im in data["images"][:n]}
-    data["images"] = [im for im in data["images"] if im["id"] in keep]
-    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
-    dst.write_text(json.dumps(data))
-    return dst
 
 
 @pytest.fixture(scope="module")
 def setup(mini_world, tmp_path_factory):
     """A tiny random open_clip CLIP (local-dir), a 4-image train subset and a 3-image val subset."""
     root = tmp_path_factory.mktemp("ddp")
-    torch.manual_seed(0)
-    cfg = {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 32, "patch_size": 8},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
-    clip_dir = save_local_dir(
-        open_clip.model.CLIP(**cfg), root / "clip", cfg, 32, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
-    )
-    _subset(mini_world / "det" / "train.json", root / "train4.json", 4)
-    _subset(mini_world / "det" / "val.json", root / "val3.json", 3)
+    clip_dir = tiny_clip_dir(root / "clip")
+    subset_json(mini_world / "det" / "train.json", root / "train4.json", 4)
+    subset_json(mini_world / "det" / "val.json", root / "val3.json", 3)
     return root, clip_dir
 
 
@@ -189,7 +172,7 @@ def test_ddp_last_batch_smaller_than_world_size(setup, mini_world, tmp_path):
     batch of an epoch (train images % batch_size < world size) is empty on the last ranks. Here:
     1 image, batch 2, 2 processes. A one-image run in one process trains fine."""
     root, _ = setup
-    one = _subset(root / "train4.json", tmp_path / "train1.json", 1)
+    one = subset_json(root / "train4.json", tmp_path / "train1.json", 1)
     res = torchrun_train(overrides(setup, mini_world, tmp_path / "w", f"data.train_json={one}"))
     errors = [ln for ln in res.stderr.splitlines() if "Error" in ln and "ChildFailedError" not in ln]
     assert res.returncode == 0, "\n".join(errors[-3:]) or res.stderr[-1500:]

@@ -12,10 +12,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import pytest
 import torch
-from _fixtures import run_err
+from _fixtures import run_err, tiny_clip_dir
 from PIL import Image
 
 from ovd.cli import main
@@ -23,7 +22,7 @@ from ovd.config import load_config
 from ovd.engine.predictor import Detector, as_image_tensor, parse_classes
 from ovd.engine.trainer import load_checkpoint, run_train
 from ovd.errors import OvdError
-from ovd.vlm.clip import ClipModel, save_local_dir
+from ovd.vlm.clip import ClipModel
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mini" / "smoke.yaml")
 
@@ -32,15 +31,7 @@ VOCAB = ["red circle", "blue star", "green square", "yellow ring", "purple circl
 
 
 def tiny_clip(folder: Path, embed_dim: int, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    cfg = {
-        "embed_dim": embed_dim,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 32, "patch_size": 8},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
-    return save_local_dir(
-        open_clip.model.CLIP(**cfg), folder, cfg, 32, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
-    )
+    return tiny_clip_dir(folder, embed_dim, seed)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from _fixtures import run_err
+from _fixtures import run_err, subset_json
 
 from ovd.cli import main
 from ovd.config import load_config
@@ -37,15 +37,6 @@ SMALL = [
     "train.epochs=1",
     "train.warmup_iters=1",
 ]
-
-
-def _subset(src: Path, dst: Path, n: int) -> Path:
-    data = json.loads(src.read_text())
-    keep = {im["id"] for im in data["images"][:n]}
-    data["images"] = [im for im in data["images"] if im["id"] in keep]
-    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
-    dst.write_text(json.dumps(data))
-    return dst
 
 
 def mtimes(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, int]:
@@ -85,8 +76,8 @@ def status(logs: list[str]) -> dict[str, str]:
 def first(mini_world, tmp_path_factory):
     """One full ``ovd run`` in a fresh work_dir on the (already generated) smoke world."""
     root = tmp_path_factory.mktemp("pipeline")
-    train4 = _subset(mini_world / "det" / "train.json", root / "train4.json", 4)
-    val3 = _subset(mini_world / "det" / "val.json", root / "val3.json", 3)
+    train4 = subset_json(mini_world / "det" / "train.json", root / "train4.json", 4)
+    val3 = subset_json(mini_world / "det" / "val.json", root / "val3.json", 3)
     work = root / "work"
     ov = [f"world.dir={mini_world}", f"work_dir={work}", f"data.train_json={train4}", f"data.val_json={val3}", *SMALL]
     world_before = mtimes(mini_world)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import open_clip
 import pytest
 import torch
+from _fixtures import tiny_clip_dir
 
 from ovd.config import load_config
 from ovd.engine.trainer import load_checkpoint, run_train, schedule_epochs
 from ovd.errors import OvdError
-from ovd.vlm.clip import save_local_dir
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mini" / "smoke.yaml")
 
@@ -20,15 +19,7 @@ CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mini" / "smoke.y
 @pytest.fixture(scope="module")
 def setup(mini_world, tmp_path_factory):
     root = tmp_path_factory.mktemp("trainer")
-    torch.manual_seed(0)
-    cfg = {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 32, "patch_size": 8},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
-    clip_dir = save_local_dir(
-        open_clip.model.CLIP(**cfg), root / "clip", cfg, 32, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
-    )
+    clip_dir = tiny_clip_dir(root / "clip")
     train = json.loads((mini_world / "det" / "train.json").read_text())
     keep = {im["id"] for im in train["images"][:4]}
     train["images"] = [im for im in train["images"] if im["id"] in keep]

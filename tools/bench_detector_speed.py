@@ -33,7 +33,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ovd.config import load_config  # noqa: E402
-from ovd.engine.trainer import DetectionTrainSet, build_model  # noqa: E402
+from ovd.engine.trainer import DetectionTrainSet, build_model, torchvision_kwargs  # noqa: E402
 
 
 def stock_model(m, num_classes: int):
@@ -45,13 +45,7 @@ def stock_model(m, num_classes: int):
         rpn_anchor_generator=AnchorGenerator(anchors, ((0.5, 1.0, 2.0),) * len(anchors)),
         box_head=TwoMLPHead(backbone.out_channels * 7 * 7, m.representation_size),
         box_predictor=FastRCNNPredictor(m.representation_size, num_classes + 1),
-        min_size=m.min_size,
-        max_size=m.max_size,
-        box_score_thresh=m.box_score_thresh,
-        box_detections_per_img=m.box_detections_per_img,
-        box_batch_size_per_image=m.box_batch_size_per_image,
-        rpn_post_nms_top_n_train=m.rpn_post_nms_top_n_train,
-        rpn_post_nms_top_n_test=m.rpn_post_nms_top_n_test,
+        **torchvision_kwargs(m),
     )
 
 

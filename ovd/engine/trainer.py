@@ -80,15 +80,23 @@ def build_model(m, embed_dim: int):
         anchor_sizes=anchors,
         semantic_regression=m.semantic_regression,
         distill_weight=m.distill_weight if m.distill else 0.0,
-        min_size=m.min_size,
-        max_size=m.max_size,
-        box_score_thresh=m.box_score_thresh,
-        box_detections_per_img=m.box_detections_per_img,
         representation_size=m.representation_size,
-        box_batch_size_per_image=m.box_batch_size_per_image,
-        rpn_post_nms_top_n_train=m.rpn_post_nms_top_n_train,
-        rpn_post_nms_top_n_test=m.rpn_post_nms_top_n_test,
+        **torchvision_kwargs(m),
     )
+
+
+def torchvision_kwargs(m) -> dict:
+    """The ``model`` settings that go to torchvision's ``FasterRCNN`` unchanged (also used by the
+    speed benchmark's stock model, so both are built alike)."""
+    return {
+        "min_size": m.min_size,
+        "max_size": m.max_size,
+        "box_score_thresh": m.box_score_thresh,
+        "box_detections_per_img": m.box_detections_per_img,
+        "box_batch_size_per_image": m.box_batch_size_per_image,
+        "rpn_post_nms_top_n_train": m.rpn_post_nms_top_n_train,
+        "rpn_post_nms_top_n_test": m.rpn_post_nms_top_n_test,
+    }
 
 
 def schedule_epochs(t) -> tuple[int, list[int]]:
