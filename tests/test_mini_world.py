@@ -1,4 +1,4 @@
-"""Tests of the mini-world generator (ovd/data/mini_world.py)."""
+"""Tests of the mini-world generator (the package ovd/data/mini_world/)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ovd.data import mini_world as mw
-from ovd.data.mini_world import PRESETS, generate_mini_world, mini_split, mini_vocabulary
+from ovd.data.mini_world import (
+    GENERATOR_VERSION,
+    PRESETS,
+    generate_mini_world,
+    mini_split,
+    mini_vocabulary,
+    scene,
+    tasks,
+)
 from ovd.errors import OvdError
 
 SMOKE = PRESETS["smoke"]
@@ -59,10 +66,26 @@ def test_vocabulary_and_split_rule():
             assert len(names & base) >= 4, (attr, value)
 
 
+def test_the_novel_classes_are_the_documented_nine():
+    # the exact split of docs/mini_world.md: a change of the rule that keeps the counts and the
+    # per-colour/per-shape limits above would still change every base-only file and benchmark
+    assert mini_split()["novel"] == [
+        "red square",
+        "red cross",
+        "yellow triangle",
+        "green circle",
+        "green star",
+        "cyan cross",
+        "blue triangle",
+        "blue ring",
+        "purple circle",
+    ]
+
+
 def test_split_and_world_files(mini_world):
     assert _load(mini_world, "split.json") == mini_split()
     world = _load(mini_world, "world.json")
-    assert (world["version"], world["preset"], world["seed"]) == (mw.GENERATOR_VERSION, "smoke", 0)
+    assert (world["version"], world["preset"], world["seed"]) == (GENERATOR_VERSION, "smoke", 0)
     assert world["classes"] == mini_vocabulary()
 
 
@@ -146,10 +169,10 @@ def test_boxes_are_tight_on_rendered_scenes():
     # the box never reaches more than a pixel beyond the shape, and (occlusion is limited) it
     # keeps at least ~90% of the shape's extent on both axes
     for index in range(8):
-        rng = mw._image_rng(0, mw._DOMAIN_DET, "train", index)
-        layout = mw._det_layout(0, "train", 8, SMOKE)[index]
+        rng = tasks._image_rng(0, tasks._DOMAIN_DET, "train", index)
+        layout = tasks._det_layout(0, "train", 8, SMOKE)[index]
         extents: list = []
-        img, objects, dropped = mw._render_det(rng, layout, SMOKE, extents)
+        img, objects, dropped = scene._render_det(rng, layout, SMOKE, extents)
         assert img.shape == (SMOKE.det_size, SMOKE.det_size, 3) and img.dtype == np.uint8
         assert dropped == 0 and [c for c, _ in objects] == layout
         for (_, (x, y, w, h)), (x0, y0, x1, y1) in zip(objects, extents, strict=True):
@@ -324,7 +347,7 @@ def test_bad_arguments(tmp_path, world_seed1):
 
 def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real_save = mw._save_png
+    real_save = tasks._save_png
 
     def failing_save(arr, path):
         calls["n"] += 1
@@ -332,7 +355,7 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         real_save(arr, path)
 
-    monkeypatch.setattr(mw, "_save_png", failing_save)
+    monkeypatch.setattr(tasks, "_save_png", failing_save)  # the name _run_task looks up
     with pytest.raises(KeyboardInterrupt):
         generate_mini_world(tmp_path / "w", preset="smoke", seed=0, progress=False)
     assert list(tmp_path.iterdir()) == []

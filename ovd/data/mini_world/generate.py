@@ -1,0 +1,264 @@
+"""Building a world: argument checks, reuse of a matching world, the atomic write into place, and the
+orchestration (plan the images, render them, write the JSON files and ``world.json``)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ovd.data.mini_world.annotations import _det_files, _fewshot, _lvis_val
+from ovd.data.mini_world.presets import PRESETS, MiniPreset
+from ovd.data.mini_world.tasks import _det_layout, _run_tasks
+from ovd.data.mini_world.vocabulary import _coco_categories, mini_split, mini_vocabulary
+from ovd.errors import OvdError
+from ovd.utils.io import read_json, write_json
+
+#: Bump whenever the generated content changes, so stale worlds on disk are not reused.
+GENERATOR_VERSION = 2
+
+_WORLD_FILES = (
+    "world.json",
+    "split.json",
+    "web/train.json",
+    "web/val.json",
+    "det/train.json",
+    "det/train_oracle.json",
+    "det/val.json",
+    "det/val_lvis.json",
+)
+
+
+def _check_args(preset: Any, seed: Any) -> MiniPreset:
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise OvdError(f"unknown mini-world preset {preset!r}; expected one of: {', '.join(PRESETS)}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise OvdError(f"mini-world seed must be a non-negative integer, got {seed!r}")
+    return PRESETS[preset]
+
+
+def _existing_world(out: Path, preset: str, seed: int) -> dict | None:
+    """The summary of a complete matching world in ``out``, else None."""
+    wj = out / "world.json"
+    if not wj.is_file():
+        return None
+    try:
+        world = read_json(wj, "mini-world description")
+    except OvdError:
+        return None
+    if not isinstance(world, dict) or (world.get("version"), world.get("preset"), world.get("seed")) != (
+        GENERATOR_VERSION,
+        preset,
+        int(seed),
+    ):
+        return None
+    p = PRESETS[preset]
+    files = list(_WORLD_FILES) + [f"det/fewshot/{k}shot_seed{s}.json" for k in p.fewshot_shots for s in p.fewshot_seeds]
+    if not all((out / f).is_file() for f in files):
+        return None
+    return world.get("summary")
+
+
+def generate_mini_world(
+    out_dir: str | os.PathLike,
+    preset: str = "smoke",
+    seed: int = 0,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict:
+    """Generate the mini-world into ``out_dir`` and return its summary (counts).
+
+    If ``out_dir`` already holds a complete world of the same preset, seed and generator version,
+    it is reused as is (its summary is returned; nothing is rewritten) unless ``overwrite`` is set.
+    A non-empty ``out_dir`` holding anything else is an error unless ``overwrite=True``, which
+    replaces it. The world is written into a temporary sibling directory and renamed into place at
+    the end, so an interrupted run never leaves a half-written world.
+    """
+    p = _check_args(preset, seed)
+    seed = int(seed)
+    out = Path(os.path.abspath(out_dir))
+    if out.exists() and not out.is_dir():
+        raise OvdError(f"mini-world output {out} exists and is not a directory")
+    if out.is_dir() and not overwrite:
+        summary = _existing_world(out, preset, seed)
+        if summary is not None:
+            return summary
+        if any(out.iterdir()):
+            raise OvdError(
+                f"mini-world output {out} is not empty and holds no complete '{preset}' world "
+                f"with seed {seed} (generator v{GENERATOR_VERSION}); choose an empty directory "
+                f"or pass overwrite=True (--overwrite) to replace it"
+            )
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = out.parent / f".{out.name}.tmp-{token}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+        summary = _generate_into(tmp, p, seed, progress)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{token}"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except OSError as e:
+        raise OvdError(f"cannot write mini-world to {out}: {e.strerror or e} ({e.filename or out})") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return summary
+
+
+def _generate_into(root: Path, p: MiniPreset, seed: int, progress: bool) -> dict:
+    """Render every image into ``root``, write the JSON files, and return the summary."""
+    split = mini_split()
+    novel_names = set(split["novel"])
+    novel_ids = [c["id"] for c in mini_vocabulary() if c["name"] in novel_names]
+    categories = _coco_categories()
+
+    web_meta, web_tasks = _plan_web(root, p, seed)
+    det_meta, det_tasks = _plan_det(root, p, seed)
+    results = _run_tasks(web_tasks + det_tasks, f"mini-world {p.name}", progress)
+
+    _write_web(root, web_meta, results[: len(web_tasks)], categories)
+    det_files, dropped = _det_files(det_meta, results[len(web_tasks) :], p.name, seed, categories, novel_ids)
+    for name in ("train", "train_oracle", "val"):
+        write_json(root / "det" / f"{name}.json", det_files[name])
+    lvis = _lvis_val(det_files["val"], det_files["train"])
+    write_json(root / "det" / "val_lvis.json", lvis)
+    fewshot_summary = _write_fewshot(root, det_files["train_oracle"], novel_ids, p)
+    write_json(root / "split.json", split)
+
+    summary = {  # key order is the order in world.json
+        "classes": len(mini_vocabulary()),
+        "base_classes": len(split["base"]),
+        "novel_classes": len(split["novel"]),
+        **_web_summary(p, web_meta),
+        **_det_summary(p, det_meta, det_files, set(novel_ids)),
+        "det_dropped_objects": dropped,
+        "lvis_frequency": _lvis_frequency(lvis),
+        "fewshot": fewshot_summary,
+    }
+    write_json(
+        root / "world.json",
+        {
+            "version": GENERATOR_VERSION,
+            "preset": p.name,
+            "seed": seed,
+            "params": asdict(p),
+            "classes": mini_vocabulary(),
+            "split": split,
+            "summary": summary,
+        },
+    )
+    return summary
+
+
+def _plan_web(root: Path, p: MiniPreset, seed: int) -> tuple[dict[str, list[dict]], list[tuple]]:
+    """Web image records per split (captions come from rendering) and their render tasks.
+
+    Image i of a split shows class ``i mod 36``; the non-class images follow the class images.
+    """
+    vocab = mini_vocabulary()
+    n_cls = len(vocab)
+    tasks: list[tuple] = []
+    web_meta: dict[str, list[dict]] = {}
+    for sp, per_cls in (("train", p.web_train_per_class), ("val", p.web_val_per_class)):
+        (root / "web" / "images" / sp).mkdir(parents=True)
+        recs = []
+        for i in range(per_cls * n_cls):
+            cls = vocab[i % n_cls]
+            fn = f"{sp}/{i + 1:06d}.png"
+            recs.append(
+                {
+                    "id": i + 1,
+                    "file_name": fn,
+                    "width": p.web_size,
+                    "height": p.web_size,
+                    "category_id": cls["id"],
+                }
+            )
+            tasks.append(("web", seed, sp, i, cls, p, str(root / "web" / "images" / fn)))
+        n_class = per_cls * n_cls
+        for j in range(round(p.web_background_frac * n_class)):
+            i = n_class + j
+            fn = f"{sp}/{i + 1:06d}.png"
+            recs.append({"id": i + 1, "file_name": fn, "width": p.web_size, "height": p.web_size, "category_id": 0})
+            tasks.append(("web", seed, sp, i, None, p, str(root / "web" / "images" / fn)))
+        web_meta[sp] = recs
+    return web_meta, tasks
+
+
+def _plan_det(root: Path, p: MiniPreset, seed: int) -> tuple[dict[str, list[dict]], list[tuple]]:
+    """Detection image records per split and their render tasks (each with its scene's class ids)."""
+    tasks: list[tuple] = []
+    det_meta: dict[str, list[dict]] = {}
+    for sp, n_img in (("train", p.det_train_images), ("val", p.det_val_images)):
+        (root / "det" / "images" / sp).mkdir(parents=True)
+        layout = _det_layout(seed, sp, n_img, p)
+        recs = []
+        for i in range(n_img):
+            fn = f"{sp}/{i + 1:06d}.png"
+            recs.append({"id": i + 1, "file_name": fn, "width": p.det_size, "height": p.det_size})
+            tasks.append(("det", seed, sp, i, layout[i], p, str(root / "det" / "images" / fn)))
+        det_meta[sp] = recs
+    return det_meta, tasks
+
+
+def _write_web(root: Path, web_meta: dict[str, list[dict]], captions: list[str], categories: list[dict]) -> None:
+    """``web/{train,val}.json``: the records with their captions (in task order: train, then val)."""
+    k = 0
+    for sp in ("train", "val"):
+        for rec in web_meta[sp]:
+            rec["caption"] = captions[k]
+            k += 1
+        write_json(root / "web" / f"{sp}.json", {"images": web_meta[sp], "categories": categories})
+
+
+def _write_fewshot(root: Path, oracle: dict, novel_ids: list[int], p: MiniPreset) -> dict:
+    """``det/fewshot/<k>shot_seed<s>.json`` for every shot count and seed; returns their sizes."""
+    fewshot_summary = {}
+    for kk in p.fewshot_shots:
+        for s in p.fewshot_seeds:
+            fs = _fewshot(oracle, novel_ids, kk, s)
+            write_json(root / "det" / "fewshot" / f"{kk}shot_seed{s}.json", fs)
+            fewshot_summary[f"{kk}shot_seed{s}"] = {
+                "images": len(fs["images"]),
+                "annotations": len(fs["annotations"]),
+            }
+    return fewshot_summary
+
+
+def _web_summary(p: MiniPreset, web_meta: dict[str, list[dict]]) -> dict:
+    return {
+        "web_image_size": p.web_size,
+        "web_train_images": len(web_meta["train"]),
+        "web_val_images": len(web_meta["val"]),
+        "web_train_nonclass_images": sum(r["category_id"] == 0 for r in web_meta["train"]),
+        "web_val_nonclass_images": sum(r["category_id"] == 0 for r in web_meta["val"]),
+    }
+
+
+def _det_summary(p: MiniPreset, det_meta: dict[str, list[dict]], det_files: dict[str, dict], novel_set: set) -> dict:
+    oracle = det_files["train_oracle"]["annotations"]
+    return {
+        "det_image_size": p.det_size,
+        "det_train_images": len(det_meta["train"]),
+        "det_val_images": len(det_meta["val"]),
+        "det_train_annotations": len(det_files["train"]["annotations"]),
+        "det_train_objects": len(oracle),
+        "det_train_novel_objects": sum(a["category_id"] in novel_set for a in oracle),
+        "det_val_annotations": len(det_files["val"]["annotations"]),
+    }
+
+
+def _lvis_frequency(lvis: dict) -> dict[str, int]:
+    freq = Counter(c["frequency"] for c in lvis["categories"])
+    return {f: freq.get(f, 0) for f in ("r", "c", "f")}

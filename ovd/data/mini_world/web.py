@@ -1,0 +1,87 @@
+"""Web-domain images (CLIP's stand-in pre-training photos): one large centred class object on a clean
+background, or an image of something outside the vocabulary."""
+
+from __future__ import annotations
+
+import colorsys
+import math
+
+import numpy as np
+
+from ovd.data.mini_world.draw import (
+    _MAX_ROT,
+    _composite,
+    _grid,
+    _jitter_colour,
+    _poly_extent,
+    _polys_alpha,
+    _shape_polys,
+    _to_uint8,
+)
+from ovd.data.mini_world.textures import _clutter_alpha, _clutter_colour, _det_background
+from ovd.data.mini_world.vocabulary import COLOURS, SHAPES, _article
+
+
+def _render_web(rng: np.random.Generator, cls: dict, size: int) -> np.ndarray:
+    h = w = size
+    xx, yy = _grid(h, w)
+    # clean light neutral background: plain or a gentle linear/radial grade
+    base = rng.uniform(0.86, 0.99)
+    tint = np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0, 0.06), 1.0), np.float32)
+    kind = int(rng.integers(3))
+    if kind == 0:
+        shade = np.ones((h, w), np.float32)
+    elif kind == 1:
+        a = rng.uniform(0, 2 * np.pi)
+        shade = 1 + rng.uniform(0.02, 0.06) * ((xx - w / 2) * math.cos(a) + (yy - h / 2) * math.sin(a)) / (w / 2)
+    else:
+        r = np.hypot(xx - w / 2, yy - h / 2) / (w / 2)
+        shade = 1 - rng.uniform(0.02, 0.07) * r
+    img = (base * tint)[None, None, :] * shade[..., None]
+    img = np.clip(img, 0, 1).astype(np.float32)
+    # one large, near-centred object
+    shape = cls["shape"]
+    ext = rng.uniform(0.5, 0.85) * size
+    ang = rng.uniform(-_MAX_ROT[shape], _MAX_ROT[shape])
+    polys = _shape_polys(shape, 0.0, 0.0, ext, ext, ang)
+    x0, y0, x1, y1 = _poly_extent(polys)
+    cx = np.clip(w / 2 + rng.uniform(-3, 3), 1 - x0, w - 1 - x1)
+    cy = np.clip(h / 2 + rng.uniform(-3, 3), 1 - y0, h - 1 - y1)
+    polys = [(p + [cx, cy], f) for p, f in polys]
+    colour = _jitter_colour(rng, COLOURS[cls["colour"]], hue_deg=3.0, val=(0.95, 1.03), desat=0.05)
+    _composite(img, _polys_alpha(polys, w, h), colour)
+    img += rng.normal(0, 1.0 / 255, img.shape).astype(np.float32)
+    return _to_uint8(img)
+
+
+_TEXTURE_NAMES = ("a blotchy texture", "a striped pattern", "a checkered pattern", "a smooth gradient")
+_NEUTRAL = {"black": 0.08, "gray": 0.5, "white": 0.93}
+_STROKE_NAMES = {"bar": "a thin bar", "line": "a thin line", "scribble": "a scribble", "arc": "a curved line"}
+
+
+def _render_web_nonclass(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
+    """A web image of something outside the vocabulary, with a caption that says what it is."""
+    kind = int(rng.integers(3))
+    if kind == 0:  # a texture / background, nothing on it
+        tex = int(rng.integers(len(_TEXTURE_NAMES)))
+        img = _det_background(rng, size, size, kind=tex)
+        cap = f"a photo of {_TEXTURE_NAMES[tex]}."
+    else:
+        img = np.full((size, size, 3), rng.uniform(0.86, 0.99), np.float32)
+        if kind == 1:  # a vocabulary shape in a neutral colour: not a class ("gray star")
+            shape = SHAPES[int(rng.integers(len(SHAPES)))]
+            tone = list(_NEUTRAL)[int(rng.integers(len(_NEUTRAL)))]
+            if tone == "white":
+                img = _det_background(rng, size, size, kind=3) * 0.6
+            ext = rng.uniform(0.5, 0.85) * size
+            polys = _shape_polys(shape, size / 2, size / 2, ext, ext, rng.uniform(-_MAX_ROT[shape], _MAX_ROT[shape]))
+            _composite(img, _polys_alpha(polys, size, size), np.full(3, _NEUTRAL[tone], np.float32))
+            cap = f"a photo of {_article(tone)} {tone} {shape}."
+        else:  # strokes
+            stroke = ("bar", "line", "scribble", "arc")[int(rng.integers(4))]
+            colour = _clutter_colour(rng, stroke)
+            for _ in range(int(rng.integers(1, 4))):
+                _composite(img, _clutter_alpha(rng, stroke, size, size), colour)
+            cap = f"a photo of {_STROKE_NAMES[stroke]}."
+    img += rng.normal(0, 1.0 / 255, img.shape).astype(np.float32)
+    return _to_uint8(img), cap
