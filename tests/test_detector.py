@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from ovd.errors import OvdError
 from ovd.modeling.detector import OVFasterRCNN, build_backbone
-from ovd.modeling.roi_heads import SemanticBoxRegressor
+from ovd.modeling.distillation import DISTILL_BOXES, DISTILL_KEYS, distill_loss, has_distill_targets
+from ovd.modeling.semantic_regression import SemanticBoxRegressor
 from ovd.modeling.zero_shot_classifier import ZeroShotClassifier
 
 D = 32
@@ -62,6 +63,13 @@ def test_training_losses_are_finite_and_backpropagate():
     assert m.roi_heads.regressor.fc.weight.grad is not None
 
 
+def _separate_distill_loss(m, feats, targets_t, image_sizes):
+    """The distillation loss from its own pooling pass over the cached boxes (reference)."""
+    rh = m.roi_heads
+    emb = rh.classifier.embed(rh.box_head(rh.box_roi_pool(feats, [t[DISTILL_BOXES] for t in targets_t], image_sizes)))
+    return distill_loss(emb, targets_t)
+
+
 def test_distillation_loss_is_weighted_l1_of_unit_embeddings():
     m = make_model()
     m.set_vocabulary(torch.randn(4, D))
@@ -71,7 +79,7 @@ def test_distillation_loss_is_weighted_l1_of_unit_embeddings():
     # the model rescales distill boxes with the image; 128 px in, 128 px out: identity here
     images_t, targets_t = m.transform(IMAGES, t)
     feats = m.backbone(images_t.tensors)
-    loss = rh.distill_loss(feats, targets_t, images_t.image_sizes)
+    loss = _separate_distill_loss(m, feats, targets_t, images_t.image_sizes)
     emb = rh.classifier.embed(
         rh.box_head(rh.box_roi_pool(feats, [targets_t[0]["distill_boxes"]], images_t.image_sizes))
     )
@@ -82,11 +90,19 @@ def test_distillation_loss_is_weighted_l1_of_unit_embeddings():
     # no cached boxes → zero, not NaN; the switch in config (distill_weight 0) removes the term
     none = targets(0)
     images_t, targets_t = m.transform(IMAGES, none)
-    assert rh.distill_loss(m.backbone(images_t.tensors), targets_t, images_t.image_sizes).item() == 0.0
+    assert _separate_distill_loss(m, m.backbone(images_t.tensors), targets_t, images_t.image_sizes).item() == 0.0
+    torch.manual_seed(0)
+    assert m(IMAGES, none)["loss_distill"].item() == 0.0
     off = make_model(distill_weight=0.0)
     off.set_vocabulary(torch.randn(4, D))
     off.train()
     assert "loss_distill" not in off(IMAGES, targets())
+
+
+def test_distill_keys_are_the_named_constants():
+    assert DISTILL_KEYS == ("distill_boxes", "distill_embeddings", "distill_weights")
+    assert set(DISTILL_KEYS) <= set(targets()[0])
+    assert has_distill_targets(targets()) and not has_distill_targets([]) and not has_distill_targets(None)
 
 
 def test_distill_boxes_are_resized_with_the_image(monkeypatch):
@@ -111,8 +127,8 @@ def test_distill_boxes_are_resized_with_the_image(monkeypatch):
 
 
 def test_one_pooling_pass_gives_the_same_distillation_loss_as_a_separate_pass():
-    # forward pools proposals and cached boxes together; the loss must equal distill_loss's own pass
-    m = make_model()
+    # forward pools proposals and cached boxes together; the loss must equal a pass of their own
+    m = make_model(distill_weight=0.5)
     m.set_vocabulary(torch.randn(4, D))
     m.train()
     t = targets() + targets()  # two images: the split between proposals and cached boxes is per image
@@ -121,7 +137,7 @@ def test_one_pooling_pass_gives_the_same_distillation_loss_as_a_separate_pass():
     feats = m.backbone(images_t.tensors)
     torch.manual_seed(3)
     proposals, _ = m.rpn(images_t, feats, targets_t)
-    separate = m.roi_heads.distill_loss(feats, targets_t, images_t.image_sizes)
+    separate = 0.5 * _separate_distill_loss(m, feats, targets_t, images_t.image_sizes)
     _, losses = m.roi_heads(feats, proposals, images_t.image_sizes, targets_t)
     assert torch.allclose(losses["loss_distill"], separate, atol=1e-6)
 

@@ -2,9 +2,11 @@
 
 Backbone, transform, RPN, RoI pooling and the two-layer box head are torchvision's; the RoI heads
 are replaced by the open-vocabulary ones (zero-shot classifier, distillation, semantic-aware
-regression). The only change to the forward pass: targets may carry cached distillation boxes
-(``distill_boxes`` xyxy, ``distill_embeddings``, ``distill_weights``), which are resized with the
-image like ``boxes`` (torchvision's transform resizes only the keys it knows).
+regression). The changes to the forward pass: targets may carry cached distillation boxes
+(:data:`~ovd.modeling.distillation.DISTILL_BOXES` xyxy, ``DISTILL_EMBEDDINGS``, ``DISTILL_WEIGHTS``),
+which are resized with the image like ``boxes`` (torchvision's transform resizes only the keys it
+knows); in training, ``extra_rois=`` feeds already pooled RoI features to the RoI heads
+(:class:`~ovd.modeling.roi_heads.ExtraRoIs`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ovd.errors import OvdError
-from ovd.modeling.roi_heads import OVRoIHeads, SemanticBoxRegressor
+from ovd.modeling.distillation import rescale_distill_boxes
+from ovd.modeling.roi_heads import ExtraRoIs, OVRoIHeads
+from ovd.modeling.semantic_regression import SemanticBoxRegressor
 from ovd.modeling.zero_shot_classifier import ZeroShotClassifier
 
 BACKBONES = {
@@ -166,17 +170,17 @@ class OVFasterRCNN(FasterRCNN):
         """Detect these classes from now on: (C, D) text embeddings; labels 1..C index them."""
         self.roi_heads.classifier.set_vocabulary(text)
 
-    def forward(self, images, targets=None):
+    def forward(self, images, targets=None, extra_rois: ExtraRoIs | None = None):
+        """torchvision's forward; ``extra_rois`` (training only): pooled RoI features with labels (and
+        optional teacher targets) that join the sampled RoIs after RoI pooling, see :class:`ExtraRoIs`."""
         original_sizes = [tuple(img.shape[-2:]) for img in images]
         images_t, targets_t = self.transform(images, targets)  # copies the target dicts
         if targets_t is not None:
-            for t, (h0, w0), (h, w) in zip(targets_t, original_sizes, images_t.image_sizes):
-                if "distill_boxes" in t:
-                    scale = t["distill_boxes"].new_tensor([w / w0, h / h0, w / w0, h / h0])
-                    t["distill_boxes"] = t["distill_boxes"] * scale
+            rescale_distill_boxes(targets_t, original_sizes, images_t.image_sizes)
         features = self.backbone(images_t.tensors)
         proposals, proposal_losses = self.rpn(images_t, features, targets_t)
-        detections, detector_losses = self.roi_heads(features, proposals, images_t.image_sizes, targets_t)
+        extra = {} if extra_rois is None else {"extra_rois": extra_rois}  # RoI heads with torchvision's signature work
+        detections, detector_losses = self.roi_heads(features, proposals, images_t.image_sizes, targets_t, **extra)
         if self.training:
             return {**proposal_losses, **detector_losses}
         return self.transform.postprocess(detections, images_t.image_sizes, original_sizes)
