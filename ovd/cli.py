@@ -141,8 +141,20 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. adapter.epochs=2")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (``ovd: error: ... (see ovd train --help)``) instead of
+    the usage block + error line, like every other ovd error; subcommand parsers inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"ovd: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(text: object) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ovd", description="Open-vocabulary zero-shot object detection.")
+    p = _Parser(prog="ovd", description="Open-vocabulary zero-shot object detection.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -249,14 +261,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _end_progress_bars() -> None:
+    """Close progress bars an error left open, so the error line starts a line of its own instead
+    of being glued to a half-drawn bar (closing without ``leave`` erases the bar)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - a dependency
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.leave = False
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a one-line usage error (2), already printed
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     try:
         return args.func(args)
     except OvdError as e:
-        print(f"ovd: error: {e}", file=sys.stderr)
+        _end_progress_bars()
+        print(f"ovd: error: {_one_line(e) or e.__class__.__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _end_progress_bars()
         print("ovd: interrupted", file=sys.stderr)
         return 130
 

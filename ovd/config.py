@@ -20,9 +20,54 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from ovd.errors import OvdError
+from ovd.errors import OvdError, first_line
 
 BASE_KEY = "_base_"
+
+
+def _duplicate_key(node: yaml.Node, path: str = "", seen_nodes: set | None = None) -> tuple | None:
+    """The first key given twice in one mapping of a composed YAML document, at any depth:
+    (dotted key, first line, second line) — lines 1-based — or None. PyYAML keeps the last silently."""
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if id(node) in seen_nodes:  # an alias of a node already checked
+        return None
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict = {}
+        for k, v in node.value:
+            if k.tag == "tag:yaml.org,2002:merge":  # "<<: *base" then overriding keys is legal YAML
+                continue
+            ident = (k.tag, k.value) if isinstance(k, yaml.ScalarNode) else None
+            name = k.value if isinstance(k, yaml.ScalarNode) else "?"
+            if ident is not None:
+                if ident in first:
+                    return f"{path}{name}", first[ident] + 1, k.start_mark.line + 1
+                first[ident] = k.start_mark.line
+            found = _duplicate_key(v, f"{path}{name}.", seen_nodes)
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            found = _duplicate_key(v, f"{path[:-1]}[{i}].", seen_nodes)
+            if found:
+                return found
+    return None
+
+
+def safe_load_unique(text: str, source: str) -> Any:
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (naming it and both lines)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        dup = _duplicate_key(node)
+        if dup:
+            key, a, b = dup
+            raise OvdError(f"{source}: key '{key}' is given twice (lines {a} and {b}); keep one")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 def _read_yaml(path: Path) -> dict:
@@ -30,7 +75,9 @@ def _read_yaml(path: Path) -> dict:
         raise OvdError(f"config file not found: {path}")
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = safe_load_unique(f.read(), f"config file {path}")
+    except UnicodeDecodeError:
+        raise OvdError(f"config file {path} is not UTF-8 text (is it a binary file?)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
@@ -111,15 +158,15 @@ def parse_overrides(overrides: list[str]) -> dict:
 
 def _describe(e: OmegaConfBaseException, schema: Any = None) -> str:
     key = getattr(e, "full_key", None) or getattr(e, "key", None)
-    msg = getattr(e, "msg", None) or str(e).splitlines()[0]
+    msg = first_line(getattr(e, "msg", None) or str(e), default=e.__class__.__name__)
     if isinstance(e, ConfigKeyError) and key:
         hint = difflib.get_close_matches(str(key), schema_keys(schema), n=1) if schema else []
         return f"unknown config key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
     if isinstance(e, ConfigKeyError):
-        return f"unknown config key ({msg.splitlines()[0]})"
+        return f"unknown config key ({msg})"
     if key:
-        return f"config key '{key}': {msg.splitlines()[0]}"
-    return msg.splitlines()[0]
+        return f"config key '{key}': {msg}"
+    return msg
 
 
 def _check_sections(tree: dict, schema: Any, source: str, prefix: str = "") -> None:
@@ -169,6 +216,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         raise OvdError(f"{source}: {_describe(e, schema)}") from None
+    from ovd.config_schema import validate_config
+
+    validate_config(cfg, schema, source)  # value ranges (batch size >= 1, ...): every command gets them
     return cfg
 
 

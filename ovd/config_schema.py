@@ -6,7 +6,23 @@ silently falls back to a default. Sections grow with the pipeline stages that re
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import MISSING as dataclasses_MISSING
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any
+
+from ovd.errors import OvdError
+
+
+def lim(
+    default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None
+) -> Any:
+    """A numeric field (or list of numbers) with a valid range, checked by :func:`validate_config`
+    for every command: a zero batch size or a negative epoch count is one error naming the key."""
+    meta = {"range": (ge, gt, le, lt)}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -14,7 +30,7 @@ class WorldConfig:
     # The generated mini-world (``ovd data mini``): where it lives and how it is made.
     dir: str = ""
     preset: str = "smoke"
-    seed: int = 0
+    seed: int = lim(0, ge=0)
     # shapes whose classes are all novel in a second split (split_heldout_<shapes>.json and
     # det/train_heldout_<shapes>.json, ``ovd data mini-split``); [] = only the standard split
     heldout_shapes: list[str] = field(default_factory=list)
@@ -47,7 +63,7 @@ class ClipConfig:
     templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
     # None: download allowed unless HF_HUB_OFFLINE is set.
     allow_download: bool | None = None
-    batch_size: int = 256
+    batch_size: int = lim(256, ge=1)
     device: str = "cpu"
     # Stored vocabulary (ovd.vlm.clip.save_text_embeddings): train/test read class text embeddings
     # from this file instead of running the text tower; "" = encode with the CLIP above.
@@ -58,22 +74,22 @@ class ClipConfig:
 class PretrainConfig:
     # Tiny open_clip CLIP for the mini-world, trained with open_clip's ClipLoss on the web domain.
     out: str = "${work_dir}/tiny_clip"
-    embed_dim: int = 128
-    image_size: int = 32
-    patch_size: int = 8
-    vision_width: int = 128
-    vision_layers: int = 4
-    vision_head_width: int = 32
-    text_width: int = 128
-    text_layers: int = 3
-    text_heads: int = 4
-    context_length: int = 16
-    epochs: int = 6
-    batch_size: int = 128
-    lr: float = 1.0e-3
-    weight_decay: float = 0.1
-    warmup_steps: int = 50
-    threads: int = 0  # 0: torch default
+    embed_dim: int = lim(128, ge=1)
+    image_size: int = lim(32, ge=1)
+    patch_size: int = lim(8, ge=1)
+    vision_width: int = lim(128, ge=1)
+    vision_layers: int = lim(4, ge=1)
+    vision_head_width: int = lim(32, ge=1)
+    text_width: int = lim(128, ge=1)
+    text_layers: int = lim(3, ge=1)
+    text_heads: int = lim(4, ge=1)
+    context_length: int = lim(16, ge=3)  # start + end tokens and at least one word
+    epochs: int = lim(6, ge=1)
+    batch_size: int = lim(128, ge=2)  # a contrastive batch needs two pairs
+    lr: float = lim(1.0e-3, gt=0)
+    weight_decay: float = lim(0.1, ge=0)
+    warmup_steps: int = lim(50, ge=0)
+    threads: int = lim(0, ge=0)  # 0: torch default
 
 
 @dataclass
@@ -81,11 +97,11 @@ class AdapterConfig:
     # EZSD adapter: fine-tune only the image tower's LayerNorm weight/bias on base-class GT crops.
     enabled: bool = True
     out: str = "${work_dir}/clip_adapter.safetensors"
-    epochs: int = 3
-    batch_size: int = 64
-    lr: float = 1.0e-4
-    weight_decay: float = 0.0
-    max_crops: int = 0  # 0: every base GT box of the train split
+    epochs: int = lim(3, ge=1)
+    batch_size: int = lim(64, ge=1)
+    lr: float = lim(1.0e-4, gt=0)
+    weight_decay: float = lim(0.0, ge=0)
+    max_crops: int = lim(0, ge=0)  # 0: every base GT box of the train split
     hflip: bool = True
 
 
@@ -94,16 +110,16 @@ class MinerConfig:
     # EZSD proposal miner: dense anchors scored by CLIP against base + novel names.
     enabled: bool = True
     out: str = "${work_dir}/proposals.json"
-    stride: int = 32
-    scales: list[float] = field(default_factory=lambda: [float(s) for s in range(1, 17)])
-    ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
-    min_size: float = 4.0
+    stride: int = lim(32, ge=1)
+    scales: list[float] = lim([float(s) for s in range(1, 17)], gt=0)
+    ratios: list[float] = lim([0.5, 1.0, 2.0], gt=0)
+    min_size: float = lim(4.0, ge=0)
     objectness: str = "entropy"  # entropy (log C - H(p)) | max_prob
     vocabulary: str = "all"  # all: base + novel names | base: base names only (the base-biased ablation)
-    nms_thr: float = 0.7
-    base_iou_thr: float = 0.5  # candidates overlapping a base GT box above this are dropped
-    topk: int = 200
-    batch_size: int = 256
+    nms_thr: float = lim(0.7, ge=0, le=1)
+    base_iou_thr: float = lim(0.5, ge=0, le=1)  # candidates overlapping a base GT box above this are dropped
+    topk: int = lim(200, ge=1)
+    batch_size: int = lim(256, ge=1)
     external_proposals: str = ""  # optional JSON list of {image_id, bbox xywh} added to the anchors
     # Names of "stuff" that is not an object (e.g. "striped pattern"): scored with the class names,
     # a crop that looks most like one of them gets low objectness. Empty: EZSD's class names only.
@@ -114,12 +130,12 @@ class MinerConfig:
 class ExtractConfig:
     # Feature cache of CLIP embeddings for GT boxes + mined proposals (safetensors chunks + index).
     out: str = "${work_dir}/feature_cache"
-    chunk_size: int = 64
+    chunk_size: int = lim(64, ge=1)
     dtype: str = "float16"
     include_gt: bool = True
     # with miner.enabled=false: this many random dense-anchor boxes per image instead (ViLD-style
     # base-biased targets for the ablation); 0 = GT boxes only
-    random_boxes: int = 0
+    random_boxes: int = lim(0, ge=0)
 
 
 @dataclass
@@ -129,49 +145,49 @@ class ModelConfig:
     # "imagenet": torchvision's ImageNet weights (hub cache / download); or a local file
     # (.safetensors / .pth state dict); "" = random init
     backbone_weights: str = ""
-    trainable_layers: int = 3
+    trainable_layers: int = lim(3, ge=0, le=5)
     # frozen_bn: torchvision's frozen ImageNet statistics | bn: trained BatchNorm (backbones from scratch)
     norm: str = "frozen_bn"
-    fpn_channels: int = 256
-    min_size: int = 800
-    max_size: int = 1333
+    fpn_channels: int = lim(256, ge=1)
+    min_size: int = lim(800, ge=1)
+    max_size: int = lim(1333, ge=1)
     semantic_regression: bool = True
     distill: bool = True
-    distill_weight: float = 1.0
-    box_score_thresh: float = 0.05
-    box_detections_per_img: int = 100
-    representation_size: int = 1024  # width of the two-layer box head
-    box_batch_size_per_image: int = 512  # sampled RoIs per image in training
-    rpn_post_nms_top_n_train: int = 2000
-    rpn_post_nms_top_n_test: int = 1000
+    distill_weight: float = lim(1.0, ge=0)
+    box_score_thresh: float = lim(0.05, ge=0, le=1)
+    box_detections_per_img: int = lim(100, ge=1)
+    representation_size: int = lim(1024, ge=1)  # width of the two-layer box head
+    box_batch_size_per_image: int = lim(512, ge=1)  # sampled RoIs per image in training
+    rpn_post_nms_top_n_train: int = lim(2000, ge=1)
+    rpn_post_nms_top_n_test: int = lim(1000, ge=1)
 
 
 @dataclass
 class TrainConfig:
     out: str = "${work_dir}/train"
     optimizer: str = "sgd"  # sgd | adamw
-    lr: float = 0.02
-    momentum: float = 0.9
-    weight_decay: float = 1.0e-4
-    batch_size: int = 8
+    lr: float = lim(0.02, gt=0)
+    momentum: float = lim(0.9, ge=0, lt=1)
+    weight_decay: float = lim(1.0e-4, ge=0)
+    batch_size: int = lim(8, ge=1)
     # Named lengths: "1x" = 12 epochs with lr steps after 8 and 11 (x N for "Nx"); "" uses epochs.
     schedule: str = "1x"
-    epochs: int = 12
-    lr_steps: list[int] = field(default_factory=lambda: [8, 11])
-    warmup_iters: int = 100
-    grad_clip: float = 0.0  # max gradient norm; 0 = off
-    checkpoint_every: int = 50  # iterations
+    epochs: int = 12  # >= 1 when schedule is "" (checked in validate_config)
+    lr_steps: list[int] = lim([8, 11], ge=0)
+    warmup_iters: int = lim(100, ge=0)
+    grad_clip: float = lim(0.0, ge=0)  # max gradient norm; 0 = off
+    checkpoint_every: int = lim(50, ge=1)  # iterations
     hflip: bool = True
     device: str = "auto"  # auto: cuda when available, else cpu
     amp: bool = True  # float16 autocast + grad scaling on CUDA; ignored on CPU
-    eval_every: int = 0  # iterations between val evaluations (train.out/eval.jsonl); 0 = off
+    eval_every: int = lim(0, ge=0)  # iterations between val evaluations (train.out/eval.jsonl); 0 = off
 
 
 @dataclass
 class Config:
     name: str = "ovd"
     work_dir: str = "work_dirs/${name}"
-    seed: int = 0
+    seed: int = lim(0, ge=0)
     world: WorldConfig = field(default_factory=WorldConfig)
     data: DataConfig = field(default_factory=DataConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
@@ -181,3 +197,102 @@ class Config:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# --- validation -----------------------------------------------------------------------------------
+def _expected(rng: tuple, integer: bool) -> str:
+    ge, gt, le, lt = rng
+    kind = "an integer" if integer else "a number"
+    if ge is not None and le is not None:
+        return f"{kind} in [{ge}, {le}]"
+    if ge is not None and lt is not None:
+        return f"{kind} in [{ge}, {lt})"
+    parts = [f">= {ge}" if ge is not None else "", f"> {gt}" if gt is not None else "",
+             f"<= {le}" if le is not None else "", f"< {lt}" if lt is not None else ""]  # fmt: skip
+    return f"{kind} " + " and ".join(x for x in parts if x)
+
+
+def _in_range(v: Any, rng: tuple, integer: bool) -> bool:
+    ge, gt, le, lt = rng
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
+        return False
+    if not math.isfinite(v):
+        return False
+    return not (
+        (ge is not None and v < ge) or (gt is not None and v <= gt) or (le is not None and v > le)
+        or (lt is not None and v >= lt)
+    )  # fmt: skip
+
+
+def _default(f) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses_MISSING else f.default
+
+
+def check_values(values: Any, schema: Any, where: str, prefix: str = "", types: bool = False) -> None:
+    """Check the keys present in ``values`` (a plain or OmegaConf mapping) against ``schema`` (a
+    dataclass type): the range of every :func:`lim` field, and with ``types`` — for plain data such
+    as a checkpoint's stored settings; OmegaConf types a config itself — that each value has its
+    default's type. Unknown keys pass (the config loader refuses those itself). ``where`` prefixes
+    the error ("configs/x.yaml", ...)."""
+    for f in fields(schema):
+        if f.name not in values:
+            continue
+        v, key, default = values[f.name], f"{prefix}{f.name}", _default(f)
+        if is_dataclass(default):
+            if hasattr(v, "keys"):
+                check_values(v, type(default), where, f"{key}.", types)
+            continue
+        integer = isinstance(default, int) and not isinstance(default, bool)
+        if not types:
+            ok = True
+        elif isinstance(default, bool):
+            ok = isinstance(v, bool)
+        elif isinstance(default, (int, float)):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (isinstance(v, int) or not integer)
+        elif isinstance(default, str):
+            ok = isinstance(v, str)
+        else:
+            ok = True
+        if not ok:
+            kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}[type(default)]
+            raise OvdError(f"{where}: '{key}' is {v!r:.60}, expected {kind}")
+        rng = f.metadata.get("range")
+        if rng is None:
+            continue
+        if isinstance(default, list):
+            items = list(v) if hasattr(v, "__len__") and not isinstance(v, str) else [v]
+            elem_int = bool(default) and all(isinstance(x, int) and not isinstance(x, bool) for x in default)
+            bad = [x for x in items if not _in_range(x, rng, elem_int)]
+            if bad:
+                raise OvdError(
+                    f"{where}: config key '{key}' holds {bad[0]!r:.40}: every entry must be {_expected(rng, elem_int)}"
+                )
+        elif not _in_range(v, rng, integer):
+            raise OvdError(f"{where}: config key '{key}' is {v!r:.40}: expected {_expected(rng, integer)}")
+
+
+def validate_config(cfg: Any, schema: Any, source: str) -> None:
+    """Every value range of ``schema`` (see :func:`lim`) plus the rules that tie keys together;
+    called by :func:`ovd.config.load_config` after overrides, so every command gets them."""
+    check_values(cfg, schema, source)
+    if schema is not Config:
+        return
+    t, p = cfg.train, cfg.pretrain
+    if not t.schedule and not (isinstance(t.epochs, int) and t.epochs >= 1):
+        raise OvdError(
+            f"{source}: config key 'train.epochs' is {t.epochs!r}: expected an integer >= 1 "
+            f"(train.schedule is '', so train.epochs sets the length)"
+        )
+    if p.patch_size > p.image_size:
+        raise OvdError(
+            f"{source}: config key 'pretrain.patch_size' is {p.patch_size}: expected at most "
+            f"pretrain.image_size ({p.image_size})"
+        )
+    towers = [(p.vision_width, p.vision_width // p.vision_head_width, "vision", "vision_head_width"),
+              (p.text_width, p.text_heads, "text", "text_heads")]  # fmt: skip
+    for width, heads, what, by in towers:
+        if heads < 1 or width % heads:
+            raise OvdError(
+                f"{source}: config key 'pretrain.{what}_width' is {width}: expected a multiple of the number of "
+                f"attention heads ({heads}; set by pretrain.{by})"
+            )

@@ -179,16 +179,23 @@ def lvis_dets(gt: dict, seed: int = 4) -> list[dict]:
     return out
 
 
+def visible_lines(text: str) -> list[str]:
+    """The non-empty lines a terminal would show: within a line, a carriage return (a progress bar
+    redrawing or erasing itself) leaves only what was written after it."""
+    return [ln.split("\r")[-1].strip() for ln in text.split("\n") if ln.split("\r")[-1].strip()]
+
+
 def run_err(capsys, *argv: str) -> str:
-    """Run the CLI expecting a user error: exit 2, exactly one ``ovd: error:`` line, no traceback."""
+    """Run the CLI expecting a user error: exit 2 and stderr exactly one ``ovd: error: ...`` line —
+    nothing else shown (no traceback, warning or leftover progress bar)."""
     from ovd.cli import main
 
     capsys.readouterr()
     rc = main(list(argv))
     err = capsys.readouterr().err
     assert rc == 2, f"expected exit status 2, got {rc}; stderr: {err[-500:]}"
-    lines = [ln for ln in err.splitlines() if ln.startswith("ovd: error: ")]
-    assert len(lines) == 1 and "Traceback" not in err, err[-500:]
+    lines = visible_lines(err)
+    assert len(lines) == 1 and lines[0].startswith("ovd: error: ") and "Traceback" not in err, err[-800:]
     return lines[0]
 
 

@@ -174,8 +174,10 @@ def test_local_dir_without_config_or_weights(tiny_dir, tmp_path):
     (no_cfg / "open_clip_model.safetensors").write_bytes((tiny_dir / "open_clip_model.safetensors").read_bytes())
     with pytest.raises(OvdError, match="open_clip_config.json"):
         ClipModel.load(str(no_cfg))
-    with pytest.raises(OvdError, match="open_clip_config.json"):
+    with pytest.raises(OvdError, match="CLIP model folder not found: .*does_not_exist"):
         ClipModel.load("local-dir:" + str(tmp_path / "does_not_exist"))
+    with pytest.raises(OvdError, match="CLIP model folder not found: .*does_not_exist"):
+        ClipModel.load(str(tmp_path / "does_not_exist"))
 
     no_weights = tmp_path / "no_weights"
     no_weights.mkdir()
@@ -347,9 +349,27 @@ def test_check_dim(tiny):
     assert "512" in msg and "32" in msg and "feature cache /x/feats.pt" in msg
 
 
-def test_fingerprint_depends_on_source_and_adapter(tiny, b32):
+def test_fingerprint_identifies_the_weights_and_adapter(tiny, tiny_dir, b32, tmp_path):
+    """Caches keyed by the fingerprint (feature cache, detector resume) rely on: the same weights
+    agree however often they are loaded; other weights, another model or an adapter differ."""
+    from ovd.vlm.adapter import apply_adapter, layernorm_parameters, save_adapter
+
+    again = ClipModel.load(str(tiny_dir))  # a second, independent load of the same folder
+    assert again is not tiny and again.fingerprint() == tiny.fingerprint()
     assert tiny.fingerprint() != b32.fingerprint()
-    assert tiny.fingerprint() == tiny.fingerprint()
+    # other weights written to the same folder (e.g. the tiny CLIP pre-trained again)
+    folder = tmp_path / "clip"
+    fps = []
+    for seed in (7, 8):
+        torch.manual_seed(seed)
+        save_local_dir(open_clip.model.CLIP(**TINY_CFG), folder, TINY_CFG, 32, TINY_MEAN, TINY_STD)
+        fps.append(ClipModel.load(str(folder)).fingerprint())
+    assert fps[0] != fps[1]
+    # the same CLIP with adapted LayerNorms
+    shifted = {k: p.detach() + 0.5 for k, p in layernorm_parameters(again.model).items()}
+    apply_adapter(again, save_adapter(tmp_path / "adapter.safetensors", again, shifted))
+    assert again.fingerprint() != tiny.fingerprint()
+    assert ClipModel.load(str(tiny_dir)).fingerprint() == tiny.fingerprint()
 
 
 def test_text_embeddings_file_round_trip_and_dimension_check(tiny, tmp_path):

@@ -415,15 +415,28 @@ def test_detection_errors_name_the_offending_ids(coco_files):
 
 # --- regressions of bugs found in review --------------------------------------
 @pytest.mark.parametrize("key", ["area", "iscrowd"])
-def test_gt_without_area_or_iscrowd_is_an_ovd_error_not_a_traceback(tmp_path, coco_files, key):
-    gt, _, _ = coco_files
-    for a in gt["annotations"]:
+def test_gt_without_area_or_iscrowd_is_evaluated_with_box_area_and_not_crowd(tmp_path, coco_files, key):
+    """pycocotools needs both fields and LVIS files have no 'iscrowd': ovd fills the obvious values
+    (box area, not a crowd), so such a file evaluates exactly like one that writes them out."""
+    from ovd.data import load_detection_dataset
+
+    gt, full_path, split_path = coco_files
+    stripped = copy.deepcopy(gt)
+    for a in stripped["annotations"]:
         del a[key]
-    gt_path = dump(tmp_path / "noarea.json", gt)
-    try:
-        evaluate_detections(gt_path, scenario(gt, "perfect"))
-    except OvdError:
-        pass
+    gt_path = dump(tmp_path / "noarea.json", stripped)
+    ds = load_detection_dataset(gt_path, drop_degenerate=False)
+    filled = [a for i in ds.image_ids for a in ds.annotations_of(i)]
+    assert len(filled) == len(gt["annotations"])
+    for a in filled:
+        assert a["area"] == pytest.approx(a["bbox"][2] * a["bbox"][3]) and a["iscrowd"] == 0
+    perfect = evaluate_detections(gt_path, scenario(gt, "perfect"), split=str(split_path))
+    # every box found: a crowd (ignored) GT box would leave nothing to find, AP undefined
+    assert perfect["AP"] == perfect["AP50"] == perfect["AP_novel"] == perfect["AP_base"] == 1.0
+    mixed = scenario(gt, "mixed")
+    assert evaluate_detections(gt_path, mixed, split=str(split_path)) == evaluate_detections(
+        full_path, mixed, split=str(split_path)
+    )
 
 
 def test_out_file_gets_normal_permissions(tmp_path, coco_files):

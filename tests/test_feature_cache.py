@@ -142,8 +142,9 @@ def xyxy(bbox) -> list[float]:
 
 # -- contents ------------------------------------------------------------------------------------
 def test_single_process_cache_holds_gt_then_proposals(single, train, mini_world, props_file):
-    names = sorted(p.name for p in single.iterdir())
-    assert names == [f"chunk_{c:05d}.safetensors" for c in range(7)] + ["index.json"]
+    names = sorted(p.name for p in single.iterdir() if not p.name.startswith(".lock"))
+    assert names == [f"chunk_{c:05d}.safetensors" for c in range(7)] + ["index.json", "plan.json"]
+    assert not [p for p in single.iterdir() if p.name.endswith(".tmp")]
     index = json.loads((single / "index.json").read_text())
     assert index["num_chunks"] == 7 and index["embed_dim"] == 32
 
@@ -278,9 +279,12 @@ def test_float32_cache_stores_the_encoder_output_exactly(single, train, clip, pr
 # -- resumption ----------------------------------------------------------------------------------
 def test_interrupted_extract_resumes_and_matches_an_uninterrupted_run(single, train, clip, proposals, tmp_path):
     out = tmp_path / "resumed"
-    with pytest.raises(KeyboardInterrupt):
-        extract_features(clip, train, proposals, out, CHUNK, batch_size=BATCH, progress=False, stop_after_chunks=1)
-    assert sorted(p.name for p in out.iterdir()) == ["chunk_00000.safetensors"]  # no temp file, no index
+    report = extract_features(clip, train, proposals, out, CHUNK, batch_size=BATCH, progress=False, max_chunks=1)
+    assert (report["chunks_written"], report["chunks_remaining"]) == (1, 6)
+    names = sorted(p.name for p in out.iterdir() if not p.name.startswith(".lock"))
+    assert names == ["chunk_00000.safetensors", "plan.json"]  # no temp file, no index
+    with pytest.raises(OvdError, match="is not committed"):
+        FeatureCache(out)
     report = extract_features(clip, train, proposals, out, CHUNK, batch_size=BATCH, progress=False)
     assert report["chunks_skipped"] == 1 and report["chunks_written"] == 6
     merge_cache(out)

@@ -1,5 +1,5 @@
-"""The shipped COCO / LVIS configs: they load, their ResNet-50-FPN detector and ViT-B-32 CLIP build
-(randomly initialised: no weights are shipped), backbone weights files load or are refused, and
+"""The shipped COCO / LVIS configs: they load, their ResNet-50-FPN detectors and (shared) ViT-B-32 CLIP
+build (randomly initialised: no weights are shipped), backbone weights files load or are refused, and
 ``build_backbone`` matches torchvision's ``resnet_fpn_backbone``. LVIS v1 image paths come from coco_url."""
 
 from __future__ import annotations
@@ -95,6 +95,30 @@ def test_coco_model_frozen_stages(coco_model):
     # everything after the backbone body trains
     assert all(p.requires_grad for p in coco_model.backbone.fpn.parameters())
     assert all(p.requires_grad for p in coco_model.roi_heads.parameters())
+
+
+# --- the LVIS detector -----------------------------------------------------------------------------
+def test_lvis_config_builds_its_detector_and_shares_the_coco_clip():
+    """The LVIS config is built, not only loaded: its R50-FPN detector with LVIS's own detection
+    settings runs a forward pass over an LVIS-sized vocabulary (1,203 classes). Its CLIP section
+    is the COCO config's (inherited), which test_coco_clip_builds_random_vit_b_32 builds."""
+    from omegaconf import OmegaConf
+
+    torch.manual_seed(0)
+    cfg = load_config(LVIS, SMALL)
+    assert OmegaConf.to_container(cfg.clip) == OmegaConf.to_container(load_config(COCO).clip)
+    model = build_model(cfg.model, 512)
+    assert model.roi_heads.detections_per_img == 300
+    assert model.roi_heads.score_thresh == pytest.approx(1e-4)
+    assert model.backbone.out_channels == 256
+    assert isinstance(model.backbone.body.bn1, FrozenBatchNorm2d)
+    model.eval()
+    model.set_vocabulary(torch.nn.functional.normalize(torch.randn(1203, 512), dim=-1))
+    with torch.no_grad():
+        out = model([torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))])
+    n = len(out[0]["scores"])
+    assert 0 < n <= 300 and out[0]["boxes"].shape == (n, 4)
+    assert ((out[0]["labels"] >= 1) & (out[0]["labels"] <= 1203)).all()
 
 
 def test_backbone_weights_file_loads(tmp_path):

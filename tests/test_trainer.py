@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -51,28 +52,149 @@ def cfg_for(setup, mini_world, work: Path, *extra: str):
     )
 
 
+def _assert_equal_tensors(a, b, where: str = "") -> None:
+    """Bit-exact equality of nested checkpoint contents (dicts / lists of tensors and numbers)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            _assert_equal_tensors(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_equal_tensors(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
 def test_resume_after_interruption_equals_an_uninterrupted_run(setup, mini_world, tmp_path):
-    full = run_train(cfg_for(setup, mini_world, tmp_path / "a"), progress=False)
-    assert full["iterations"] == 4  # 4 images / batch 2 x 2 epochs
-    cfg_b = cfg_for(setup, mini_world, tmp_path / "b")
+    """README: a run killed and resumed ends with the same weights as an uninterrupted one — bit for
+    bit (model, optimizer, schedule, RNG), over several iterations after the resume."""
+    full = run_train(cfg_for(setup, mini_world, tmp_path / "a", "train.epochs=3"), progress=False)
+    assert full["iterations"] == 6  # 4 images / batch 2 x 3 epochs
+    cfg_b = cfg_for(setup, mini_world, tmp_path / "b", "train.epochs=3")
+    # killed twice, mid-epoch both times: in the warm-up, and after the lr step (epoch 1)
     with pytest.raises(KeyboardInterrupt):
-        run_train(cfg_b, progress=False, stop_after=3)
+        run_train(cfg_b, progress=False, stop_after=1)
+    assert load_checkpoint(tmp_path / "b" / "train" / "last.pt")["iteration"] == 1
+    with pytest.raises(KeyboardInterrupt):
+        run_train(cfg_b, progress=False, stop_after=2)
     assert load_checkpoint(tmp_path / "b" / "train" / "last.pt")["iteration"] == 3
     # a line logged after the last checkpoint (a kill between the two) is replayed, not duplicated
     log = tmp_path / "b" / "train" / "log.jsonl"
     log.write_text(log.read_text() + json.dumps({"iter": 4, "loss": 0.0}) + "\n")
     resumed = run_train(cfg_b, progress=False)
-    assert resumed["iterations"] == 4
-    a = load_checkpoint(tmp_path / "a" / "train" / "final.pt")["model"]
-    b = load_checkpoint(tmp_path / "b" / "train" / "final.pt")["model"]
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-6), k
-    # the JSONL log has one line per iteration, the resumed run appending after the interruption
+    assert resumed["iterations"] == 6
+    for name in ("last.pt", "final.pt"):
+        a = load_checkpoint(tmp_path / "a" / "train" / name)
+        b = load_checkpoint(tmp_path / "b" / "train" / name)
+        assert a["iteration"] == b["iteration"] == 6
+        for key in ("model", "optimizer", "scheduler", "text"):
+            assert a[key] is not None
+            _assert_equal_tensors(a[key], b[key], f"{name}:{key}")
+        if name == "last.pt":
+            assert a["optimizer"]["state"]  # AdamW moments are there, and compared
+            _assert_equal_tensors(a["torch_rng"], b["torch_rng"], "torch_rng")
+    # the JSONL log has one line per iteration, the resumed run appending after the interruption,
+    # and the losses of the resumed iterations are the uninterrupted run's, exactly
     lines = [json.loads(x) for x in (tmp_path / "b" / "train" / "log.jsonl").read_text().splitlines()]
-    assert [r["iter"] for r in lines] == [1, 2, 3, 4]
+    ref = [json.loads(x) for x in (tmp_path / "a" / "train" / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in lines] == [1, 2, 3, 4, 5, 6]
+    assert lines == ref
     assert all({"loss", "lr", "loss_classifier", "loss_box_reg", "loss_objectness"} <= set(r) for r in lines)
     assert "loss_distill" not in lines[0]  # model.distill=false switches the term off
+
+
+def test_resume_refuses_other_inputs_naming_every_changed_key(setup, mini_world, tmp_path):
+    """README: resuming a run made from other inputs is refused. Every input that shapes the result
+    is recorded and compared: seed, train annotations (path + content), image folder, split, CLIP."""
+    import shutil
+
+    root, _ = setup
+    train_json = Path(shutil.copy(root / "train4.json", tmp_path / "train.json"))
+    clip_dir = tiny_clip_dir(tmp_path / "clip", seed=0)
+    ov = [f"data.train_json={train_json}", f"clip.model=local-dir:{clip_dir}", "train.epochs=2"]
+    with pytest.raises(KeyboardInterrupt):
+        run_train(cfg_for(setup, mini_world, tmp_path / "w", *ov), progress=False, stop_after=1)
+    last = tmp_path / "w" / "train" / "last.pt"
+    meta = load_checkpoint(last)["meta"]
+    inputs = meta["inputs"]
+    assert inputs["seed"] == 0
+    assert inputs["data.train_json"] == str(train_json.resolve())
+    assert inputs["data.train_json.sha1"] == hashlib.sha1(train_json.read_bytes()).hexdigest()
+    assert inputs["data.image_root"] == str((mini_world / "det" / "images").resolve())
+    assert inputs["data.split.base_names"] == json.loads((mini_world / "split.json").read_text())["base"]
+    assert inputs["clip.source"] == f"local-dir:{clip_dir.resolve()}" and inputs["clip.fingerprint"]
+    assert "feature_cache.generation" not in inputs  # model.distill=false: no cache is read
+    before = last.read_bytes()
+
+    def refused(*extra: str) -> str:
+        with pytest.raises(OvdError) as e:
+            run_train(cfg_for(setup, mini_world, tmp_path / "w", *ov, *extra), progress=False)
+        assert last.read_bytes() == before  # the refused run left the checkpoint alone
+        msg = str(e.value)
+        assert str(last) in msg and "train.out" in msg
+        return msg
+
+    # the seed (image order, flips, RoI sampling)
+    assert "seed: 0 -> 1" in refused("seed=1")
+    # the train annotations' content, at the same path
+    data = json.loads(train_json.read_text())
+    data["annotations"] = data["annotations"][1:]
+    train_json.write_text(json.dumps(data))
+    new_sha = hashlib.sha1(train_json.read_bytes()).hexdigest()
+    msg = refused()
+    assert f"data.train_json.sha1: '{inputs['data.train_json.sha1']}' -> '{new_sha}'" in msg
+    assert "data.train_json:" not in msg and "seed" not in msg  # only what changed is named
+    shutil.copy(root / "train4.json", train_json)
+    # the image folder (same files, another place)
+    images = tmp_path / "images"
+    for im in data["images"]:
+        (images / im["file_name"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(mini_world / "det" / "images" / im["file_name"], images / im["file_name"])
+    assert f"data.image_root: '{inputs['data.image_root']}' -> '{images.resolve()}'" in refused(
+        f"data.image_root={images}"
+    )
+    # the split's base classes (one base class moved to novel)
+    split = json.loads((mini_world / "split.json").read_text())
+    moved = split["base"].pop()
+    split["novel"].append(moved)
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    n = len(split["base"])
+    assert f"data.split.base_names: {n + 1} -> {n} entries (without {[moved]!r})" in refused(
+        f"data.split={tmp_path / 'split.json'}"
+    )
+    # several changes at once: one error naming each of them
+    msg = refused("seed=2", "train.lr=0.002", "model.representation_size=128")
+    for part in ("seed: 0 -> 2", "train.lr: 0.001 -> 0.002", "model.representation_size: 256 -> 128"):
+        assert part in msg, msg
+    # the same inputs again: the run resumes and finishes
+    assert run_train(cfg_for(setup, mini_world, tmp_path / "w", *ov), progress=False)["iterations"] == 4
+    # other CLIP weights in the same folder (e.g. the tiny CLIP pre-trained again)
+    before = last.read_bytes()
+    tiny_clip_dir(clip_dir, seed=1)
+    msg = refused()
+    assert f"clip.fingerprint: '{inputs['clip.fingerprint']}' -> " in msg and "clip.source" not in msg
+
+
+def test_resume_refuses_another_feature_cache(setup, mini_world, tmp_path):
+    """Distilling, the feature cache's committed content is an input too: a cache extracted again
+    with other boxes is refused on resume."""
+    from ovd.mining.feature_cache import run_extract
+
+    ov = ["model.distill=true", "miner.enabled=false", "adapter.enabled=false", "train.epochs=2"]
+    cfg = cfg_for(setup, mini_world, tmp_path / "w", *ov, "extract.random_boxes=2")
+    run_extract(cfg, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(cfg, progress=False, stop_after=1)
+    last = tmp_path / "w" / "train" / "last.pt"
+    generation = load_checkpoint(last)["meta"]["inputs"]["feature_cache.generation"]
+    assert generation
+    cfg3 = cfg_for(setup, mini_world, tmp_path / "w", *ov, "extract.random_boxes=3")
+    run_extract(cfg3, overwrite=True, progress=False)
+    with pytest.raises(OvdError, match=rf"feature_cache\.generation: '{generation}' -> '[^']+'"):
+        run_train(cfg3, progress=False)
 
 
 def test_named_schedules():

@@ -231,8 +231,12 @@ def load_detection_dataset(
     image_root: str | os.PathLike | None = None,
     lvis: bool | None = None,
     drop_degenerate: bool = True,
+    check_images: bool = False,
 ) -> DetectionDataset:
-    """Load a COCO- or LVIS-format annotation file (``lvis=None`` detects the format)."""
+    """Load a COCO- or LVIS-format annotation file (``lvis=None`` detects the format).
+
+    ``check_images``: also open every image's header now (:func:`ovd.data.images.check_image_files`:
+    exists, readable, size as annotated), for runs that will read every image later (training)."""
     path = Path(path)
     data = read_json(path, "annotation file")
     if not isinstance(data, dict):
@@ -242,7 +246,7 @@ def load_detection_dataset(
     if dropped:
         warnings.warn(f"{path}: skipped {dropped} annotation(s) with non-positive box width/height", stacklevel=2)
     api = _build_api(data, is_lvis)
-    return DetectionDataset(
+    ds = DetectionDataset(
         path=path,
         data=data,
         api=api,
@@ -250,3 +254,8 @@ def load_detection_dataset(
         image_root=Path(image_root) if image_root else None,
         num_dropped_degenerate=dropped,
     )
+    if check_images:
+        from ovd.data.images import check_image_files
+
+        check_image_files(ds)
+    return ds

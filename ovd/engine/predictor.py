@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from ovd.errors import OvdError
+from ovd.errors import OvdError, describe
 
 
 def model_from_checkpoint(state: dict, path: str | os.PathLike = "checkpoint") -> torch.nn.Module:
@@ -35,19 +35,31 @@ def model_from_checkpoint(state: dict, path: str | os.PathLike = "checkpoint") -
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
-        raise OvdError(f"{path}: weights do not fit the model it records: {str(e).splitlines()[0][:300]}") from None
+        raise OvdError(f"{path}: weights do not fit the model it records: {describe(e, 300, lines=2)}") from None
     return model.eval()
 
 
-def parse_classes(classes: str | Sequence[str]) -> list[str]:
-    """Class names from a list or a comma-separated string; empty or duplicate names are errors."""
-    names = [c.strip() for c in (classes.split(",") if isinstance(classes, str) else classes)]
+def parse_classes(classes: str | Sequence[str], clean=None) -> list[str]:
+    """Class names from a list or a comma-separated string; empty or duplicate names are errors.
+
+    Duplicates are found the way the CLIP tokenizer reads names (``clean``: its cleaning function,
+    default open_clip's: lower-cased, whitespace collapsed), so "red square" and "Red Square" —
+    one text embedding — are refused rather than silently becoming two identical classes."""
+    from ovd.vlm.clip import describe_clash, vocabulary_clash
+
+    try:
+        names = classes.split(",") if isinstance(classes, str) else list(classes)
+    except TypeError:
+        names = None
+    if names is None or not all(isinstance(c, str) for c in names):
+        raise OvdError(f"classes must be a comma-separated string or a list of strings, got {classes!r:.80}")
+    names = [c.strip() for c in names]
     names = [c for c in names if c]
     if not names:
         raise OvdError("empty class list: give at least one class name, e.g. --classes 'red circle,blue star'")
-    dup = sorted({c for c in names if names.count(c) > 1})
-    if dup:
-        raise OvdError(f"duplicate class names: {', '.join(dup)}")
+    clash = vocabulary_clash(names, clean)
+    if clash:
+        raise OvdError(f"duplicate class names: {describe_clash(clash)}")
     return names
 
 
@@ -55,12 +67,12 @@ def as_image_tensor(image) -> torch.Tensor:
     """A path, PIL image, HxWx3 uint8 array or 3xHxW float tensor in [0, 1] → 3xHxW float tensor."""
     from PIL import Image
 
-    from ovd.data.images import load_image
+    from ovd.data.images import load_image, pil_to_tensor
 
     if isinstance(image, (str, os.PathLike)):
         return load_image(image)
     if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
+        return pil_to_tensor(image, "PIL image")
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise OvdError(f"expected an HxWx3 image array, got shape {image.shape}")
@@ -106,7 +118,10 @@ class Detector:
 
     def set_classes(self, classes: str | Sequence[str]) -> list[str]:
         """Detect these classes from now on (names → CLIP text embeddings → classifier)."""
-        names = parse_classes(classes)
+        from ovd.vlm.clip import tokenizer_clean
+
+        tok = getattr(self.clip, "tokenizer", None)
+        names = parse_classes(classes, tokenizer_clean(tok) if tok is not None else None)
         if names != self.classes:
             self.model.set_vocabulary(self.clip.encode_text(names, self.templates))
             self.classes = names

@@ -56,6 +56,9 @@ def load_detections(dets: str | os.PathLike | list, gt: DetectionDataset) -> lis
         bb = d.get("bbox")
         if not (isinstance(bb, list) and len(bb) == 4 and all(_is_num(v) for v in bb)):
             bad.append(f"[{i}]: 'bbox' must be 4 finite numbers [x, y, w, h], got {bb!r:.80}")
+        elif bb[2] <= 0 or bb[3] <= 0:
+            # the official APIs silently drop such a box (as if never detected): refuse instead
+            bad.append(f"[{i}]: 'bbox' [x, y, w, h] needs width and height > 0, got {bb!r:.80}")
         if not _is_num(d.get("score")):
             bad.append(f"[{i}]: 'score' must be a finite number, got {d.get('score')!r}")
     if bad:

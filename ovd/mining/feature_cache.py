@@ -4,8 +4,12 @@ Layout of a cache folder::
 
     chunk_00000.safetensors   boxes (M, 4 xyxy f32), embeddings (M, D f16/f32), weights (M f32),
     chunk_00001.safetensors   is_gt (M u8), image_ids (M i64); metadata: format, fingerprint of the
-    ...                       CLIP (+ adapter), embed_dim, chunk number and its image ids
-    index.json                written by the merge: image_id -> [chunk, start, count]
+    ...                       CLIP (+ adapter), embed_dim, chunk number, its image ids, the hash of
+                              what it was computed from ("content"), a hash of its tensors, and a
+                              write id derived from both
+    plan.json                 what the current inputs make of each chunk (layout, CLIP, content hashes)
+    index.json                the commit record: chunk -> write id, image_id -> [chunk, start, count]
+    .lock                     held by a writer of this folder (see ovd.utils.lock)
 
 The train images are cut into fixed chunks (``extract.chunk_size`` images, dataset order), and a
 chunk is the unit of work, of resumption and of sharding:
@@ -14,6 +18,19 @@ chunk is the unit of work, of resumption and of sharding:
   * ``--shard i/N`` (or torchrun's RANK / WORLD_SIZE) takes chunks c with c % N == i, so any
     number of processes or machines split the work deterministically; the merge only indexes the
     chunk files, so its result is exactly the single-process one (same chunks, same batches).
+
+Commit protocol (readers see a complete cache or refuse, never a mix of two runs):
+  1. a writer that has any chunk to (re)write first removes ``index.json``: from then on readers
+     refuse the folder until a complete new state is committed;
+  2. it records the plan (the content hash every chunk must have for the current inputs);
+  3. the merge indexes the chunks only if every chunk of the plan is on disk with exactly the
+     planned content and one CLIP, and writes ``index.json`` last, atomically, naming each chunk's
+     write id;
+  4. a reader checks every chunk's header against the index (chunk number, write id, file size) —
+     cheap, every time — and the tensors' hashes with ``verify=True``. A chunk rewritten after the
+     commit, by anyone, is therefore detected instead of being read as another image's rows.
+Writers of one shard are serialised by a lock (a second one stops with "in use by PID ..."); the
+shards of one job may run at once, as they write disjoint chunks and identical plans.
 """
 
 from __future__ import annotations
@@ -26,12 +43,17 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ovd.errors import OvdError
-from ovd.utils.io import atomic_path, read_json, write_json
+from ovd.utils.io import atomic_path, crash_point, read_json, remove_stale_temps, write_json
+from ovd.utils.lock import OutputLock
 
-CACHE_FORMAT = "ovd-feature-cache/1"
+CACHE_FORMAT = "ovd-feature-cache/2"
+INDEX = "index.json"
+PLAN = "plan.json"
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
@@ -40,9 +62,8 @@ def chunk_path(folder: Path, c: int) -> Path:
 
 
 def _read_meta(path: Path) -> dict | None:
-    """Metadata of a chunk file, or None if it is unreadable (treated as absent and recomputed)."""
-    from safetensors import safe_open
-
+    """Metadata of a chunk file, or None if it is unreadable or of another format (treated as absent
+    and recomputed)."""
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -79,6 +100,7 @@ def check_compatible(folder: Path, clip, overwrite: bool = False, chunk_size: in
             continue
         if overwrite:
             if chunk_size is not None and int(meta.get("chunk_size", -1)) != chunk_size:
+                _invalidate_index(folder)
                 p.unlink(missing_ok=True)
             continue
         if chunk_size is not None and int(meta.get("chunk_size", -1)) != chunk_size:
@@ -143,6 +165,49 @@ def _chunk_item(rec: dict, proposals: dict, include_gt: bool, gt_cat_ids: set[in
     return {"image_id": rec["image_id"], "path": rec["path"], "boxes": b_t, "weights": w_t, "is_gt": is_gt}
 
 
+def _tensors_hash(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over a chunk's tensors (name, dtype, shape, bytes): what ``verify=True`` recomputes."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def plan_chunks(dataset, proposals, chunk_size: int, dtype: str, include_gt: bool, gt_cat_ids) -> list[list[dict]]:
+    """The items of every chunk (no image loaded): the work plan every shard agrees on."""
+    n_img = len(dataset)
+    n_chunks = max(1, -(-n_img // chunk_size))
+    return [
+        [
+            _chunk_item(dataset.record(i), proposals, include_gt, gt_cat_ids)
+            for i in range(c * chunk_size, min(n_img, (c + 1) * chunk_size))
+        ]
+        for c in range(n_chunks)
+    ]
+
+
+def _write_plan(folder: Path, plan: dict) -> None:
+    """Record what each chunk must hold; identical for every shard of one job, so shards may race."""
+    path = folder / PLAN
+    if path.is_file():
+        try:
+            if read_json(path, "feature cache plan") == plan:
+                return
+        except OvdError:
+            pass  # unreadable: rewritten below
+    write_json(path, plan, indent=None)
+
+
+def _invalidate_index(folder: Path) -> None:
+    """Step 1 of the commit protocol: before any chunk changes, readers lose the old commit."""
+    index = folder / INDEX
+    if index.exists():
+        index.unlink()
+        crash_point(f"removed {index.name}")
+
+
 def extract_features(
     clip,
     dataset,
@@ -156,10 +221,10 @@ def extract_features(
     overwrite: bool = False,
     batch_size: int = 256,
     progress: bool = True,
-    stop_after_chunks: int | None = None,
+    max_chunks: int | None = None,
 ) -> dict:
-    """Encode this shard's chunks that are not on disk yet. ``stop_after_chunks`` simulates a kill
-    (tests)."""
+    """Encode this shard's chunks that are not on disk yet (at most ``max_chunks`` of them in this
+    call: bounded work per job, e.g. on a preemptible queue; the next call goes on)."""
     from ovd.data.images import load_image
 
     if dtype not in DTYPES:
@@ -168,94 +233,123 @@ def extract_features(
         raise OvdError("extract.chunk_size must be >= 1")
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    check_compatible(folder, clip, overwrite, chunk_size)
-    n_img = len(dataset)
-    n_chunks = max(1, -(-n_img // chunk_size))
-    mine = [c for c in range(n_chunks) if c % shard[1] == shard[0]]
-    done = skipped = 0
-    t0 = time.time()
-    n_boxes = 0
-    for c in tqdm(mine, desc=f"extract shard {shard[0]}/{shard[1]}", disable=not progress):
-        idx = range(c * chunk_size, min(n_img, (c + 1) * chunk_size))
-        items = [_chunk_item(dataset.record(i), proposals, include_gt, gt_cat_ids) for i in idx]
-        content = _content_hash(items, dtype)
-        path = chunk_path(folder, c)
-        meta = _read_meta(path) if path.exists() else None
-        if path.exists() and meta is None:
-            warnings.warn(f"{path} is unreadable; recomputing it", stacklevel=2)
-        if (
-            meta is not None
-            and not overwrite
-            and meta["fingerprint"] == clip.fingerprint()
-            and meta.get("content") == content
-        ):
-            skipped += 1
-            continue
-        if stop_after_chunks is not None and done >= stop_after_chunks:
-            raise KeyboardInterrupt(f"stopped after {done} chunks (simulated interruption)")
-        for it in items:
-            it["image"] = load_image(it.pop("path")) if len(it["boxes"]) else torch.zeros(3, 1, 1)
-        tensors = encode_chunk(clip, items, DTYPES[dtype], batch_size)
-        n_boxes += len(tensors["boxes"])
-        meta = {
-            "format": CACHE_FORMAT,
-            "fingerprint": clip.fingerprint(),
-            "clip_source": clip.source,
-            "embed_dim": str(clip.embed_dim),
-            "chunk": str(c),
-            "num_chunks": str(n_chunks),
-            "chunk_size": str(chunk_size),
-            "content": content,
-            "image_ids": json.dumps([it["image_id"] for it in items]),
-        }
-        from safetensors.torch import save_file
-
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
-        done += 1
+    with OutputLock(
+        folder / f".lock-shard-{shard[0]}-of-{shard[1]}", f"feature cache {folder} (shard {shard[0]}/{shard[1]})"
+    ):
+        check_compatible(folder, clip, overwrite, chunk_size)
+        chunks = plan_chunks(dataset, proposals, chunk_size, dtype, include_gt, gt_cat_ids)
+        n_chunks = len(chunks)
+        contents = [_content_hash(items, dtype) for items in chunks]
+        fingerprint = clip.fingerprint()
+        mine = [c for c in range(n_chunks) if c % shard[1] == shard[0]]
+        remove_stale_temps(folder)  # of killed writers only: a live shard's files stay
+        todo = []
+        for c in mine:
+            path = chunk_path(folder, c)
+            meta = _read_meta(path) if path.exists() else None
+            if path.exists() and meta is None:
+                warnings.warn(f"{path} is unreadable; recomputing it", stacklevel=2)
+            fresh = meta is not None and meta["fingerprint"] == fingerprint and meta.get("content") == contents[c]
+            if overwrite or not fresh or "write_id" not in meta or meta.get("chunk_size") != str(chunk_size):
+                todo.append(c)
+        if todo:
+            _invalidate_index(folder)
+        _write_plan(folder, {"format": CACHE_FORMAT, "fingerprint": fingerprint, "chunk_size": chunk_size,
+                             "num_chunks": n_chunks, "contents": contents})  # fmt: skip
+        t0 = time.time()
+        n_boxes = done = 0
+        for c in tqdm(todo[:max_chunks], desc=f"extract shard {shard[0]}/{shard[1]}", disable=not progress):
+            items = chunks[c]
+            for it in items:
+                it["image"] = load_image(it.pop("path")) if len(it["boxes"]) else torch.zeros(3, 1, 1)
+            tensors = encode_chunk(clip, items, DTYPES[dtype], batch_size)
+            for it in items:
+                it.pop("image")  # the plan outlives the chunk: free its pixels now
+            n_boxes += len(tensors["boxes"])
+            meta = {
+                "format": CACHE_FORMAT,
+                "fingerprint": fingerprint,
+                "clip_source": clip.source,
+                "embed_dim": str(clip.embed_dim),
+                "chunk": str(c),
+                "num_chunks": str(n_chunks),
+                "chunk_size": str(chunk_size),
+                "content": contents[c],
+                "image_ids": json.dumps([it["image_id"] for it in items]),
+                "tensors_sha256": _tensors_hash(tensors),
+            }
+            # derived from what the chunk holds (not random), so identical runs give identical caches,
+            # while any rewrite with other content gets another id
+            meta["write_id"] = hashlib.sha1(
+                f"{fingerprint}|{contents[c]}|{meta['tensors_sha256']}".encode()
+            ).hexdigest()
+            with atomic_path(chunk_path(folder, c)) as tmp:
+                save_file(tensors, str(tmp), metadata=meta)
+            done += 1
     return {
         "out": str(folder),
         "shard": f"{shard[0]}/{shard[1]}",
         "chunks_total": n_chunks,
         "chunks_written": done,
-        "chunks_skipped": skipped,
+        "chunks_skipped": len(mine) - len(todo),
+        "chunks_remaining": len(todo) - done,
         "boxes_written": n_boxes,
         "seconds": round(time.time() - t0, 1),
     }
 
 
-def merge_cache(out: str | os.PathLike) -> dict:
-    """Index every chunk of a complete cache → ``index.json``. Errors if a chunk is missing."""
-    from safetensors import safe_open
-
-    folder = Path(out)
-    files = sorted(folder.glob("chunk_*.safetensors"))
-    if not files:
-        raise OvdError(f"feature cache {folder} has no chunk files: run `ovd extract` first")
+def _chunk_metas(folder: Path) -> dict[int, tuple[Path, dict]]:
     metas = {}
-    for p in files:
+    for p in sorted(folder.glob("chunk_*.safetensors")):
         meta = _read_meta(p)
         if meta is None:
             raise OvdError(f"feature cache chunk {p} is unreadable: rerun `ovd extract` to recompute it")
         metas[int(meta["chunk"])] = (p, meta)
-    first = next(iter(metas.values()))[1]
-    n_chunks = int(first["num_chunks"])
+    return metas
+
+
+def merge_cache(out: str | os.PathLike) -> dict:
+    """Commit a complete cache: index every chunk of the plan → ``index.json`` (written last).
+
+    Refuses (one error, nothing written) if a chunk is missing, unreadable, of another layout or
+    CLIP, or holds other content than the current plan (a chunk of an earlier or a concurrent run).
+    """
+    folder = Path(out)
+    if not list(folder.glob("chunk_*.safetensors")):
+        raise OvdError(f"feature cache {folder} has no chunk files: run `ovd extract` first")
+    metas = _chunk_metas(folder)
+    plan = read_json(folder / PLAN, "feature cache plan") if (folder / PLAN).is_file() else None
+    if plan is None or plan.get("format") != CACHE_FORMAT:
+        raise OvdError(
+            f"feature cache {folder} has no plan of this ovd version: rerun `ovd extract` (with --overwrite)"
+        )
+    n_chunks = int(plan["num_chunks"])
     missing = [c for c in range(n_chunks) if c not in metas]
     if missing:
         raise OvdError(
             f"feature cache {folder} is incomplete: chunks {missing[:10]}{' ...' if len(missing) > 10 else ''} "
             f"of {n_chunks} are missing (run the remaining --shard jobs)"
         )
-    layouts = {(m["num_chunks"], m.get("chunk_size")) for _, m in metas.values()}
+    layouts = {(m["num_chunks"], m.get("chunk_size")) for c, (_, m) in metas.items() if c < n_chunks}
+    layouts.add((str(n_chunks), str(plan["chunk_size"])))
     if len(layouts) > 1:
         raise OvdError(
             f"feature cache {folder} mixes chunks of different layouts (chunk sizes "
             f"{sorted({str(c) for _, c in layouts})}): rerun `ovd extract` with --overwrite"
         )
-    fps = {m["fingerprint"] for _, m in metas.values()}
+    fps = {metas[c][1]["fingerprint"] for c in range(n_chunks)}
     if len(fps) > 1:
         raise OvdError(f"feature cache {folder} mixes chunks made with different CLIPs: recompute with --overwrite")
+    stale = [
+        c for c in range(n_chunks) if metas[c][1].get("content") != plan["contents"][c] or fps != {plan["fingerprint"]}
+    ]
+    if stale:
+        raise OvdError(
+            f"feature cache {folder}: chunks {stale[:10]}{' ...' if len(stale) > 10 else ''} were computed from "
+            f"other inputs than the current plan (an interrupted or concurrent run): rerun `ovd extract`"
+        )
     images: dict[str, list[int]] = {}
+    chunks = []
     total = 0
     for c in range(n_chunks):
         p, meta = metas[c]
@@ -270,33 +364,82 @@ def merge_cache(out: str | os.PathLike) -> dict:
             images[str(img_id)] = [c, start, n]
             start += n
         total += len(ids)
+        chunks.append({"file": p.name, "write_id": meta["write_id"], "bytes": p.stat().st_size,
+                       "tensors_sha256": meta["tensors_sha256"]})  # fmt: skip
+    generation = hashlib.sha1(json.dumps([c["write_id"] for c in chunks]).encode()).hexdigest()
     index = {
         "format": CACHE_FORMAT,
-        "fingerprint": first["fingerprint"],
-        "clip_source": first["clip_source"],
-        "embed_dim": int(first["embed_dim"]),
+        "generation": generation,
+        "fingerprint": plan["fingerprint"],
+        "clip_source": metas[0][1]["clip_source"],
+        "embed_dim": int(metas[0][1]["embed_dim"]),
         "num_chunks": n_chunks,
         "num_boxes": total,
+        "chunks": chunks,
         "images": images,
     }
-    write_json(folder / "index.json", index, indent=None)
-    return {k: v for k, v in index.items() if k != "images"} | {"num_images": len(images)}
+    write_json(folder / INDEX, index, indent=None)
+    # chunk files beyond the committed layout can never be read again
+    for c, (p, _) in metas.items():
+        if c >= n_chunks:
+            p.unlink(missing_ok=True)
+    return {k: v for k, v in index.items() if k not in ("images", "chunks")} | {"num_images": len(images)}
 
 
 class FeatureCache:
-    """Read access for the detector: per image, boxes + CLIP embeddings + weights (+ is_gt)."""
+    """Read access for the detector: per image, boxes + CLIP embeddings + weights (+ is_gt).
 
-    def __init__(self, folder: str | os.PathLike, embed_dim: int | None = None):
+    Opening checks every chunk against the commit record (header only: cheap); ``verify=True``
+    also re-hashes every chunk's tensors.
+    """
+
+    def __init__(self, folder: str | os.PathLike, embed_dim: int | None = None, verify: bool = False):
         self.folder = Path(folder)
-        self.index = read_json(self.folder / "index.json", "feature cache index")
-        if self.index.get("format") != CACHE_FORMAT:
-            raise OvdError(f"{self.folder}/index.json is not an ovd feature cache index")
+        index_path = self.folder / INDEX
+        if not index_path.is_file() and list(self.folder.glob("chunk_*.safetensors")):
+            raise OvdError(
+                f"feature cache {self.folder} is not committed (no {INDEX}: an extract run is going on, was "
+                f"interrupted, or shards are missing): run `ovd extract` to complete it"
+            )
+        self.index = read_json(index_path, "feature cache index")
+        if not isinstance(self.index, dict) or self.index.get("format") != CACHE_FORMAT:
+            fmt = self.index.get("format") if isinstance(self.index, dict) else None
+            hint = (
+                " made by an older ovd: rerun `ovd extract --overwrite`"
+                if str(fmt).startswith("ovd-feature-cache")
+                else ""
+            )
+            raise OvdError(f"{index_path} is not an ovd feature cache index of this version{hint}")
         self.embed_dim = int(self.index["embed_dim"])
         if embed_dim is not None and embed_dim != self.embed_dim:
             raise OvdError(
                 f"feature cache {self.folder} holds {self.embed_dim}-d CLIP embeddings, the model expects {embed_dim}-d"
             )
+        self.generation: str = self.index["generation"]
         self._chunks: dict[int, dict[str, torch.Tensor]] = {}
+        for c in range(self.index["num_chunks"]):
+            self._check_chunk(c)
+        if verify:
+            for c in range(self.index["num_chunks"]):
+                if _tensors_hash(self._chunk(c)) != self.index["chunks"][c]["tensors_sha256"]:
+                    raise OvdError(f"feature cache chunk {chunk_path(self.folder, c)} is corrupt (its tensors' hash "
+                                   f"differs from the one recorded): rerun `ovd extract --overwrite`")  # fmt: skip
+
+    def _check_chunk(self, c: int) -> None:
+        rec = self.index["chunks"][c]
+        path = chunk_path(self.folder, c)
+        meta = _read_meta(path) if path.is_file() else None
+        if (
+            meta is None
+            or meta.get("write_id") != rec["write_id"]
+            or meta.get("chunk") != str(c)
+            or path.stat().st_size != rec["bytes"]
+        ):
+            state = "missing" if not path.is_file() else "unreadable" if meta is None else "rewritten"
+            raise OvdError(
+                f"feature cache {self.folder}: chunk {path.name} is {state} since the cache was committed "
+                f"(another extract run changed it): rerun `ovd extract` to commit a complete cache"
+            )
 
     def __len__(self) -> int:
         return len(self.index["images"])
@@ -306,8 +449,6 @@ class FeatureCache:
 
     def _chunk(self, c: int) -> dict[str, torch.Tensor]:
         if c not in self._chunks:
-            from safetensors.torch import load_file
-
             self._chunks[c] = load_file(str(chunk_path(self.folder, c)))
         return self._chunks[c]
 
@@ -358,7 +499,7 @@ def run_extract(
     e = cfg.extract
     report: dict = {}
     if not merge_only:
-        train = load_detection_dataset(cfg.data.train_json, cfg.data.image_root or None)
+        train = load_detection_dataset(cfg.data.train_json, cfg.data.image_root or None, check_images=True)
         gt_ids = None
         if cfg.data.split:
             gt_ids = set(resolve_split(cfg.data.split, train.categories, source=str(train.path)).base_ids)
@@ -382,9 +523,19 @@ def run_extract(
             progress,
         )
     folder = Path(e.out)
-    n_files = len(list(folder.glob("chunk_*.safetensors")))
-    first = next(iter(sorted(folder.glob("chunk_*.safetensors"))), None)
-    meta = _read_meta(first) if first else None
-    if merge_only or (meta is not None and n_files >= int(meta["num_chunks"])):
+    if merge_only or _plan_complete(folder):
         report["index"] = merge_cache(folder)
     return report
+
+
+def _plan_complete(folder: Path) -> bool:
+    """Every chunk of the plan on disk with its planned content (the last shard to finish merges)."""
+    try:
+        plan = read_json(folder / PLAN, "feature cache plan")
+    except OvdError:
+        return False
+    for c, content in enumerate(plan.get("contents", [])):
+        meta = _read_meta(chunk_path(folder, c)) if chunk_path(folder, c).is_file() else None
+        if meta is None or meta.get("content") != content or meta.get("fingerprint") != plan.get("fingerprint"):
+            return False
+    return True

@@ -152,7 +152,21 @@ def mine_image(
 
 
 def run_mine(cfg, progress: bool = True) -> dict:
-    """``ovd mine``: mined proposals for every image of ``cfg.data.train_json`` → ``cfg.miner.out``."""
+    """``ovd mine``: mined proposals for every image of ``cfg.data.train_json`` → ``cfg.miner.out``.
+
+    One writer per output file (a lock beside it); the proposals are written atomically, then the
+    report, so a reader sees the old proposals or the new ones, never part of them."""
+    from ovd.utils.io import remove_stale_temps
+    from ovd.utils.lock import OutputLock
+
+    out = Path(cfg.miner.out)
+    with OutputLock(out.with_name(f".{out.name}.lock"), f"proposals file {out}"):
+        remove_stale_temps(out.parent, out.name)
+        remove_stale_temps(out.parent, out.with_suffix(".report.json").name)
+        return _run_mine(cfg, progress)
+
+
+def _run_mine(cfg, progress: bool = True) -> dict:
     from ovd.data.coco import load_detection_dataset
     from ovd.data.images import load_image
     from ovd.data.splits import resolve_split
@@ -164,7 +178,7 @@ def run_mine(cfg, progress: bool = True) -> dict:
         raise OvdError("mine needs data.split: its base and novel names are the miner's vocabulary")
     if m.objectness not in OBJECTNESS:
         raise OvdError(f"unknown miner.objectness '{m.objectness}' (choose from {', '.join(OBJECTNESS)})")
-    train = load_detection_dataset(cfg.data.train_json, cfg.data.image_root or None)
+    train = load_detection_dataset(cfg.data.train_json, cfg.data.image_root or None, check_images=True)
     split = resolve_split(cfg.data.split, train.categories, source=str(train.path))
     vocab = {"all": list(split.base_names) + list(split.novel_names), "base": list(split.base_names)}.get(m.vocabulary)
     if vocab is None:
@@ -194,6 +208,8 @@ def run_mine(cfg, progress: bool = True) -> dict:
                 }
             )
     seconds = time.time() - t0
+    report_path = Path(m.out).with_suffix(".report.json")
+    report_path.unlink(missing_ok=True)  # the report describes the proposals: never leave an old one beside new ones
     write_json(m.out, results, indent=None)
     report = {
         "out": str(m.out),
@@ -205,7 +221,7 @@ def run_mine(cfg, progress: bool = True) -> dict:
         "clip": clip.source,
         "adapter": str(adapter) if adapter else None,
     }
-    write_json(Path(m.out).with_suffix(".report.json"), report)
+    write_json(report_path, report)
     return report
 
 

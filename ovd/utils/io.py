@@ -1,16 +1,70 @@
-"""Small file helpers: atomic writes (never a half-written output file) and checked JSON reads."""
+"""Small file helpers: atomic writes (never a half-written output file), checked JSON reads, and the
+crash points that the fault-injection tests kill a process at.
+
+Crash points: every durable step of an output (a temporary file complete, its rename, an index
+removed) calls :func:`crash_point`. With ``OVD_CRASH_AT=N`` in the environment the process kills
+itself with SIGKILL at the N-th point; with ``OVD_CRASH_LOG=FILE`` it appends one line per point
+(how a test learns how many points a command has, to sweep all of them). Neither is set in normal
+use, where a crash point costs one dictionary lookup.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from ovd.errors import OvdError
+
+_crash_count = 0
+
+
+def crash_point(label: str) -> None:
+    """A point where a real crash could happen; see the module docstring."""
+    global _crash_count
+    if "OVD_CRASH_AT" not in os.environ and "OVD_CRASH_LOG" not in os.environ:
+        return
+    _crash_count += 1
+    log = os.environ.get("OVD_CRASH_LOG")
+    if log:
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"{_crash_count} {label}\n")
+    if os.environ.get("OVD_CRASH_AT") == str(_crash_count):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def remove_stale_temps(folder: str | os.PathLike, name_glob: str = "*") -> int:
+    """Delete the temporary files that :func:`atomic_path` calls of dead processes left in ``folder``
+    (a write killed mid-way). A temporary file's name holds its writer's PID; files of live
+    processes (another shard writing beside this one) are left alone."""
+    n = 0
+    for p in Path(folder).glob(f".{name_glob}.*.tmp"):
+        stem = p.name[: -len(".old.tmp")] if p.name.endswith(".old.tmp") else p.name[: -len(".tmp")]
+        pid = stem.rsplit(".", 2)[-2] if stem.count(".") >= 2 else ""
+        if pid.isdigit() and _alive(int(pid)):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -25,7 +79,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise OvdError(f"cannot write {path}: it is a directory")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise OvdError(f"cannot write {path}: {e.strerror or e}") from None
     os.close(fd)
@@ -36,12 +90,52 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        crash_point(f"written {tmp_path.name}")
         os.replace(tmp_path, path)
+        crash_point(f"renamed onto {path.name}")
     except OSError as e:
         raise OvdError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; on success it replaces ``path`` as a whole.
+
+    For outputs made of several files that only make sense together (a model's weights and its
+    config): a reader finds the old folder, the new one, or — for the instant between two renames,
+    or after a crash in that instant — no folder (a clear "not found"), never old and new files
+    mixed. Leftovers of a killed writer are removed by :func:`remove_stale_temps` on the parent.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OvdError(f"cannot write folder {path}: a file of that name exists")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path.parent, path.name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise OvdError(f"cannot write {path}: {e.strerror or e}") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700; give the mode a plain mkdir would
+    old = tmp.with_name(tmp.name[: -len(".tmp")] + ".old.tmp")
+    try:
+        yield tmp
+        crash_point(f"written {tmp.name}/")
+        if path.exists():
+            os.replace(path, old)
+            crash_point(f"moved {path.name} aside")
+        os.replace(tmp, path)
+        crash_point(f"renamed onto {path.name}/")
+    except OSError as e:
+        raise OvdError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:

@@ -168,7 +168,7 @@ def run_adapt(cfg, progress: bool = True) -> dict:
         raise OvdError("adapt needs data.split (the base classes whose GT crops train the adapter)")
     torch.manual_seed(cfg.seed)
     clip = clip_from_config(cfg.clip)
-    train = load_detection_dataset(cfg.data.train_json, cfg.data.image_root or None)
+    train = load_detection_dataset(cfg.data.train_json, cfg.data.image_root or None, check_images=True)
     split = resolve_split(cfg.data.split, train.categories, source=str(train.path))
     t0 = time.time()
     crops, labels = collect_gt_crops(clip, train, list(split.base_ids), cfg.adapter.max_crops, cfg.seed, progress)

@@ -15,6 +15,7 @@ embedding dimension taken from the model.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -42,6 +43,45 @@ def fill_template(template: str, name: str) -> str:
     return text
 
 
+def default_text_clean():
+    """open_clip's text cleaning for its CLIP tokenizer (``SimpleTokenizer(clean="lower")``): ftfy
+    fix, HTML unescape, whitespace collapsed, lower-cased."""
+    from open_clip.tokenizer import get_clean_fn
+
+    return get_clean_fn("lower")
+
+
+def tokenizer_clean(tokenizer):
+    """The cleaning function ``tokenizer`` applies to text before tokenizing (open_clip tokenizers
+    expose it as ``clean_fn``); open_clip's default for tokenizers that do not say."""
+    fn = getattr(tokenizer, "clean_fn", None)
+    return fn if callable(fn) else default_text_clean()
+
+
+def vocabulary_clash(names: Sequence[str], clean=None) -> tuple[str, str, str] | None:
+    """The first two class names the tokenizer reads as one text — (first, second, what it reads) —
+    or None. "red square" and "Red  Square" are one name to CLIP: one embedding for two classes."""
+    return _clash(tuple(names), clean or default_text_clean())
+
+
+@functools.lru_cache(maxsize=16)  # predict(image, classes=...) per image: LVIS's 1203 names cost ~20 ms
+def _clash(names: tuple[str, ...], clean) -> tuple[str, str, str] | None:
+    seen: dict[str, str] = {}
+    for n in names:
+        key = clean(n)
+        if key in seen:
+            return seen[key], n, key
+        seen[key] = n
+    return None
+
+
+def describe_clash(clash: tuple[str, str, str]) -> str:
+    a, b, key = clash
+    if a == b:
+        return a
+    return f"'{a}' and '{b}' are one name to the CLIP tokenizer (it reads both as '{key}')"
+
+
 @contextlib.contextmanager
 def _hub_offline(offline: bool):
     """Force the hub client into cache-only mode (it reads this flag at call time)."""
@@ -58,26 +98,51 @@ def _hub_offline(offline: bool):
         hc.HF_HUB_OFFLINE = old
 
 
-def _weights_stamp(model: str, pretrained: str | None) -> str:
-    """Size + mtime of the weights file(s), so new weights at the same path are a different CLIP."""
+def _weights_files(model: str, pretrained: str | None) -> list[Path]:
+    """The weights file(s) a CLIP is loaded from; [] for a pretrained tag or random init."""
     if model.startswith("local-dir:"):
-        files = sorted(
+        return sorted(
             p for p in Path(model[len("local-dir:") :]).iterdir() if p.suffix in (".safetensors", ".bin", ".pth")
         )
-    elif pretrained and Path(pretrained).is_file():
-        files = [Path(pretrained)]
-    else:
-        return "tag"
-    return ",".join(f"{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    if pretrained and Path(pretrained).is_file():
+        return [Path(pretrained)]
+    return []
+
+
+# sha256 of a weights file by (resolved path, size, mtime): hashing ViT-B/32 (600 MB) once per process
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: Path) -> str:
+    """Content hash of a file, cached by (path, size, mtime) so repeated fingerprints stay cheap."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _FILE_HASHES[key] = h.hexdigest()
+    return _FILE_HASHES[key]
+
+
+def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim too
+    return h.hexdigest()
 
 
 def _short_error(e: Exception) -> str:
     """One line from a loader error: the headline plus its first detail (e.g. the first mismatched key)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [e.__class__.__name__]
-    text = " ".join(lines[:2])[:300]
+    from ovd.errors import describe
+
+    text = describe(e, 300, lines=2)
     if "TorchScript" in text:
         text += " (a TorchScript archive: save its state_dict() to a .safetensors file and pass that)"
-    return f"{e.__class__.__name__}: {text}"
+    return text
 
 
 @contextlib.contextmanager
@@ -114,8 +179,9 @@ class ClipModel:
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         self.name = name
         self.source = source
-        self.adapter: str | None = None  # fingerprint of applied adapter parameters, if any
-        self.weights_stamp = ""  # size + mtime of the weights files (set by load)
+        self.adapter: str | None = None  # set by ovd.vlm.adapter.apply_adapter (its file), if any
+        self.weights_files: list[Path] = []  # the files the weights came from (set by load)
+        self.config_text = ""  # the model's open_clip config, canonical JSON (set by load)
         self._text_cache: dict[tuple, torch.Tensor] = {}
 
     # -- loading ----------------------------------------------------------------------------------
@@ -138,10 +204,20 @@ class ClipModel:
             allow_download = os.environ.get("HF_HUB_OFFLINE", "") in ("", "0", "false", "False")
         if not model.startswith(("local-dir:", "hf-hub:")) and Path(model).is_dir():
             model = f"local-dir:{model}"
+        elif not model.startswith(("local-dir:", "hf-hub:")) and ("/" in model or os.sep in model):
+            raise OvdError(
+                f"CLIP model folder not found: {model} (expected an open_clip local-dir folder with "
+                f"open_clip_config.json and weights; model names have no '/')"
+            )
         source = model if model.startswith("local-dir:") else f"{model}/{pretrained or 'random-init'}"
 
         if model.startswith("local-dir:"):
             folder = Path(model[len("local-dir:") :])
+            if not folder.is_dir():
+                raise OvdError(
+                    f"CLIP model folder not found: {folder} (expected an open_clip local-dir folder with "
+                    f"open_clip_config.json and weights)"
+                )
             if not (folder / "open_clip_config.json").is_file():
                 raise OvdError(
                     f"CLIP folder {folder} has no open_clip_config.json (expected an open_clip local-dir model)"
@@ -171,6 +247,13 @@ class ClipModel:
                         f"CLIP weights '{pretrained}' for {model}: no such file, and not a known pretrained tag "
                         f"({', '.join(tags) or 'none'})"
                     )
+        from ovd.utils.checkpoint import check_nonempty
+
+        for f in _weights_files(model, pretrained):
+            try:
+                check_nonempty(f, "weights file")
+            except OvdError as e:
+                raise OvdError(f"could not load CLIP {source}: {e}") from None
         kwargs = {"device": device, "weights_only": True}
         tag_cfg = (
             open_clip.get_pretrained_cfg(model, pretrained) if pretrained and not Path(pretrained).is_file() else {}
@@ -197,7 +280,7 @@ class ClipModel:
                 except RuntimeError as e:
                     raise OvdError(
                         f"could not download CLIP weights {model}/{pretrained} (offline?): "
-                        f"{str(e).splitlines()[0][:200]}. Give a local checkpoint file instead, "
+                        f"{_short_error(e)}. Give a local checkpoint file instead, "
                         f"e.g. clip.pretrained=weights/{model}.safetensors"
                     ) from None
         except OvdError:
@@ -211,7 +294,15 @@ class ClipModel:
         mean = pp.get("mean", open_clip.OPENAI_DATASET_MEAN)
         std = pp.get("std", open_clip.OPENAI_DATASET_STD)
         clip = cls(net, tokenizer, size, mean, std, name=model, source=source)
-        clip.weights_stamp = _weights_stamp(model, pretrained)
+        clip.weights_files = _weights_files(model, pretrained)
+        if model.startswith("local-dir:"):
+            cfg = json.loads((Path(model[len("local-dir:") :]) / "open_clip_config.json").read_text())
+        else:
+            cfg = {"model": model, "config": open_clip.get_model_config(model), "tag": None}
+            if not clip.weights_files:  # a pretrained tag names fixed weights; "" = random init
+                cfg["tag"] = pretrained or None
+        cfg["quick_gelu"] = bool(kwargs.get("force_quick_gelu"))
+        clip.config_text = json.dumps(cfg, sort_keys=True)
         return clip
 
     # -- properties -------------------------------------------------------------------------------
@@ -224,8 +315,20 @@ class ClipModel:
         return next(self.model.parameters()).device
 
     def fingerprint(self) -> str:
-        """Identifies the weights (incl. an applied adapter), for caches keyed by model."""
-        h = hashlib.sha1(f"{self.source}|{self.weights_stamp}|{self.embed_dim}|{self.adapter}".encode())
+        """Identifies what the model computes, for caches keyed by model: its open_clip config plus
+        the *content* of its weights files (or the pretrained tag), plus the adapted LayerNorm
+        parameters when an adapter is applied. No path enters it, so a copied or moved work_dir
+        keeps its feature cache valid; new weights at the same path are a different CLIP."""
+        h = hashlib.sha1(f"{self.config_text}|{self.embed_dim}".encode())
+        if self.weights_files:
+            for p in self.weights_files:
+                h.update(f"|{p.name}:{file_digest(p)}".encode())
+        elif "random-init" in self.source:  # random init (tests): the weights themselves
+            h.update(_tensors_digest(self.model.state_dict()).encode())
+        if self.adapter is not None:
+            from ovd.vlm.adapter import layernorm_parameters
+
+            h.update(f"|adapter:{_tensors_digest(layernorm_parameters(self.model))}".encode())
         return h.hexdigest()[:16]
 
     def check_dim(self, dim: int, what: str) -> None:
@@ -288,9 +391,9 @@ class ClipModel:
         bad = [n for n in names if not isinstance(n, str) or not n.strip()]
         if bad:
             raise OvdError(f"class names must be non-empty strings, got {bad[:5]}")
-        dups = sorted({n for n in names if names.count(n) > 1})
-        if dups:
-            raise OvdError(f"duplicate class name(s) in vocabulary: {', '.join(dups)}")
+        clash = vocabulary_clash(names, tokenizer_clean(self.tokenizer))
+        if clash:
+            raise OvdError(f"duplicate class name(s) in vocabulary: {describe_clash(clash)}")
         key = (tuple(names), tuple(templates))
         if key not in self._text_cache:
             texts = [fill_template(t, n) for n in names for t in templates]
@@ -307,19 +410,20 @@ class ClipModel:
 def save_local_dir(
     net: torch.nn.Module, folder: str | os.PathLike, model_cfg: dict, image_size: int, mean, std
 ) -> Path:
-    """Save an open_clip CLIP as a ``local-dir:`` folder (config JSON + safetensors), atomically."""
+    """Save an open_clip CLIP as a ``local-dir:`` folder (config JSON + safetensors).
+
+    The folder is replaced as a whole (built beside it, then renamed): weights and config always
+    belong together, whatever kills the writer, and files of an earlier save do not survive."""
     from safetensors.torch import save_file
 
-    from ovd.utils.io import atomic_path
+    from ovd.utils.io import atomic_dir
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     cfg = {"model_cfg": model_cfg, "preprocess_cfg": {"size": image_size, "mean": list(mean), "std": list(std)}}
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-    with atomic_path(folder / "open_clip_model.safetensors") as tmp:
-        save_file(state, str(tmp))
-    with atomic_path(folder / "open_clip_config.json") as tmp:
-        tmp.write_text(json.dumps(cfg, indent=2) + "\n")
+    with atomic_dir(folder) as tmp:
+        save_file(state, str(tmp / "open_clip_model.safetensors"))
+        (tmp / "open_clip_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return folder
 
 
@@ -353,6 +457,9 @@ def write_text_embeddings(
     names = list(names)
     if emb.ndim != 2 or emb.shape[0] != len(names) or len(set(names)) != len(names):
         raise OvdError(f"text embeddings: need one row per distinct class name ({emb.shape} for {len(names)} names)")
+    clash = vocabulary_clash(names)
+    if clash:
+        raise OvdError(f"text embeddings: duplicate class names: {describe_clash(clash)}")
     meta = {
         "format": TEXT_FORMAT,
         "names": json.dumps(names),

@@ -37,7 +37,9 @@ def run_crop_eval(cfg, adapter: str | None = None, progress: bool = True) -> dic
     if not cfg.data.split:
         raise OvdError("vlm eval needs data.split (to report base and novel accuracy)")
     clip = clip_from_config(cfg.clip, adapter)
-    val = load_detection_dataset(cfg.data.val_json, cfg.data.val_image_root or cfg.data.image_root or None)
+    val = load_detection_dataset(
+        cfg.data.val_json, cfg.data.val_image_root or cfg.data.image_root or None, check_images=True
+    )
     split = resolve_split(cfg.data.split, val.categories, source=str(val.path))
     with torch.no_grad():
         res = crop_accuracy(clip, val, split, list(cfg.clip.templates), cfg.clip.batch_size, progress)
