@@ -20,6 +20,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from ovd.config_schema import Config, validate_config
 from ovd.errors import OvdError, first_line
 
 BASE_KEY = "_base_"
@@ -198,8 +199,6 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     ``schema`` defaults to :class:`ovd.config_schema.Config`. ``path=None`` gives the defaults.
     """
     if schema is None:
-        from ovd.config_schema import Config
-
         schema = Config
     tree = load_yaml_tree(path) if path is not None else {}
     source = str(path) if path is not None else "defaults"
@@ -216,8 +215,6 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         raise OvdError(f"{source}: {_describe(e, schema)}") from None
-    from ovd.config_schema import validate_config
-
     validate_config(cfg, schema, source)  # value ranges (batch size >= 1, ...): every command gets them
     return cfg
 

@@ -181,6 +181,16 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     amp: bool = True  # float16 autocast + grad scaling on CUDA; ignored on CPU
     eval_every: int = lim(0, ge=0)  # iterations between val evaluations (train.out/eval.jsonl); 0 = off
+    # Stop this run once the iteration counter reaches max_iters (a checkpoint is written there; a
+    # later run with a larger value, or 0, resumes). The schedule stays that of the full run.
+    # 0 = run the whole schedule.
+    max_iters: int = lim(0, ge=0)
+    # A new run that starts from a trained detector's weights (not a resume: fresh optimizer,
+    # schedule and iteration 0). Its architecture settings must match this config's.
+    init_from: str = ""
+    # Parameter-name prefixes to freeze (requires_grad off), e.g. ["backbone.", "rpn."]. An unmatched
+    # prefix is an error. BatchNorm statistics of trained-BN layers still update (use model.norm).
+    freeze: list[str] = field(default_factory=list)
 
 
 @dataclass

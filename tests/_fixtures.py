@@ -225,3 +225,17 @@ def subset_json(src, dst, n: int):
     data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
     Path(dst).write_text(json.dumps(data))
     return Path(dst)
+
+
+def run_until(cfg, iteration: int) -> dict:
+    """Run training up to ``iteration`` (``train.max_iters``: the supported way to stop early),
+    as a killed run would have left it: last.pt there, no final.pt."""
+    from ovd.engine.trainer import run_train
+
+    cfg.train.max_iters = iteration
+    try:
+        report = run_train(cfg, progress=False)
+    finally:
+        cfg.train.max_iters = 0
+    assert not report["complete"] and report["iterations"] == iteration
+    return report

@@ -19,15 +19,8 @@ from ovd.config_schema import AdapterConfig
 from ovd.data.coco import load_detection_dataset
 from ovd.data.images import load_image
 from ovd.errors import OvdError
-from ovd.vlm.adapter import (
-    ADAPTER_FORMAT,
-    apply_adapter,
-    collect_gt_crops,
-    layernorm_parameters,
-    load_adapter,
-    save_adapter,
-    train_adapter,
-)
+from ovd.vlm.adapter import collect_gt_crops, train_adapter
+from ovd.vlm.adapter_file import ADAPTER_FORMAT, apply_adapter, layernorm_parameters, load_adapter, save_adapter
 from ovd.vlm.clip import ClipModel, save_local_dir
 
 

@@ -40,7 +40,8 @@ class Foreign:
 # --- the module's files -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def env(mini_world, tmp_path_factory) -> dict:
-    from ovd.engine.trainer import build_model, save_checkpoint
+    from ovd.modeling.build import build_detector
+    from ovd.modeling.checkpoint import save_checkpoint
 
     root = tmp_path_factory.mktemp("bad_input")
     clip = tiny_clip_dir(root / "clip")
@@ -53,7 +54,7 @@ def env(mini_world, tmp_path_factory) -> dict:
     ov = [f"world.dir={mini_world}", f"work_dir={root / 'work'}", f"clip.model=local-dir:{clip}",
           f"data.train_json={train4}", f"data.val_json={val3}", *base]  # fmt: skip
     cfg = load_config(CONFIG, ov)
-    model = build_model(cfg.model, 32)
+    model = build_detector(cfg.model, 32)
     model.set_vocabulary(torch.nn.functional.normalize(torch.randn(len(split["base"]), 32), dim=-1))
     meta = {"base_names": split["base"], "embed_dim": 32, "clip": f"local-dir:{clip}",
             "clip_spec": {"model": f"local-dir:{clip}", "pretrained": ""},
@@ -382,7 +383,7 @@ def test_describe_handles_empty_messages_and_torch_advice(tmp_path):
 
 
 def test_load_checkpoint_of_a_good_file_still_works(env):
-    from ovd.engine.trainer import load_checkpoint
+    from ovd.modeling.checkpoint import load_checkpoint
 
     state = load_checkpoint(env["ckpt"])
     assert state["meta"]["embed_dim"] == 32 and state["iteration"] == 0
@@ -481,7 +482,7 @@ def test_text_embeddings_file_refuses_merged_names(env, tmp_path):
 
 # --- the CLIP fingerprint: content, not paths ---------------------------------------------------------
 def test_fingerprint_follows_the_weights_not_the_folder(env, tmp_path):
-    from ovd.vlm.adapter import apply_adapter, layernorm_parameters, save_adapter
+    from ovd.vlm.adapter_file import apply_adapter, layernorm_parameters, save_adapter
     from ovd.vlm.clip import ClipModel
 
     a = ClipModel.load(str(env["clip"]))

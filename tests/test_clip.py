@@ -352,7 +352,7 @@ def test_check_dim(tiny):
 def test_fingerprint_identifies_the_weights_and_adapter(tiny, tiny_dir, b32, tmp_path):
     """Caches keyed by the fingerprint (feature cache, detector resume) rely on: the same weights
     agree however often they are loaded; other weights, another model or an adapter differ."""
-    from ovd.vlm.adapter import apply_adapter, layernorm_parameters, save_adapter
+    from ovd.vlm.adapter_file import apply_adapter, layernorm_parameters, save_adapter
 
     again = ClipModel.load(str(tiny_dir))  # a second, independent load of the same folder
     assert again is not tiny and again.fingerprint() == tiny.fingerprint()

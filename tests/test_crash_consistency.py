@@ -28,10 +28,10 @@ from _fixtures import run_err, subset_json, tiny_clip_dir
 from safetensors import safe_open
 
 from ovd.cli import main
-from ovd.engine.trainer import load_checkpoint
 from ovd.errors import OvdError
 from ovd.mining.feature_cache import FeatureCache
 from ovd.mining.miner import load_proposals
+from ovd.modeling.checkpoint import load_checkpoint
 from ovd.utils.lock import OutputLock
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mini" / "smoke.yaml")

@@ -12,13 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from _fixtures import subset_json, tiny_clip_dir
+from _fixtures import run_until, subset_json, tiny_clip_dir
 
 from ovd.config import load_config
 from ovd.data.coco import load_detection_dataset
-from ovd.engine.trainer import build_model, load_checkpoint, run_train
+from ovd.engine.trainer import run_train
 from ovd.errors import OvdError
 from ovd.mining.feature_cache import FeatureCache, random_proposals, run_extract
+from ovd.modeling.build import build_detector
+from ovd.modeling.checkpoint import load_checkpoint
 from ovd.vlm.clip import clip_from_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,7 +92,7 @@ def initial_weights(cfg) -> tuple[dict[str, torch.Tensor], set[str]]:
     exactly these weights.)"""
     torch.manual_seed(cfg.seed)
     clip = clip_from_config(cfg.clip)
-    model = build_model(cfg.model, clip.embed_dim)
+    model = build_detector(cfg.model, clip.embed_dim)
     return model.state_dict(), {n for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -181,8 +183,7 @@ def test_ddp_last_batch_smaller_than_world_size(setup, mini_world, tmp_path):
 
 def test_resume_refuses_other_settings(setup, mini_world, tmp_path):
     ov = overrides(setup, mini_world, tmp_path / "w", "train.epochs=2")  # 4 iterations
-    with pytest.raises(KeyboardInterrupt):
-        run_train(load_config(CONFIG, ov), progress=False, stop_after=2)
+    run_until(load_config(CONFIG, ov), 2)
     last = tmp_path / "w" / "train" / "last.pt"
     assert load_checkpoint(last)["iteration"] == 2
     before = last.stat().st_mtime_ns
@@ -201,14 +202,14 @@ def test_periodic_eval_writes_eval_log_and_returns_to_training(setup, mini_world
     import ovd.engine.trainer as trainer
 
     calls: list[tuple[bool, bool]] = []  # (model.training, called with targets) per detector forward
-    build = trainer.build_model
+    build = trainer.build_detector
 
     def spy_build(*a, **k):
         model = build(*a, **k)
         model.register_forward_pre_hook(lambda mod, args: calls.append((mod.training, len(args) > 1)))
         return model
 
-    monkeypatch.setattr(trainer, "build_model", spy_build)
+    monkeypatch.setattr(trainer, "build_detector", spy_build)
     ov = overrides(setup, mini_world, tmp_path / "w", "train.eval_every=1")
     res = run_train(load_config(CONFIG, ov), progress=False)
     assert res["iterations"] == 2
@@ -230,7 +231,7 @@ def test_periodic_eval_writes_eval_log_and_returns_to_training(setup, mini_world
     log = [json.loads(x) for x in (tmp_path / "w" / "train" / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in log] == [1, 2]
     # ... and evaluating does not change what is trained (no RNG draws, vocabulary restored)
-    monkeypatch.setattr(trainer, "build_model", build)
+    monkeypatch.setattr(trainer, "build_detector", build)
     run_train(load_config(CONFIG, overrides(setup, mini_world, tmp_path / "w0")), progress=False)
     a = load_checkpoint(tmp_path / "w" / "train" / "final.pt")["model"]
     b = load_checkpoint(tmp_path / "w0" / "train" / "final.pt")["model"]

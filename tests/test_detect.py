@@ -20,8 +20,9 @@ from PIL import Image
 from ovd.cli import main
 from ovd.config import load_config
 from ovd.engine.predictor import Detector, as_image_tensor, parse_classes
-from ovd.engine.trainer import load_checkpoint, run_train
+from ovd.engine.trainer import run_train
 from ovd.errors import OvdError
+from ovd.modeling.checkpoint import load_checkpoint
 from ovd.vlm.clip import ClipModel
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mini" / "smoke.yaml")

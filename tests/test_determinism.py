@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from ovd.cli import main
-from ovd.engine.trainer import load_checkpoint
+from ovd.modeling.checkpoint import load_checkpoint
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mini" / "smoke.yaml")
 

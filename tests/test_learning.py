@@ -14,9 +14,12 @@ from pathlib import Path
 import torch
 
 from ovd.config import load_config
-from ovd.engine.trainer import TextSource, build_model, predict_dataset, run_test, run_train
+from ovd.engine.evaluator import predict_dataset, run_test
+from ovd.engine.trainer import run_train
 from ovd.evaluation import evaluate_detections
+from ovd.modeling.build import build_detector
 from ovd.vlm.clip import write_text_embeddings
+from ovd.vlm.text import TextSource
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mini" / "smoke.yaml")
 
@@ -48,7 +51,7 @@ def test_a_short_smoke_training_run_learns(mini_world, tmp_path):
     val = load_detection_dataset(cfg.data.val_json, cfg.data.image_root, drop_degenerate=False)
     sp = resolve_split(cfg.data.split, val.categories)
     torch.manual_seed(cfg.seed)
-    untrained = build_model(cfg.model, 32)
+    untrained = build_detector(cfg.model, 32)
     untrained.set_vocabulary(TextSource(cfg.clip).encode(list(sp.base_names) + list(sp.novel_names)))
     dets = predict_dataset(untrained, val, list(sp.base_ids) + list(sp.novel_ids), progress=False)
     before = evaluate_detections(val, dets, split=sp)["AP50_base"]

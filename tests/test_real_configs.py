@@ -16,8 +16,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ovd.config import load_config
 from ovd.data.coco import load_detection_dataset
-from ovd.engine.trainer import build_model
 from ovd.errors import OvdError
+from ovd.modeling.build import build_detector
 from ovd.modeling.detector import build_backbone
 from ovd.vlm.clip import clip_from_config
 
@@ -67,7 +67,7 @@ def test_lvis_config_values():
 def coco_model():
     torch.manual_seed(0)
     cfg = load_config(COCO, SMALL)
-    return build_model(cfg.model, 512)
+    return build_detector(cfg.model, 512)
 
 
 def test_coco_model_eval_forward(coco_model):
@@ -107,7 +107,7 @@ def test_lvis_config_builds_its_detector_and_shares_the_coco_clip():
     torch.manual_seed(0)
     cfg = load_config(LVIS, SMALL)
     assert OmegaConf.to_container(cfg.clip) == OmegaConf.to_container(load_config(COCO).clip)
-    model = build_model(cfg.model, 512)
+    model = build_detector(cfg.model, 512)
     assert model.roi_heads.detections_per_img == 300
     assert model.roi_heads.score_thresh == pytest.approx(1e-4)
     assert model.backbone.out_channels == 256
@@ -133,7 +133,7 @@ def test_backbone_weights_file_loads(tmp_path):
     state = ref.state_dict()
     torch.save(state, tmp_path / "r50.pth")
     cfg = load_config(COCO, [*SMALL, f"model.backbone_weights={tmp_path / 'r50.pth'}"])
-    body = build_model(cfg.model, 512).backbone.body.state_dict()
+    body = build_detector(cfg.model, 512).backbone.body.state_dict()
     assert len(body) > 0
     for k, v in body.items():
         assert torch.equal(v, state[k]), k
@@ -144,7 +144,7 @@ def test_backbone_weights_of_unrelated_tensors_are_refused(tmp_path):
     torch.save({"encoder.weight": torch.randn(4, 4), "head.bias": torch.randn(4)}, tmp_path / "other.pth")
     cfg = load_config(COCO, [*SMALL, f"model.backbone_weights={tmp_path / 'other.pth'}"])
     with pytest.raises(OvdError, match="match none"):
-        build_model(cfg.model, 512)
+        build_detector(cfg.model, 512)
 
 
 def test_backbone_weights_of_another_resnet_are_refused(tmp_path):
@@ -152,13 +152,13 @@ def test_backbone_weights_of_another_resnet_are_refused(tmp_path):
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
     cfg = load_config(COCO, [*SMALL, f"model.backbone_weights={tmp_path / 'r18.pth'}"])
     with pytest.raises(OvdError, match="r18.pth"):
-        build_model(cfg.model, 512)
+        build_detector(cfg.model, 512)
 
 
 def test_missing_backbone_weights_file_is_an_error(tmp_path):
     cfg = load_config(COCO, [*SMALL, f"model.backbone_weights={tmp_path / 'none.pth'}"])
     with pytest.raises(OvdError, match="not found"):
-        build_model(cfg.model, 512)
+        build_detector(cfg.model, 512)
 
 
 # --- build_backbone vs torchvision -----------------------------------------------------------------

@@ -186,3 +186,13 @@ def test_malformed_yaml_split_file_error_is_one_line(tmp_path):
     with pytest.raises(OvdError) as e:
         resolve_split(str(path), CATS)
     assert "\n" not in str(e.value)
+
+
+def test_duplicate_key_in_yaml_split_file(tmp_path):
+    # plain yaml.safe_load keeps the last 'novel' silently: the split must refuse it, naming file and key
+    path = tmp_path / "s.yaml"
+    path.write_text("base: [cat]\nnovel: [dog]\nnovel: [cow]\n")
+    with pytest.raises(OvdError) as e:
+        resolve_split(str(path), CATS)
+    msg = str(e.value)
+    assert str(path) in msg and "'novel' is given twice (lines 2 and 3)" in msg and "\n" not in msg

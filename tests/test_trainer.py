@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from _fixtures import tiny_clip_dir
+from _fixtures import run_until, tiny_clip_dir
 
 from ovd.config import load_config
-from ovd.engine.trainer import load_checkpoint, run_train, schedule_epochs
+from ovd.engine.trainer import run_train, schedule_epochs
 from ovd.errors import OvdError
+from ovd.modeling.checkpoint import load_checkpoint
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mini" / "smoke.yaml")
 
@@ -75,11 +76,9 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(setup, mini_world
     assert full["iterations"] == 6  # 4 images / batch 2 x 3 epochs
     cfg_b = cfg_for(setup, mini_world, tmp_path / "b", "train.epochs=3")
     # killed twice, mid-epoch both times: in the warm-up, and after the lr step (epoch 1)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(cfg_b, progress=False, stop_after=1)
+    run_until(cfg_b, 1)
     assert load_checkpoint(tmp_path / "b" / "train" / "last.pt")["iteration"] == 1
-    with pytest.raises(KeyboardInterrupt):
-        run_train(cfg_b, progress=False, stop_after=2)
+    run_until(cfg_b, 3)
     assert load_checkpoint(tmp_path / "b" / "train" / "last.pt")["iteration"] == 3
     # a line logged after the last checkpoint (a kill between the two) is replayed, not duplicated
     log = tmp_path / "b" / "train" / "log.jsonl"
@@ -115,8 +114,7 @@ def test_resume_refuses_other_inputs_naming_every_changed_key(setup, mini_world,
     train_json = Path(shutil.copy(root / "train4.json", tmp_path / "train.json"))
     clip_dir = tiny_clip_dir(tmp_path / "clip", seed=0)
     ov = [f"data.train_json={train_json}", f"clip.model=local-dir:{clip_dir}", "train.epochs=2"]
-    with pytest.raises(KeyboardInterrupt):
-        run_train(cfg_for(setup, mini_world, tmp_path / "w", *ov), progress=False, stop_after=1)
+    run_until(cfg_for(setup, mini_world, tmp_path / "w", *ov), 1)
     last = tmp_path / "w" / "train" / "last.pt"
     meta = load_checkpoint(last)["meta"]
     inputs = meta["inputs"]
@@ -186,8 +184,7 @@ def test_resume_refuses_another_feature_cache(setup, mini_world, tmp_path):
     ov = ["model.distill=true", "miner.enabled=false", "adapter.enabled=false", "train.epochs=2"]
     cfg = cfg_for(setup, mini_world, tmp_path / "w", *ov, "extract.random_boxes=2")
     run_extract(cfg, progress=False)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(cfg, progress=False, stop_after=1)
+    run_until(cfg, 1)
     last = tmp_path / "w" / "train" / "last.pt"
     generation = load_checkpoint(last)["meta"]["inputs"]["feature_cache.generation"]
     assert generation
@@ -221,3 +218,94 @@ def test_checkpoint_errors(tmp_path):
     torch.save({"x": torch.zeros(1)}, tmp_path / "foreign.pt")
     with pytest.raises(OvdError, match="not an ovd detector checkpoint"):
         load_checkpoint(tmp_path / "foreign.pt")
+
+
+# -- new runs from a trained detector, frozen parameters, extension points --------------------------------
+def test_init_from_starts_a_new_run_from_trained_weights(setup, mini_world, tmp_path, capsys):
+    from ovd.engine.trainer import setup_trainer
+
+    base = cfg_for(setup, mini_world, tmp_path / "base", "train.epochs=1")
+    run_train(base, progress=False)
+    trained = load_checkpoint(tmp_path / "base" / "train" / "final.pt")["model"]
+    ckpt = str(tmp_path / "base" / "train" / "final.pt")
+
+    # a new run: the trained weights, iteration 0, fresh optimizer; a non-architecture setting may differ
+    cfg = cfg_for(setup, mini_world, tmp_path / "ft", f"train.init_from={ckpt}", "model.box_score_thresh=0.2")
+    trainer = setup_trainer(cfg, 0, 1, torch.device("cpu"), progress=False)
+    state = trainer.model.state_dict()
+    assert all(torch.equal(state[k], trained[k]) for k in trained)
+    assert trainer.resume() == 0 and not trainer.opt.state
+    notes = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["train_setup"]
+    assert notes["init_from_changed_settings"] == {"box_score_thresh": [0.05, 0.2]}
+
+    # ... unlike a fresh run, whose first weights are the random initialisation
+    fresh = setup_trainer(cfg_for(setup, mini_world, tmp_path / "fresh"), 0, 1, torch.device("cpu"), progress=False)
+    assert not torch.equal(
+        fresh.model.state_dict()["roi_heads.classifier.proj.weight"], trained["roi_heads.classifier.proj.weight"]
+    )
+
+    report = run_train(cfg, progress=False)
+    log = [json.loads(x) for x in (tmp_path / "ft" / "train" / "log.jsonl").read_text().splitlines()]
+    assert report["complete"] and [r["iter"] for r in log] == [1, 2, 3, 4]
+    # the source of the weights is an input of the run: resuming with another one is refused
+    other = cfg_for(setup, mini_world, tmp_path / "ft", f"train.init_from={ckpt}", "model.box_score_thresh=0.2")
+    run_train(cfg_for(setup, mini_world, tmp_path / "base2", "train.epochs=1"), progress=False)
+    other.train.init_from = str(tmp_path / "base2" / "train" / "final.pt")
+    (tmp_path / "ft" / "train" / "final.pt").unlink()
+    with pytest.raises(OvdError, match="train.init_from"):
+        run_train(other, progress=False)
+
+
+def test_init_from_refuses_another_architecture(setup, mini_world, tmp_path):
+    run_train(cfg_for(setup, mini_world, tmp_path / "base", "train.epochs=1"), progress=False)
+    ckpt = tmp_path / "base" / "train" / "final.pt"
+    cfg = cfg_for(setup, mini_world, tmp_path / "ft", f"train.init_from={ckpt}", "model.fpn_channels=32")
+    with pytest.raises(OvdError, match=r"another architecture \(model.fpn_channels: 64 -> 32\)"):
+        run_train(cfg, progress=False)
+    with pytest.raises(OvdError, match="checkpoint not found"):
+        run_train(cfg_for(setup, mini_world, tmp_path / "x", f"train.init_from={tmp_path / 'nope.pt'}"), progress=False)
+
+
+def test_freeze_keeps_named_parameters_and_refuses_unmatched_prefixes(setup, mini_world, tmp_path, capsys):
+    from ovd.engine.trainer import setup_trainer
+
+    cfg = cfg_for(setup, mini_world, tmp_path / "f", "train.freeze=[backbone.,rpn.]")
+    trainer = setup_trainer(cfg, 0, 1, torch.device("cpu"), progress=False)
+    before = {k: v.clone() for k, v in trainer.model.named_parameters()}
+    frozen = [k for k in before if k.startswith(("backbone.", "rpn."))]
+    notes = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["train_setup"]
+    assert notes["frozen_tensors"] == len(frozen) > 0
+    assert notes["trainable_parameters"] == sum(v.numel() for k, v in before.items() if k not in frozen)
+    trainer.fit()
+    after = dict(trainer.model.named_parameters())
+    assert all(torch.equal(after[k], before[k]) for k in frozen)
+    assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith("roi_heads."))
+    with pytest.raises(OvdError, match=r"no parameter name starts with \['backbone\.bdy\.'\]"):
+        run_train(cfg_for(setup, mini_world, tmp_path / "g", "train.freeze=[backbone.bdy.]"), progress=False)
+
+
+def test_trainer_extension_points_feed_the_forward_and_add_loss_terms(setup, mini_world, tmp_path):
+    """What the replay builds on: extra RoI-level inputs and extra loss terms without editing the loop."""
+    from ovd.engine.trainer import setup_trainer
+    from ovd.modeling.roi_heads import ExtraRoIs
+
+    cfg = cfg_for(setup, mini_world, tmp_path / "x", "train.epochs=1")
+    trainer = setup_trainer(cfg, 0, 1, torch.device("cpu"), progress=False)
+    channels = trainer.model.backbone.out_channels
+    seen = []
+
+    def forged(it, images, targets):
+        seen.append((it, len(images), len(targets)))
+        g = torch.Generator().manual_seed(it)
+        return {"extra_rois": ExtraRoIs(torch.randn(3, channels, 7, 7, generator=g), torch.tensor([1, 2, 0]))}
+
+    trainer.add_inputs(forged)
+    trainer.add_loss("loss_l2", lambda it, model, losses: 1e-3 * model.roi_heads.classifier.proj.weight.pow(2).sum())
+    with pytest.raises(OvdError, match="added twice"):
+        trainer.add_loss("loss_l2", lambda *a: 0)
+    report = trainer.fit()
+    assert report["complete"] and seen == [(0, 2, 2), (1, 2, 2)]
+    log = [json.loads(x) for x in (tmp_path / "x" / "train" / "log.jsonl").read_text().splitlines()]
+    assert all(r["loss_l2"] > 0 for r in log)
+    terms = [k for k in log[0] if k.startswith("loss_")]
+    assert abs(log[0]["loss"] - sum(log[0][k] for k in terms)) < 1e-3

@@ -20,7 +20,8 @@ from ovd.cli import main
 from ovd.config import load_config
 from ovd.data.coco import load_detection_dataset
 from ovd.errors import OvdError
-from ovd.vlm.adapter import apply_adapter, collect_gt_crops, layernorm_parameters
+from ovd.vlm.adapter import collect_gt_crops
+from ovd.vlm.adapter_file import apply_adapter, layernorm_parameters
 from ovd.vlm.clip import ClipModel
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mini" / "smoke.yaml")
@@ -212,3 +213,33 @@ def test_ovd_error_from_api(world_copy, tmp_path):
     cfg = load_config(CONFIG, overrides(world_copy, tmp_path))
     with pytest.raises(OvdError, match="open_clip_config.json"):
         run_adapt(cfg, progress=False)
+
+
+def test_web_images_are_read_like_detection_images(tmp_path, monkeypatch):
+    # pretrain-mini reads web images through ovd.data.images: a 16-bit grey image is scaled by its bit
+    # depth (Pillow's convert("RGB") clips it to white), an image over Pillow's pixel limit is one
+    # clear error naming the file and the record
+    import numpy as np
+    from PIL import Image
+
+    from ovd.vlm.pretrain import load_web_split
+
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(tmp_path / "images" / "grey16.png")
+    Image.new("RGB", (40, 40), (10, 20, 30)).save(tmp_path / "images" / "big.png")
+    records = [
+        {"file_name": "grey16.png", "category_id": 1, "caption": "a grey square"},
+        {"file_name": "big.png", "category_id": 1, "caption": "a dark square"},
+    ]
+    (tmp_path / "web.json").write_text(json.dumps({"images": records, "categories": [{"id": 1, "name": "square"}]}))
+    images, cats, caps, _ = load_web_split(tmp_path / "web.json", tmp_path / "images", 4, progress=False)
+    assert images.shape == (2, 3, 4, 4) and images.dtype == torch.uint8
+    assert images[0].unique().tolist() == [128]  # 32768 / 65535 of full scale, not 255
+    assert [images[1, c].unique().tolist() for c in range(3)] == [[10], [20], [30]]
+    assert cats.tolist() == [1, 1] and caps == ["a grey square", "a dark square"]
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 40 x 40 is over it, 8 x 8 is not
+    with pytest.raises(OvdError) as e:
+        load_web_split(tmp_path / "web.json", tmp_path / "images", 4, progress=False)
+    msg = str(e.value)
+    assert str(tmp_path / "images" / "big.png") in msg and "too large" in msg and "images[1] of" in msg

@@ -33,7 +33,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ovd.config import load_config  # noqa: E402
-from ovd.engine.trainer import DetectionTrainSet, build_model, torchvision_kwargs  # noqa: E402
+from ovd.data.train_set import DetectionTrainSet  # noqa: E402
+from ovd.modeling.build import build_detector, torchvision_kwargs  # noqa: E402
 
 
 def stock_model(m, num_classes: int):
@@ -79,7 +80,7 @@ def main() -> None:
     embed_dim = cache.embed_dim if cache else 128
 
     torch.manual_seed(0)
-    ours = build_model(cfg.model, embed_dim)
+    ours = build_detector(cfg.model, embed_dim)
     ours.set_vocabulary(torch.nn.functional.normalize(torch.randn(n_cls, embed_dim), dim=-1))
     torch.manual_seed(0)
     stock = stock_model(cfg.model, n_cls)

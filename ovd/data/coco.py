@@ -11,30 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
+import logging
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ovd.data.boxes import xywh_to_xyxy
+from ovd.data.validate import is_box, is_int, is_number, listing
 from ovd.errors import OvdError
 from ovd.utils.io import read_json
-
-MAX_LISTED = 5  # offenders named in one error message before "and N more"
-
-
-def _listing(items: list[str]) -> str:
-    more = len(items) - MAX_LISTED
-    return "; ".join(items[:MAX_LISTED]) + (f"; and {more} more" if more > 0 else "")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def is_lvis_format(data: dict) -> bool:
@@ -60,7 +47,7 @@ def validate_annotations(data: Any, path: str, drop_degenerate: bool, lvis: bool
     cat_ids: set[int] = set()
     names: dict[str, int] = {}
     for i, c in enumerate(data["categories"]):
-        if not isinstance(c, dict) or not _is_int(c.get("id")) or not isinstance(c.get("name"), str):
+        if not isinstance(c, dict) or not is_int(c.get("id")) or not isinstance(c.get("name"), str):
             raise OvdError(f"{path}: categories[{i}] needs an integer 'id' and a string 'name', got {c!r:.120}")
         if c["id"] in cat_ids:
             raise OvdError(f"{path}: categories[{i}]: duplicate category id {c['id']}")
@@ -78,12 +65,12 @@ def validate_annotations(data: Any, path: str, drop_degenerate: bool, lvis: bool
 
     img_ids: set[int] = set()
     for i, im in enumerate(data["images"]):
-        if not isinstance(im, dict) or not _is_int(im.get("id")):
+        if not isinstance(im, dict) or not is_int(im.get("id")):
             raise OvdError(f"{path}: images[{i}] needs an integer 'id', got {im!r:.120}")
         if im["id"] in img_ids:
             raise OvdError(f"{path}: images[{i}]: duplicate image id {im['id']}")
         for k in ("width", "height"):
-            if k in im and not (_is_num(im[k]) and im[k] > 0):
+            if k in im and not (is_number(im[k]) and im[k] > 0):
                 raise OvdError(f"{path}: images[{i}] (id {im['id']}): '{k}' must be a positive number, got {im[k]!r}")
         if lvis:
             for k in ("neg_category_ids", "not_exhaustive_category_ids"):
@@ -102,19 +89,19 @@ def validate_annotations(data: Any, path: str, drop_degenerate: bool, lvis: bool
             bad.append(f"{where}: not an object")
             continue
         if "id" in a:
-            if not _is_int(a["id"]):
+            if not is_int(a["id"]):
                 bad.append(f"{where}: 'id' must be an integer, got {a['id']!r:.40}")
             elif a["id"] in ann_ids:
                 bad.append(f"{where}: duplicate annotation id")
             else:
                 ann_ids.add(a["id"])
         for key, known, field_name in (("image_id", img_ids, "images"), ("category_id", cat_ids, "categories")):
-            if not _is_int(a.get(key)):
+            if not is_int(a.get(key)):
                 bad.append(f"{where}: '{key}' must be an integer, got {a.get(key)!r:.40}")
             elif a[key] not in known:
                 bad.append(f"{where}: {key} {a[key]} is not in '{field_name}'")
         bb = a.get("bbox")
-        if not (isinstance(bb, list) and len(bb) == 4 and all(_is_num(v) for v in bb)):
+        if not is_box(bb):
             bad.append(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {bb!r:.80}")
             continue
         if bb[2] <= 0 or bb[3] <= 0:
@@ -128,7 +115,7 @@ def validate_annotations(data: Any, path: str, drop_degenerate: bool, lvis: bool
             filled = True
         kept.append(a)
     if bad:
-        raise OvdError(f"{path}: {len(bad)} bad annotation(s): {_listing(bad)}")
+        raise OvdError(f"{path}: {len(bad)} bad annotation(s): {listing(bad)}")
     if dropped or filled:
         data = {**data, "annotations": kept}
     return data, dropped
@@ -194,7 +181,7 @@ class DetectionDataset:
         """Per-image record in the torchvision detection convention (boxes xyxy, labels = category ids)."""
         im = self.images[index]
         anns = [a for a in self.annotations_of(im["id"]) if not a.get("iscrowd", 0)]
-        boxes = [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns]
+        boxes = [xywh_to_xyxy(a["bbox"]) for a in anns]
         return {
             "image_id": im["id"],
             "file_name": im.get("file_name", ""),
@@ -211,8 +198,6 @@ def _build_api(data: dict, is_lvis: bool):
         from lvis import LVIS
 
         api = LVIS.__new__(LVIS)  # LVIS() only reads from a path; we already hold the validated dict
-        import logging
-
         api.logger = logging.getLogger("lvis.lvis")
         api.dataset = data
         api._create_index()
@@ -255,6 +240,8 @@ def load_detection_dataset(
         num_dropped_degenerate=dropped,
     )
     if check_images:
+        # Imported here on purpose: ovd.data.images imports torch (~2 s measured with -X importtime),
+        # and `ovd eval` imports this module without ever needing torch (~0.06 s in all).
         from ovd.data.images import check_image_files
 
         check_image_files(ds)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from ovd.config import safe_load_unique
 from ovd.errors import OvdError
 
 # The OVR-CNN / ViLD / EZSD split. The other 15 COCO classes are in neither group and not evaluated.
@@ -70,7 +71,7 @@ def read_split_file(path: str | os.PathLike) -> tuple[list[str], list[str]]:
         raise OvdError(f"split file not found: {path} (named splits: {', '.join(NAMED_SPLITS)})")
     text = path.read_text(encoding="utf-8")
     try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if path.suffix.lower() == ".json" else safe_load_unique(text, f"split file {path}")
     except json.JSONDecodeError as e:
         raise OvdError(f"split file {path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except yaml.YAMLError as e:

@@ -18,8 +18,18 @@ import json
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from ovd.config_schema import Config
+from ovd.data.mini_world import derive_shape_split, generate_mini_world
+from ovd.engine.evaluator import run_test
+from ovd.engine.trainer import TRAIN_RUN_KEYS, run_train
 from ovd.errors import OvdError
+from ovd.mining.feature_cache import run_extract
+from ovd.mining.miner import run_mine
 from ovd.utils.io import read_json, write_json
+from ovd.vlm.adapter import run_adapt
+from ovd.vlm.pretrain import pretrain_tiny_clip
 
 STAGES = ("world", "pretrain", "adapt", "mine", "extract", "train", "test")
 
@@ -31,9 +41,8 @@ _READS = {
     "mine": ["miner", "clip", "adapter.enabled", "data.train_json", "data.image_root", "data.split"],
     "extract": ["extract", "clip", "adapter.enabled", "miner.enabled", "miner.stride", "miner.scales",
                 "miner.ratios", "miner.min_size", "data.train_json", "data.image_root", "data.split", "seed"],
-    "train": ["model", "train.optimizer", "train.lr", "train.momentum", "train.weight_decay", "train.batch_size",
-              "train.schedule", "train.epochs", "train.lr_steps", "train.warmup_iters", "train.grad_clip",
-              "train.hflip", "train.amp", "clip", "data.train_json", "data.image_root", "data.split", "seed"],
+    "train": ["model", *(f"train.{k}" for k in TRAIN_RUN_KEYS), "clip", "data.train_json", "data.image_root",
+              "data.split", "seed"],
     "test": ["data.val_json", "data.image_root", "data.val_image_root", "data.lvis", "data.split", "clip"],
 }  # fmt: skip
 _UPSTREAM = {
@@ -48,8 +57,6 @@ _UPSTREAM = {
 
 
 def _get(cfg, dotted: str):
-    from omegaconf import OmegaConf
-
     node = cfg
     for part in dotted.split("."):
         node = node[part]
@@ -60,10 +67,6 @@ _UNSET = object()
 
 
 def _defaults() -> dict:
-    from omegaconf import OmegaConf
-
-    from ovd.config_schema import Config
-
     return OmegaConf.to_container(OmegaConf.structured(Config), resolve=True)
 
 
@@ -174,8 +177,6 @@ class Pipeline:
 
     # --- the stages ----------------------------------------------------------------------------------
     def _run_world(self, stale: bool):
-        from ovd.data.mini_world import derive_shape_split, generate_mini_world
-
         # never overwrite: the world is a pure function of (preset, seed, generator version), which
         # generate_mini_world checks; a different world in that folder is its error, not a rebuild
         w = self.cfg.world
@@ -185,23 +186,15 @@ class Pipeline:
         return report
 
     def _run_pretrain(self, stale: bool):
-        from ovd.vlm.pretrain import pretrain_tiny_clip
-
         return pretrain_tiny_clip(self.cfg, progress=self.progress)
 
     def _run_adapt(self, stale: bool):
-        from ovd.vlm.adapter import run_adapt
-
         return run_adapt(self.cfg, progress=self.progress)
 
     def _run_mine(self, stale: bool):
-        from ovd.mining.miner import run_mine
-
         return run_mine(self.cfg, progress=self.progress)
 
     def _run_extract(self, stale: bool):
-        from ovd.mining.feature_cache import run_extract
-
         return run_extract(self.cfg, overwrite=stale, progress=self.progress)
 
     def _record(self, stage: str, stamp: str) -> None:
@@ -212,8 +205,6 @@ class Pipeline:
         write_json(self.stamp_file, self.stamps)
 
     def _run_train(self, stale: bool, stamp: str):
-        from ovd.engine.trainer import run_train
-
         out = Path(self.cfg.train.out)
         if (out / "last.pt").is_file() and self.stamps.get(self.key("train")) not in (None, stamp):
             raise OvdError(
@@ -224,8 +215,6 @@ class Pipeline:
         return run_train(self.cfg, progress=self.progress)
 
     def _run_test(self, stale: bool):
-        from ovd.engine.trainer import run_test
-
         return run_test(self.cfg, str(Path(self.cfg.train.out) / "final.pt"), progress=self.progress)
 
 

@@ -13,30 +13,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import fields
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
+from PIL import Image
+from torchvision.utils import draw_bounding_boxes
 
-from ovd.errors import OvdError, describe
-
-
-def model_from_checkpoint(state: dict, path: str | os.PathLike = "checkpoint") -> torch.nn.Module:
-    """Rebuild the detector a checkpoint was trained as (its own model settings) and load its weights."""
-    from ovd.config_schema import ModelConfig
-    from ovd.engine.trainer import build_model
-
-    stored = dict(state["meta"].get("model", {}))
-    m = {f.name: stored.get(f.name, f.default) for f in fields(ModelConfig)}
-    m["backbone_weights"] = ""  # the checkpoint holds the trained backbone
-    model = build_model(SimpleNamespace(**m), int(state["meta"]["embed_dim"]))
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise OvdError(f"{path}: weights do not fit the model it records: {describe(e, 300, lines=2)}") from None
-    return model.eval()
+from ovd.data.boxes import coco_bbox
+from ovd.data.images import load_image, pil_to_tensor
+from ovd.errors import OvdError
+from ovd.modeling.checkpoint import load_checkpoint, model_from_checkpoint
+from ovd.utils.io import atomic_path, write_json
+from ovd.vlm.clip import ClipModel, describe_clash, tokenizer_clean, vocabulary_clash
 
 
 def parse_classes(classes: str | Sequence[str], clean=None) -> list[str]:
@@ -45,8 +34,6 @@ def parse_classes(classes: str | Sequence[str], clean=None) -> list[str]:
     Duplicates are found the way the CLIP tokenizer reads names (``clean``: its cleaning function,
     default open_clip's: lower-cased, whitespace collapsed), so "red square" and "Red Square" —
     one text embedding — are refused rather than silently becoming two identical classes."""
-    from ovd.vlm.clip import describe_clash, vocabulary_clash
-
     try:
         names = classes.split(",") if isinstance(classes, str) else list(classes)
     except TypeError:
@@ -65,10 +52,6 @@ def parse_classes(classes: str | Sequence[str], clean=None) -> list[str]:
 
 def as_image_tensor(image) -> torch.Tensor:
     """A path, PIL image, HxWx3 uint8 array or 3xHxW float tensor in [0, 1] → 3xHxW float tensor."""
-    from PIL import Image
-
-    from ovd.data.images import load_image, pil_to_tensor
-
     if isinstance(image, (str, os.PathLike)):
         return load_image(image)
     if isinstance(image, Image.Image):
@@ -99,9 +82,6 @@ class Detector:
     def from_checkpoint(cls, path: str | os.PathLike, clip=None, device: str = "cpu") -> Detector:
         """Load ``path`` (an ``ovd train`` checkpoint). ``clip``: a ClipModel, or None for the one the
         checkpoint was trained with (its open_clip model + weights, recorded at training time)."""
-        from ovd.engine.trainer import load_checkpoint
-        from ovd.vlm.clip import ClipModel
-
         state = load_checkpoint(path)
         meta = state["meta"]
         model = model_from_checkpoint(state, path).to(device)
@@ -118,8 +98,6 @@ class Detector:
 
     def set_classes(self, classes: str | Sequence[str]) -> list[str]:
         """Detect these classes from now on (names → CLIP text embeddings → classifier)."""
-        from ovd.vlm.clip import tokenizer_clean
-
         tok = getattr(self.clip, "tokenizer", None)
         names = parse_classes(classes, tokenizer_clean(tok) if tok is not None else None)
         if names != self.classes:
@@ -146,8 +124,6 @@ class Detector:
 
 def draw_detections(image: torch.Tensor, pred: dict, width: int = 2) -> torch.Tensor:
     """uint8 (3, H, W) image with labelled boxes (torchvision's ``draw_bounding_boxes``)."""
-    from torchvision.utils import draw_bounding_boxes
-
     img = (image.clamp(0, 1) * 255).round().to(torch.uint8)
     if len(pred["boxes"]) == 0:
         return img
@@ -161,11 +137,6 @@ def run_detect(
     images: Sequence[str], ckpt: str, classes: str, score_thr: float = 0.3, out: str = "detections", clip=None
 ) -> list[dict]:
     """``ovd detect``: per image ``OUT/<stem>.json`` (boxes xywh, scores, names) and ``OUT/<stem>.png``."""
-    from PIL import Image
-
-    from ovd.data.images import load_image
-    from ovd.utils.io import atomic_path, write_json
-
     names = parse_classes(classes)
     if not 0.0 <= score_thr <= 1.0:
         raise OvdError(f"score threshold must be in [0, 1], got {score_thr}")
@@ -199,11 +170,11 @@ def run_detect(
             "classes": names,
             "detections": [
                 {
-                    "bbox": [round(x0, 2), round(y0, 2), round(x1 - x0, 2), round(y1 - y0, 2)],
+                    "bbox": coco_bbox(box),
                     "score": round(s, 5),
                     "category_name": n,
                 }
-                for (x0, y0, x1, y1), s, n in zip(pred["boxes"].tolist(), pred["scores"].tolist(), pred["names"])
+                for box, s, n in zip(pred["boxes"].tolist(), pred["scores"].tolist(), pred["names"])
             ],
         }
         write_json(out_dir / f"{p.stem}.json", rec)

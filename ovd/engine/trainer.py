@@ -1,10 +1,19 @@
-"""Training and testing the open-vocabulary detector (one process, or data-parallel under torchrun).
+"""The training loop of the open-vocabulary detector (one process, or data-parallel under torchrun).
+
+:class:`Trainer` owns one run: step, periodic evaluation, checkpoint, resume. Two extension points
+let a caller add to every step without editing the loop (the few-shot replay uses both):
+
+* ``trainer.add_inputs(fn)``: ``fn(it, images, targets) -> dict`` of extra keyword arguments for the
+  model's forward, e.g. ``{"extra_rois": ExtraRoIs(...)}`` (forged RoI features to replay);
+* ``trainer.add_loss(name, fn)``: ``fn(it, model, losses) -> scalar tensor``, added to the loss
+  dict under ``name`` before the sum, logged like the model's own terms (e.g. a penalty keeping
+  weights near the base model's).
 
 Exact resume: a checkpoint holds model, optimizer, scheduler, the iteration counter and torch's RNG
 state (torchvision's RPN/RoI samplers draw from it); the image order of epoch e is a permutation
 seeded by (seed, e) and the flip of sample i in epoch e by (seed, e, i). A run resumed from a
-checkpoint therefore replays exactly the batches and random draws of an uninterrupted run.
-Checkpoints are ``torch.save`` dicts of tensors and numbers, read with ``weights_only=True``.
+checkpoint therefore replays exactly the batches and random draws of an uninterrupted run, and a
+resume is refused when any setting or input that shapes the result differs.
 """
 
 from __future__ import annotations
@@ -15,90 +24,31 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from ovd.data.loading import load_split_dataset
+from ovd.data.train_set import DetectionTrainSet
+from ovd.engine.evaluator import PeriodicEval
 from ovd.errors import OvdError
-from ovd.utils.io import atomic_path, crash_point, remove_stale_temps, write_json
+from ovd.mining.feature_cache import FeatureCache
+from ovd.modeling.build import build_detector
+from ovd.modeling.checkpoint import load_checkpoint, save_checkpoint
+from ovd.utils.io import atomic_path, crash_point, file_sha1, remove_stale_temps
 from ovd.utils.lock import OutputLock
+from ovd.vlm.text import TextSource, clip_source, clip_spec
 
-CKPT_FORMAT = "ovd-detector/1"
-
-
-# --- data --------------------------------------------------------------------------------------------
-class DetectionTrainSet(torch.utils.data.Dataset):
-    """Images + GT of the vocabulary's classes (labels 1..C in vocabulary order) + cached distillation
-    boxes/embeddings/weights from a :class:`~ovd.mining.feature_cache.FeatureCache`."""
-
-    def __init__(self, dataset, class_ids: list[int], cache=None):
-        self.dataset = dataset
-        self.index = {c: i + 1 for i, c in enumerate(class_ids)}
-        self.cache = cache
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def get(self, i: int, flip: bool = False) -> tuple[torch.Tensor, dict]:
-        from ovd.data.images import load_image
-
-        rec = self.dataset.record(i)
-        image = load_image(rec["path"])
-        keep = [j for j, c in enumerate(rec["labels"]) if c in self.index]
-        t = {
-            "boxes": torch.tensor([rec["boxes"][j] for j in keep], dtype=torch.float32).reshape(-1, 4),
-            "labels": torch.tensor([self.index[rec["labels"][j]] for j in keep], dtype=torch.int64),
-            "image_id": rec["image_id"],
-        }
-        if self.cache is not None:
-            c = self.cache.get(rec["image_id"])
-            t["distill_boxes"], t["distill_embeddings"], t["distill_weights"] = (
-                c["boxes"],
-                c["embeddings"],
-                c["weights"],
-            )
-        if flip:
-            w = image.shape[-1]
-            image = image.flip(-1)
-            for k in ("boxes", "distill_boxes"):
-                if k in t and len(t[k]):
-                    b = t[k].clone()
-                    b[:, [0, 2]] = w - t[k][:, [2, 0]]
-                    t[k] = b
-        return image, t
-
-
-# --- model -------------------------------------------------------------------------------------------
-def build_model(m, embed_dim: int):
-    from ovd.modeling.detector import OVFasterRCNN, build_backbone
-
-    backbone, anchors = build_backbone(
-        m.backbone, m.trainable_layers, m.backbone_weights or None, norm=m.norm, fpn_channels=m.fpn_channels
-    )
-    return OVFasterRCNN(
-        backbone,
-        embed_dim,
-        anchor_sizes=anchors,
-        semantic_regression=m.semantic_regression,
-        distill_weight=m.distill_weight if m.distill else 0.0,
-        representation_size=m.representation_size,
-        **torchvision_kwargs(m),
-    )
-
-
-def torchvision_kwargs(m) -> dict:
-    """The ``model`` settings that go to torchvision's ``FasterRCNN`` unchanged (also used by the
-    speed benchmark's stock model, so both are built alike)."""
-    return {
-        "min_size": m.min_size,
-        "max_size": m.max_size,
-        "box_score_thresh": m.box_score_thresh,
-        "box_detections_per_img": m.box_detections_per_img,
-        "box_batch_size_per_image": m.box_batch_size_per_image,
-        "rpn_post_nms_top_n_train": m.rpn_post_nms_top_n_train,
-        "rpn_post_nms_top_n_test": m.rpn_post_nms_top_n_test,
-    }
+# train settings that change what a run computes: a resume must match them, and `ovd run` reruns
+# training when one changes. Not: out, device, logging / eval / checkpoint cadence, max_iters.
+TRAIN_RUN_KEYS = ("optimizer", "lr", "momentum", "weight_decay", "batch_size", "schedule", "epochs", "lr_steps",
+                  "warmup_iters", "grad_clip", "hflip", "amp", "init_from", "freeze")  # fmt: skip
+# model settings that shape the parameters: a detector used by train.init_from must have the same
+ARCH_KEYS = ("backbone", "norm", "fpn_channels", "representation_size", "semantic_regression")
 
 
 def schedule_epochs(t) -> tuple[int, list[int]]:
@@ -122,97 +72,51 @@ def _lr_lambda(warmup: int, steps_iters: list[int]):
     return f
 
 
-class TextSource:
-    """Class names → unit text embeddings: the CLIP text tower, or a stored vocabulary file
-    (``clip.text_embeddings``, made by :func:`ovd.vlm.clip.save_text_embeddings`; like Detic's
-    zero-shot weight files, it spares loading CLIP just to embed a fixed vocabulary)."""
-
-    def __init__(self, c):
-        self.templates = list(c.templates)
-        self.file = c.text_embeddings
-        self._clip = None
-        self.c = c
-        if self.file:
-            from ovd.vlm.clip import load_text_embeddings
-
-            self.stored, self.names = load_text_embeddings(self.file)
-            self.embed_dim = int(self.stored.shape[1])
-            self.source = f"text-embeddings:{Path(self.file).resolve()}"
-            self.fingerprint = file_sha1(self.file)[:16]  # the stored vectors themselves
-        else:
-            self.embed_dim = self.clip.embed_dim
-            self.source = self.clip.source
-            self.fingerprint = self.clip.fingerprint()  # the weights (see ClipModel.fingerprint)
-
-    @property
-    def clip(self):
-        if self._clip is None:
-            from ovd.vlm.clip import clip_from_config
-
-            self._clip = clip_from_config(self.c)
-        return self._clip
-
-    def encode(self, names: list[str]) -> torch.Tensor:
-        if not self.file:
-            return self.clip.encode_text(names, self.templates)
-        missing = [n for n in names if n not in self.names]
-        if missing:
-            raise OvdError(f"text embeddings {self.file} have no entry for: {', '.join(missing[:5])}")
-        return self.stored[[self.names.index(n) for n in names]]
-
-    def check_dim(self, dim: int, what: str) -> None:
-        if dim != self.embed_dim:
-            raise OvdError(
-                f"{what} has {dim}-d embeddings but the text embeddings ({self.source}) are {self.embed_dim}-d: "
-                f"they were made with a different CLIP"
-            )
+def init_from_checkpoint(model, path: str, model_cfg: dict, embed_dim: int) -> dict:
+    """Load a trained detector's weights into a new run's ``model`` (``train.init_from``): the
+    architecture settings and the embedding dimension must match, else one error naming them.
+    Returns the settings that differ but do not change the parameters (for the log)."""
+    state = load_checkpoint(path)
+    stored = state["meta"].get("model", {})
+    diffs = [
+        f"model.{k}: {stored.get(k)!r} -> {model_cfg.get(k)!r}" for k in ARCH_KEYS if stored.get(k) != model_cfg.get(k)
+    ]
+    if int(state["meta"]["embed_dim"]) != embed_dim:
+        diffs.append(f"embed_dim: {state['meta']['embed_dim']} -> {embed_dim} (another CLIP)")
+    if diffs:
+        raise OvdError(f"train.init_from {path} is a detector of another architecture ({'; '.join(diffs)})")
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    if missing or unexpected:
+        raise OvdError(f"train.init_from {path}: weights do not fit this model (missing {missing[:3]}, "
+                       f"unexpected {unexpected[:3]})")  # fmt: skip
+    return {k: (stored.get(k), v) for k, v in model_cfg.items() if k not in ARCH_KEYS and stored.get(k) != v}
 
 
-def clip_spec(c) -> dict:
-    """The CLIP a detector's text embeddings come from, with local paths made absolute, so that
-    ``Detector.from_checkpoint`` can prompt it from any working directory."""
-    model, pretrained = c.model, c.pretrained
-    if model.startswith("local-dir:"):
-        model = "local-dir:" + str(Path(model[len("local-dir:") :]).resolve())
-    elif Path(model).is_dir():
-        model = str(Path(model).resolve())
-    if pretrained and Path(pretrained).is_file():
-        pretrained = str(Path(pretrained).resolve())
-    return {"model": model, "pretrained": pretrained}
+def freeze_parameters(model, prefixes: list[str]) -> int:
+    """``train.freeze``: requires_grad off for every parameter whose name starts with one of
+    ``prefixes``; returns how many tensors were frozen. A prefix that matches nothing is an error
+    (a typo would otherwise silently train everything)."""
+    names = [n for n, _ in model.named_parameters()]
+    unmatched = [p for p in prefixes if not any(n.startswith(p) for n in names)]
+    if unmatched:
+        tops = sorted({n.split(".")[0] + "." for n in names})
+        raise OvdError(f"train.freeze: no parameter name starts with {unmatched} (top-level: {', '.join(tops)})")
+    n = 0
+    for name, p in model.named_parameters():
+        if any(name.startswith(pre) for pre in prefixes):
+            p.requires_grad_(False)
+            n += 1
+    return n
 
 
-# --- checkpoints -------------------------------------------------------------------------------------
-def save_checkpoint(path, model, opt, sched, it: int, meta: dict, extra: dict | None = None) -> None:
-    state = {
-        "format": CKPT_FORMAT,
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict() if opt is not None else {},
-        "scheduler": sched.state_dict() if sched is not None else {},
-        "iteration": it,
-        "torch_rng": torch.get_rng_state(),
-        "text": model.roi_heads.classifier.text.clone(),
-        "meta_json": json.dumps(meta),
-        **(extra or {}),
-    }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+def build_optimizer(t, params: list) -> torch.optim.Optimizer:
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    raise OvdError(f"unknown train.optimizer '{t.optimizer}' (sgd | adamw)")
 
 
-def load_checkpoint(path) -> dict:
-    """Read an ``ovd train`` checkpoint (``weights_only=True``: tensors and plain data only) and check
-    every field later code reads, so a damaged or hand-made file is one :class:`OvdError` naming the
-    file and the field, never a ``KeyError`` deep inside model building."""
-    from ovd.utils.checkpoint import check_detector_state, torch_load
-
-    path = Path(path)
-    state = torch_load(path, "checkpoint")
-    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
-        raise OvdError(f"{path} is not an ovd detector checkpoint")
-    state["meta"] = check_detector_state(state, path)
-    return state
-
-
-# --- training ----------------------------------------------------------------------------------------
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -227,8 +131,6 @@ def _resolve_device(name: str) -> torch.device:
 
 def _dist_setup(device: torch.device) -> tuple[int, int, torch.device]:
     """(rank, world size, device) — initialises torch.distributed when started by torchrun."""
-    import torch.distributed as dist
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, device
@@ -242,27 +144,11 @@ def _dist_setup(device: torch.device) -> tuple[int, int, torch.device]:
 
 
 def _plain(section) -> dict:
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_container(section, resolve=True) if OmegaConf.is_config(section) else dict(section)
-
-
-def _val_root(cfg) -> str | None:
-    return cfg.data.val_image_root or cfg.data.image_root or None
 
 
 def _to(t: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
-
-
-def file_sha1(path) -> str:
-    """SHA-1 of a file's bytes, read in 1 MiB blocks (0.27 s for a 448 MB file, page-cached, on the
-    2-core development machine: a few percent of parsing COCO's train JSON, which it runs beside)."""
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _cache_generation(cache) -> str:
@@ -287,23 +173,15 @@ def run_inputs(cfg, train, split, text: TextSource, cache) -> dict:
         "data.train_json.sha1": file_sha1(train.path),
         "data.image_root": str(Path(root).resolve()),
         "data.split.base_names": list(split.base_names),
-        "clip.source": text.source if text.file else _clip_source(cfg.clip),
+        "clip.source": text.source if text.file else clip_source(cfg.clip),
         "clip.fingerprint": text.fingerprint,
         "clip.templates": list(text.templates),
     }
+    if cfg.train.init_from:
+        inputs["train.init_from.sha1"] = file_sha1(cfg.train.init_from)
     if cache is not None:
         inputs["feature_cache.generation"] = _cache_generation(cache)
     return inputs
-
-
-def _clip_source(c) -> str:
-    """``ClipModel.source`` with local paths made absolute (the same CLIP however it is spelled)."""
-    spec = clip_spec(c)
-    if spec["model"].startswith("local-dir:"):
-        return spec["model"]
-    if Path(spec["model"]).is_dir():
-        return f"local-dir:{spec['model']}"
-    return f"{spec['model']}/{spec['pretrained'] or 'random-init'}"
 
 
 def _resume_keys(meta: dict) -> dict:
@@ -325,7 +203,7 @@ def _short(v) -> str:
     return r if len(r) <= 80 else r[:77] + "..."
 
 
-def _check_resume(meta: dict, stored: dict, path: Path) -> None:
+def check_resume(meta: dict, stored: dict, path: Path) -> None:
     """Refuse to continue a checkpoint made from other inputs or settings: one error naming every
     differing key (``old -> new``). A checkpoint that does not record an input (made by an older
     ovd) cannot show it is the same run, so it is refused too."""
@@ -352,180 +230,239 @@ def _check_resume(meta: dict, stored: dict, path: Path) -> None:
         )
 
 
-# settings that change what a run computes (resume must match); not: out, logging, eval cadence
-_RUN_KEYS = ("optimizer", "lr", "momentum", "weight_decay", "batch_size", "schedule", "epochs", "lr_steps",
-             "warmup_iters", "grad_clip", "hflip", "amp")  # fmt: skip
+class Trainer:
+    """One training run: ``fit()`` steps from the last checkpoint (or 0) to the end of the schedule.
+
+    ``model`` is the detector (DDP-wrapped here when ``world > 1``), ``data`` a
+    :class:`~ovd.data.train_set.DetectionTrainSet`, ``t`` the ``train`` config section, ``meta`` what
+    the checkpoints record (and a resume must match), ``text`` the training vocabulary's embeddings.
+    """
+
+    def __init__(self, model, data, t, meta: dict, text: torch.Tensor, *, seed: int, device: torch.device,
+                 rank: int = 0, world: int = 1, evaluator=None, progress: bool = True):  # fmt: skip
+        self.model, self.data, self.t, self.meta, self.text = model, data, t, meta, text
+        self.seed, self.device, self.rank, self.world = seed, device, rank, world
+        self.evaluator, self.progress = evaluator, progress
+        self.out = Path(t.out)
+        self.use_amp = bool(t.amp) and device.type == "cuda"  # CPU float16 autocast is slower than float32
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = build_optimizer(t, self.params)
+        epochs, step_epochs = schedule_epochs(t)
+        self.iters_per_epoch = max(1, math.ceil(len(data) / t.batch_size))
+        self.total = epochs * self.iters_per_epoch
+        steps = [e * self.iters_per_epoch for e in step_epochs]
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(t.warmup_iters, steps))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.ddp = model
+        self._input_hooks: list[Callable] = []
+        self._loss_hooks: dict[str, Callable] = {}
+
+    # -- extension points ----------------------------------------------------------------------------
+    def add_inputs(self, fn: Callable) -> None:
+        """``fn(it, images, targets) -> dict``: extra keyword arguments of every training forward."""
+        self._input_hooks.append(fn)
+
+    def add_loss(self, name: str, fn: Callable) -> None:
+        """``fn(it, model, losses) -> tensor``: an extra loss term ``name`` of every step."""
+        if name in self._loss_hooks:
+            raise OvdError(f"loss term '{name}' is added twice")
+        self._loss_hooks[name] = fn
+
+    # -- the loop --------------------------------------------------------------------------------------
+    def resume(self) -> int:
+        """Load ``train.out/last.pt`` if there is one (refused if made from other inputs); the
+        iteration to start from."""
+        last = self.out / "last.pt"
+        if not last.is_file():
+            if self.world > 1:
+                torch.manual_seed(self.seed * 1009 + self.rank)  # ranks sample different RoIs from the start
+            return 0
+        state = load_checkpoint(last)
+        check_resume(self.meta, state["meta"], last)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        rngs = state.get("torch_rng_ranks") or [state["torch_rng"]]
+        torch.set_rng_state(rngs[self.rank] if len(rngs) == self.world else state["torch_rng"])
+        return int(state["iteration"])
+
+    def batch(self, it: int) -> tuple[list, list]:
+        """This process's images and targets of iteration ``it`` (a function of seed and ``it``)."""
+        t, data = self.t, self.data
+        epoch, k = divmod(it, self.iters_per_epoch)
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+        # the last batch of an epoch is filled up from the epoch's start: every batch is full,
+        # so every process always has its share (DDP) and the gradient scale never jumps
+        idx = [int(order[j % len(data)]) for j in range(k * t.batch_size, (k + 1) * t.batch_size)]
+        images, targets = [], []
+        for i in idx[self.rank :: self.world]:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 100_003 + i)
+            flip = t.hflip and bool(torch.rand(1, generator=g) < 0.5)
+            image, target = data.get(i, flip)
+            images.append(image.to(self.device))
+            targets.append(_to(target, self.device))
+        return images, targets
+
+    def step(self, it: int) -> tuple[dict, torch.Tensor]:
+        """One optimisation step; the loss dict and the (all-process mean) [total, *terms] values."""
+        images, targets = self.batch(it)
+        kwargs: dict = {}
+        for fn in self._input_hooks:
+            extra = fn(it, images, targets)
+            clash = set(extra) & set(kwargs)
+            if clash:
+                raise OvdError(f"two input hooks give the same model argument(s) {sorted(clash)}")
+            kwargs.update(extra)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
+            losses = self.ddp(images, targets, **kwargs)
+            for name, fn in self._loss_hooks.items():
+                losses[name] = fn(it, self.model, losses)
+        loss = sum(losses.values())
+        values = torch.stack([loss.detach().float()] + [v.detach().float() for v in losses.values()])
+        if self.world > 1:  # the logged numbers (and the divergence check) cover every process
+            dist.all_reduce(values)
+            values /= self.world
+        if not torch.isfinite(values[0]):
+            raise OvdError(f"training diverged at iteration {it} (loss {float(values[0])}): lower train.lr")
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.t.grad_clip > 0:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.params, self.t.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        return losses, values
+
+    def checkpoint(self, it: int) -> None:
+        """``last.pt`` on rank 0 with every rank's RNG state (exact resume of a DDP run)."""
+        rngs = [torch.get_rng_state()]
+        if self.world > 1:
+            rngs = [None] * self.world
+            dist.all_gather_object(rngs, torch.get_rng_state())
+        if self.rank == 0:
+            extra = {"torch_rng_ranks": rngs, "scaler": self.scaler.state_dict()}
+            save_checkpoint(self.out / "last.pt", self.model, self.opt, self.sched, it, self.meta, extra=extra)
+        if self.world > 1:
+            dist.barrier()  # nobody runs ahead of a checkpoint that may be resumed from
+
+    def evaluate(self) -> dict:
+        metrics = self.evaluator(self.model, self.text)
+        self.model.train()
+        return metrics
+
+    def fit(self, max_iters: int = 0) -> dict:
+        """Train from the last checkpoint to the end of the schedule, or to ``max_iters`` (> 0)."""
+        start = self.resume()
+        stop = min(self.total, max_iters) if max_iters > 0 else self.total
+        if self.world > 1:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None
+            )
+        self.model.train()
+        log = _JsonlLog(self.out / "log.jsonl", start) if self.rank == 0 else None
+        eval_log = _JsonlLog(self.out / "eval.jsonl", start) if self.evaluator else None
+        bar = tqdm(total=self.total, initial=start, desc="train", disable=not self.progress or self.rank != 0)
+        t0, it = time.time(), start
+        try:
+            while it < stop:
+                epoch = it // self.iters_per_epoch
+                losses, values = self.step(it)
+                it += 1
+                if log:
+                    rec = {"iter": it, "epoch": epoch, "lr": self.opt.param_groups[0]["lr"], "loss": float(values[0])}
+                    rec.update({k: round(float(v), 5) for k, v in zip(losses, values[1:].tolist())})
+                    log.write(rec)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}")
+                if it % self.t.checkpoint_every == 0 or it == stop:
+                    self.checkpoint(it)
+                if self.evaluator and (it % self.t.eval_every == 0 or it == self.total):
+                    eval_log.write({"iter": it, **self.evaluate()})
+            if self.world > 1 and it == self.total:
+                _check_replicas_agree(self.model)
+        finally:
+            bar.close()
+            for lg in (log, eval_log):
+                if lg:
+                    lg.close()
+        final = self.out / "final.pt"
+        if self.rank == 0 and it == self.total:
+            save_checkpoint(final, self.model, None, None, it, self.meta)
+        done = it == self.total
+        return {"out": str(final if done else self.out / "last.pt"), "rank": self.rank, "iterations": it,
+                "complete": done, "seconds": round(time.time() - t0, 1), "world_size": self.world,
+                "device": str(self.device), "amp": self.use_amp}  # fmt: skip
 
 
-def run_train(cfg, progress: bool = True, stop_after: int | None = None) -> dict:
-    """``ovd train`` with one writer per ``train.out``: rank 0 holds its lock for the whole run and
-    first removes the temporary files of a killed predecessor (a checkpoint killed mid-write)."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        return _run_train(cfg, progress, stop_after)
-    out = Path(cfg.train.out)
-    with OutputLock(out / ".lock", f"training run {out}"):
-        for name in ("last.pt", "final.pt"):
-            remove_stale_temps(out, name)
-        return _run_train(cfg, progress, stop_after)
-
-
-def _run_train(cfg, progress: bool = True, stop_after: int | None = None) -> dict:
+def run_train(cfg, progress: bool = True) -> dict:
     """``ovd train``: base-class training with CLIP distillation; resumes from ``train.out/last.pt``.
 
     Runs in one process, or data-parallel under ``torchrun`` (DDP; gloo on CPU, NCCL on GPU): the
     batch of ``train.batch_size`` images is split across the processes, rank 0 writes checkpoints
-    and logs. ``stop_after`` ends the run after that many iterations *of this call* (tests: a kill).
+    and logs. One writer per ``train.out``: rank 0 holds its lock for the whole run and first removes
+    the temporary files of a killed predecessor (a checkpoint killed mid-write).
     """
-    import torch.distributed as dist
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _run_train(cfg, progress)
+    out = Path(cfg.train.out)
+    with OutputLock(out / ".lock", f"training run {out}"):
+        for name in ("last.pt", "final.pt"):
+            remove_stale_temps(out, name)
+        return _run_train(cfg, progress)
 
-    from ovd.data.coco import load_detection_dataset
-    from ovd.data.splits import resolve_split
-    from ovd.mining.feature_cache import FeatureCache
 
+def _run_train(cfg, progress: bool) -> dict:
     t = cfg.train
     rank, world, device = _dist_setup(_resolve_device(t.device))
     if t.batch_size % world:
         raise OvdError(f"train.batch_size {t.batch_size} does not split over {world} processes")
-    use_amp = bool(t.amp) and device.type == "cuda"  # CPU float16 autocast is slower than float32 here
-    torch.manual_seed(cfg.seed)
-    train = load_detection_dataset(cfg.data.train_json, cfg.data.image_root or None, check_images=True)
-    if not cfg.data.split:
-        raise OvdError("train needs data.split: the detector is trained on its base classes")
-    split = resolve_split(cfg.data.split, train.categories, source=str(train.path))
-    clip = TextSource(cfg.clip)
-    text = clip.encode(list(split.base_names))
-    cache = FeatureCache(cfg.extract.out, embed_dim=clip.embed_dim) if cfg.model.distill else None
-    data = DetectionTrainSet(train, list(split.base_ids), cache)
-    model = build_model(cfg.model, clip.embed_dim).to(device)
-    model.set_vocabulary(text)
-    evaluator = _PeriodicEval(cfg, clip, device) if t.eval_every > 0 and rank == 0 else None
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    if t.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    elif t.optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    else:
-        raise OvdError(f"unknown train.optimizer '{t.optimizer}' (sgd | adamw)")
-    epochs, step_epochs = schedule_epochs(t)
-    iters_per_epoch = max(1, math.ceil(len(data) / t.batch_size))
-    total = epochs * iters_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, _lr_lambda(t.warmup_iters, [e * iters_per_epoch for e in step_epochs])
-    )
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
-    meta = {"base_names": list(split.base_names), "embed_dim": clip.embed_dim, "clip": clip.source,
-            "clip_spec": clip_spec(cfg.clip), "model": _plain(cfg.model), "templates": list(cfg.clip.templates),
-            "train_settings": {k: _plain(t)[k] for k in _RUN_KEYS},
-            "inputs": run_inputs(cfg, train, split, clip, cache)}  # fmt: skip
-    meta = json.loads(json.dumps(meta))  # plain lists / dicts, as they come back from a checkpoint
-    out = Path(t.out)
-    last = out / "last.pt"
-    start = 0
-    if last.is_file():
-        state = load_checkpoint(last)
-        _check_resume(meta, state["meta"], last)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        rngs = state.get("torch_rng_ranks") or [state["torch_rng"]]
-        torch.set_rng_state(rngs[rank] if len(rngs) == world else state["torch_rng"])
-        start = int(state["iteration"])
-    elif world > 1:
-        torch.manual_seed(cfg.seed * 1009 + rank)  # ranks sample different RoIs from the first step on
-
-    ddp = model
-    if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    model.train()
-    log = _JsonlLog(out / "log.jsonl", start) if rank == 0 else None
-    eval_log = _JsonlLog(out / "eval.jsonl", start) if evaluator else None
-    bar = tqdm(total=total, initial=start, desc="train", disable=not progress or rank != 0)
-    t0 = time.time()
-    it = start
     try:
-        while it < total:
-            epoch, k = divmod(it, iters_per_epoch)
-            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-            # the last batch of an epoch is filled up from the epoch's start: every batch is full,
-            # so every process always has its share (DDP) and the gradient scale never jumps
-            idx = [int(order[j % len(data)]) for j in range(k * t.batch_size, (k + 1) * t.batch_size)][rank::world]
-            images, targets = [], []
-            for i in idx:
-                g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 100_003 + i)
-                flip = t.hflip and bool(torch.rand(1, generator=g) < 0.5)
-                image, target = data.get(i, flip)
-                images.append(image.to(device))
-                targets.append(_to(target, device))
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                losses = ddp(images, targets)
-            loss = sum(losses.values())
-            values = torch.stack([loss.detach().float()] + [v.detach().float() for v in losses.values()])
-            if world > 1:  # the logged numbers (and the divergence check) cover every process
-                dist.all_reduce(values)
-                values /= world
-            if not torch.isfinite(values[0]):
-                raise OvdError(f"training diverged at iteration {it} (loss {float(values[0])}): lower train.lr")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if t.grad_clip > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            it += 1
-            if log:
-                rec = {"iter": it, "epoch": epoch, "lr": opt.param_groups[0]["lr"], "loss": float(values[0])}
-                rec.update({k2: round(float(v), 5) for k2, v in zip(losses, values[1:].tolist())})
-                log.write(rec)
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}")
-            if it % t.checkpoint_every == 0 or it == total:
-                _save_all_ranks(last, model, opt, sched, scaler, it, meta, rank, world)
-            if evaluator and (it % t.eval_every == 0 or it == total):
-                eval_log.write({"iter": it, **evaluator(model, text)})
-                model.train()
-            if stop_after is not None and it - start >= stop_after and it < total:
-                raise KeyboardInterrupt(f"stopped after {stop_after} iterations (simulated interruption)")
-        if world > 1:
-            _check_replicas_agree(model)
+        torch.manual_seed(cfg.seed)  # model initialisation and the first RoI samples draw from it
+        trainer = setup_trainer(cfg, rank, world, device, progress)
+        return trainer.fit(t.max_iters)
     finally:
-        bar.close()
-        for lg in (log, eval_log):
-            if lg:
-                lg.close()
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
-    final = out / "final.pt"
-    if rank == 0:
-        save_checkpoint(final, model, None, None, it, meta)
-    return {"out": str(final), "rank": rank, "iterations": it, "seconds": round(time.time() - t0, 1),
-            "world_size": world, "device": str(device), "amp": use_amp}  # fmt: skip
 
 
-def _save_all_ranks(path, model, opt, sched, scaler, it, meta, rank, world) -> None:
-    """Checkpoint on rank 0 with every rank's RNG state (exact resume of a DDP run)."""
-    import torch.distributed as dist
-
-    rngs = [torch.get_rng_state()]
-    if world > 1:
-        rngs = [None] * world
-        dist.all_gather_object(rngs, torch.get_rng_state())
-    if rank == 0:
-        extra = {"torch_rng_ranks": rngs, "scaler": scaler.state_dict()}
-        save_checkpoint(path, model, opt, sched, it, meta, extra=extra)
-    if world > 1:
-        dist.barrier()  # nobody runs ahead of a checkpoint that may be resumed from
+def setup_trainer(cfg, rank: int, world: int, device: torch.device, progress: bool = True) -> Trainer:
+    """Data, text, model (``init_from`` / ``freeze`` applied) and the :class:`Trainer` of a config."""
+    t = cfg.train
+    train, split = load_split_dataset(cfg.data, need_split="train", why="the detector is trained on its base classes")
+    text_source = TextSource(cfg.clip)
+    text = text_source.encode(list(split.base_names))
+    cache = FeatureCache(cfg.extract.out, embed_dim=text_source.embed_dim) if cfg.model.distill else None
+    data = DetectionTrainSet(train, list(split.base_ids), cache)
+    model = build_detector(cfg.model, text_source.embed_dim).to(device)
+    model.set_vocabulary(text)
+    notes = {}
+    if t.init_from:
+        notes["init_from_changed_settings"] = init_from_checkpoint(model, t.init_from, _plain(cfg.model),
+                                                                   text_source.embed_dim)  # fmt: skip
+        model.set_vocabulary(text)
+    if t.freeze:
+        notes["frozen_tensors"] = freeze_parameters(model, list(t.freeze))
+    evaluator = PeriodicEval(cfg, text_source, device) if t.eval_every > 0 and rank == 0 else None
+    meta = {"base_names": list(split.base_names), "embed_dim": text_source.embed_dim, "clip": text_source.source,
+            "clip_spec": clip_spec(cfg.clip), "model": _plain(cfg.model), "templates": list(cfg.clip.templates),
+            "train_settings": {k: _plain(t)[k] for k in TRAIN_RUN_KEYS},
+            "inputs": run_inputs(cfg, train, split, text_source, cache)}  # fmt: skip
+    meta = json.loads(json.dumps(meta))  # plain lists / dicts, as they come back from a checkpoint
+    trainer = Trainer(model, data, t, meta, text, seed=cfg.seed, device=device, rank=rank, world=world,
+                      evaluator=evaluator, progress=progress)  # fmt: skip
+    if notes and rank == 0:
+        trainer.out.mkdir(parents=True, exist_ok=True)
+        n_train = sum(p.numel() for p in trainer.params)
+        notes["trainable_parameters"] = n_train
+        print(json.dumps({"train_setup": notes}, default=str), flush=True)
+    return trainer
 
 
 def _check_replicas_agree(model) -> None:
     """DDP keeps replicas identical; verify it once at the end (a cheap checksum per rank)."""
-    import torch.distributed as dist
-
     s = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1).cpu()
     sums = [torch.zeros_like(s) for _ in range(dist.get_world_size())]
     dist.all_gather(sums, s)
@@ -560,82 +497,3 @@ class _JsonlLog:
 
     def close(self) -> None:
         self.f.close()
-
-
-class _PeriodicEval:
-    """Val AP (base + novel vocabulary) during training; the model is put back to training after."""
-
-    def __init__(self, cfg, clip, device):
-        from ovd.data.coco import load_detection_dataset
-        from ovd.data.splits import resolve_split
-
-        self.val = load_detection_dataset(
-            cfg.data.val_json, _val_root(cfg), lvis=cfg.data.lvis, drop_degenerate=False, check_images=True
-        )
-        self.split = resolve_split(cfg.data.split, self.val.categories, source=str(self.val.path))
-        names = list(self.split.base_names) + list(self.split.novel_names)
-        self.text = clip.encode(names).to(device)
-        self.ids = list(self.split.base_ids) + list(self.split.novel_ids)
-
-    def __call__(self, model, train_text) -> dict:
-        from ovd.evaluation import evaluate_detections
-
-        model.set_vocabulary(self.text)
-        try:
-            dets = predict_dataset(model, self.val, self.ids, progress=False)
-        finally:
-            model.set_vocabulary(train_text)
-        m = evaluate_detections(self.val, dets, split=self.split)
-        return {k: m[k] for k in ("AP", "AP50", "AP_base", "AP50_base", "AP_novel", "AP50_novel") if k in m}
-
-
-# --- testing -----------------------------------------------------------------------------------------
-@torch.no_grad()
-def predict_dataset(model, dataset, class_ids: list[int], progress: bool = True) -> list[dict]:
-    """COCO result list of ``model`` on every image; labels 1..C map back to ``class_ids``."""
-    from ovd.data.images import load_image
-
-    model.eval()
-    device = next(model.parameters()).device
-    results = []
-    for i in tqdm(range(len(dataset)), desc="test", disable=not progress):
-        rec = dataset.record(i)
-        out = model([load_image(rec["path"]).to(device)])[0]
-        for b, s, lab in zip(out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist()):
-            results.append(
-                {
-                    "image_id": rec["image_id"],
-                    "category_id": class_ids[lab - 1],
-                    "bbox": [round(b[0], 2), round(b[1], 2), round(b[2] - b[0], 2), round(b[3] - b[1], 2)],
-                    "score": round(s, 5),
-                }
-            )
-    return results
-
-
-def run_test(cfg, ckpt: str, out: str | None = None, progress: bool = True) -> dict:
-    """``ovd test``: detections of the val set over base + novel names, then ``ovd eval`` metrics."""
-    from ovd.data.coco import load_detection_dataset
-    from ovd.data.splits import resolve_split
-    from ovd.engine.predictor import model_from_checkpoint
-    from ovd.evaluation import evaluate_detections
-
-    state = load_checkpoint(ckpt)
-    val = load_detection_dataset(
-        cfg.data.val_json, _val_root(cfg), lvis=cfg.data.lvis, drop_degenerate=False, check_images=True
-    )
-    split = resolve_split(cfg.data.split, val.categories, source=str(val.path))
-    clip = TextSource(cfg.clip)
-    names = list(split.base_names) + list(split.novel_names)
-    model = model_from_checkpoint(state, ckpt)
-    clip.check_dim(int(state["meta"]["embed_dim"]), f"detector {ckpt}")
-    model.set_vocabulary(clip.encode(names))
-    dets = predict_dataset(model, val, list(split.base_ids) + list(split.novel_ids), progress)
-    out_dir = Path(out) if out else Path(ckpt).parent
-    # metrics.json describes detections.json: the old one goes first, so that a run killed between
-    # the two writes leaves new detections without metrics, never beside the old metrics
-    (out_dir / "metrics.json").unlink(missing_ok=True)
-    write_json(out_dir / "detections.json", dets, indent=None)
-    metrics = evaluate_detections(val, dets, split=split)
-    write_json(out_dir / "metrics.json", metrics)
-    return metrics

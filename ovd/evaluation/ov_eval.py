@@ -22,9 +22,11 @@ import os
 import warnings
 from typing import Any
 
-from ovd.data.coco import DetectionDataset, _is_int, _is_num, _listing, load_detection_dataset
+from ovd.data.coco import DetectionDataset, load_detection_dataset
 from ovd.data.splits import Split, resolve_split
+from ovd.data.validate import is_box, is_int, is_number, listing
 from ovd.errors import OvdError
+from ovd.evaluation.lvis_compat import patch_lvis
 from ovd.utils.io import read_json
 
 COCO_KEYS = ("AP", "AP50")
@@ -45,24 +47,24 @@ def load_detections(dets: str | os.PathLike | list, gt: DetectionDataset) -> lis
         if not isinstance(d, dict):
             bad.append(f"[{i}]: not an object")
             continue
-        if not _is_int(d.get("image_id")):
+        if not is_int(d.get("image_id")):
             bad.append(f"[{i}]: 'image_id' must be an integer, got {d.get('image_id')!r}")
         elif d["image_id"] not in img_ids:
             bad.append(f"[{i}]: image_id {d['image_id']} is not an image of {gt.path}")
-        if not _is_int(d.get("category_id")):
+        if not is_int(d.get("category_id")):
             bad.append(f"[{i}]: 'category_id' must be an integer, got {d.get('category_id')!r}")
         elif d["category_id"] not in cat_ids:
             bad.append(f"[{i}]: category_id {d['category_id']} is not a category of {gt.path}")
         bb = d.get("bbox")
-        if not (isinstance(bb, list) and len(bb) == 4 and all(_is_num(v) for v in bb)):
+        if not is_box(bb):
             bad.append(f"[{i}]: 'bbox' must be 4 finite numbers [x, y, w, h], got {bb!r:.80}")
         elif bb[2] <= 0 or bb[3] <= 0:
             # the official APIs silently drop such a box (as if never detected): refuse instead
             bad.append(f"[{i}]: 'bbox' [x, y, w, h] needs width and height > 0, got {bb!r:.80}")
-        if not _is_num(d.get("score")):
+        if not is_number(d.get("score")):
             bad.append(f"[{i}]: 'score' must be a finite number, got {d.get('score')!r}")
     if bad:
-        raise OvdError(f"{source}: {len(bad)} bad detection(s): {_listing(bad)}")
+        raise OvdError(f"{source}: {len(bad)} bad detection(s): {listing(bad)}")
     # The official APIs write into the dicts they are given (area, id, segmentation); keep ours clean.
     return copy.deepcopy(data)
 
@@ -116,8 +118,6 @@ def _lvis_results(gt: DetectionDataset, dets: list[dict]):
 
 def _lvis_eval(gt: DetectionDataset, res, cat_ids: list[int] | None) -> dict:
     from lvis import LVISEval
-
-    from ovd.evaluation.lvis_compat import patch_lvis
 
     patch_lvis()
     ev = LVISEval(gt.api, res, "bbox")

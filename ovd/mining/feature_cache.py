@@ -47,9 +47,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from ovd.data.images import load_image
+from ovd.data.loading import load_split_dataset
 from ovd.errors import OvdError
+from ovd.mining.miner import candidate_boxes, load_proposals
 from ovd.utils.io import atomic_path, crash_point, read_json, remove_stale_temps, write_json
 from ovd.utils.lock import OutputLock
+from ovd.vlm.clip import clip_from_config
 
 CACHE_FORMAT = "ovd-feature-cache/2"
 INDEX = "index.json"
@@ -225,8 +229,6 @@ def extract_features(
 ) -> dict:
     """Encode this shard's chunks that are not on disk yet (at most ``max_chunks`` of them in this
     call: bounded work per job, e.g. on a preemptible queue; the next call goes on)."""
-    from ovd.data.images import load_image
-
     if dtype not in DTYPES:
         raise OvdError(f"extract.dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     if chunk_size < 1:
@@ -473,8 +475,6 @@ def random_proposals(dataset, m, k: int, seed: int = 0) -> dict[int, dict]:
     The no-miner baseline: same candidate boxes as the miner, but nothing (no CLIP, no novel names)
     decides which are kept. Seeded per image, so the draw does not depend on the image order.
     """
-    from ovd.mining.miner import candidate_boxes
-
     out = {}
     for i in range(len(dataset)):
         rec = dataset.record(i)
@@ -491,18 +491,11 @@ def run_extract(
     cfg, shard: str | None = None, overwrite: bool = False, merge_only: bool = False, progress: bool = True
 ) -> dict:
     """``ovd extract``: this shard's chunks, then the index once every chunk is on disk."""
-    from ovd.data.coco import load_detection_dataset
-    from ovd.data.splits import resolve_split
-    from ovd.mining.miner import load_proposals
-    from ovd.vlm.clip import clip_from_config
-
     e = cfg.extract
     report: dict = {}
     if not merge_only:
-        train = load_detection_dataset(cfg.data.train_json, cfg.data.image_root or None, check_images=True)
-        gt_ids = None
-        if cfg.data.split:
-            gt_ids = set(resolve_split(cfg.data.split, train.categories, source=str(train.path)).base_ids)
+        train, split = load_split_dataset(cfg.data)  # the split is optional: it only restricts the GT boxes
+        gt_ids = set(split.base_ids) if split else None
         if cfg.miner.enabled:
             proposals = load_proposals(cfg.miner.out)
         else:  # no miner: optionally ViLD-style unranked regions (the ablation's base-biased targets)

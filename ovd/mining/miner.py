@@ -24,8 +24,14 @@ import torch
 from torchvision.ops import box_iou, clip_boxes_to_image, nms, remove_small_boxes
 from tqdm import tqdm
 
-from ovd.data.coco import _is_int, _is_num
+from ovd.data.boxes import coco_bbox, xywh_to_xyxy
+from ovd.data.images import load_image
+from ovd.data.loading import load_split_dataset
+from ovd.data.validate import is_box, is_int
 from ovd.errors import OvdError
+from ovd.utils.io import read_json, remove_stale_temps, write_json
+from ovd.utils.lock import OutputLock
+from ovd.vlm.clip import clip_from_config
 
 OBJECTNESS = ("entropy", "max_prob")
 
@@ -156,9 +162,6 @@ def run_mine(cfg, progress: bool = True) -> dict:
 
     One writer per output file (a lock beside it); the proposals are written atomically, then the
     report, so a reader sees the old proposals or the new ones, never part of them."""
-    from ovd.utils.io import remove_stale_temps
-    from ovd.utils.lock import OutputLock
-
     out = Path(cfg.miner.out)
     with OutputLock(out.with_name(f".{out.name}.lock"), f"proposals file {out}"):
         remove_stale_temps(out.parent, out.name)
@@ -167,19 +170,12 @@ def run_mine(cfg, progress: bool = True) -> dict:
 
 
 def _run_mine(cfg, progress: bool = True) -> dict:
-    from ovd.data.coco import load_detection_dataset
-    from ovd.data.images import load_image
-    from ovd.data.splits import resolve_split
-    from ovd.utils.io import write_json
-    from ovd.vlm.clip import clip_from_config
-
     m = cfg.miner
-    if not cfg.data.split:
-        raise OvdError("mine needs data.split: its base and novel names are the miner's vocabulary")
     if m.objectness not in OBJECTNESS:
         raise OvdError(f"unknown miner.objectness '{m.objectness}' (choose from {', '.join(OBJECTNESS)})")
-    train = load_detection_dataset(cfg.data.train_json, cfg.data.image_root or None, check_images=True)
-    split = resolve_split(cfg.data.split, train.categories, source=str(train.path))
+    train, split = load_split_dataset(
+        cfg.data, need_split="mine", why="its base and novel names are the miner's vocabulary"
+    )
     vocab = {"all": list(split.base_names) + list(split.novel_names), "base": list(split.base_names)}.get(m.vocabulary)
     if vocab is None:
         raise OvdError(f"unknown miner.vocabulary '{m.vocabulary}' (all: base + novel names, base: base names only)")
@@ -200,7 +196,7 @@ def _run_mine(cfg, progress: bool = True) -> dict:
             results.append(
                 {
                     "image_id": rec["image_id"],
-                    "bbox": [round(b[0], 2), round(b[1], 2), round(b[2] - b[0], 2), round(b[3] - b[1], 2)],
+                    "bbox": coco_bbox(b),
                     "score": round(s, 5),
                     "weight": round(s, 5),
                     "category_id": name_to_id[vocab[lab]],
@@ -227,35 +223,30 @@ def _run_mine(cfg, progress: bool = True) -> dict:
 
 def _read_external_proposals(path: str, image_ids: set[int]) -> dict[int, torch.Tensor]:
     """External proposals: a JSON list of {image_id, bbox xywh} (e.g. an RPN's output)."""
-    from ovd.utils.io import read_json
-
     data = read_json(path, "external proposals file")
     if not isinstance(data, list):
         raise OvdError(f"{path}: external proposals must be a JSON list of {{image_id, bbox}}")
     out: dict[int, list] = {}
     for i, d in enumerate(data):
-        if not isinstance(d, dict) or not _is_int(d.get("image_id")) or d["image_id"] not in image_ids:
+        if not isinstance(d, dict) or not is_int(d.get("image_id")) or d["image_id"] not in image_ids:
             raise OvdError(f"{path}: [{i}] has no image_id of the train set")
         bb = d.get("bbox")
-        if not (isinstance(bb, list) and len(bb) == 4 and all(_is_num(v) for v in bb)):
+        if not is_box(bb):
             raise OvdError(f"{path}: [{i}]: 'bbox' must be 4 numbers [x, y, w, h]")
-        out.setdefault(d["image_id"], []).append([bb[0], bb[1], bb[0] + bb[2], bb[1] + bb[3]])
+        out.setdefault(d["image_id"], []).append(xywh_to_xyxy(bb))
     return {k: torch.tensor(v, dtype=torch.float32) for k, v in out.items()}
 
 
 def load_proposals(path: str | Path) -> dict[int, dict]:
     """Mined proposals JSON → {image_id: {"boxes" (N, 4 xyxy), "weights" (N,)}}."""
-    from ovd.utils.io import read_json
-
     data = read_json(path, "proposals file")
     if not isinstance(data, list):
         raise OvdError(f"{path}: proposals must be a JSON list of {{image_id, bbox, score, weight}}")
     out: dict[int, list] = {}
     for i, d in enumerate(data):
         try:
-            x, y, w, h = d["bbox"]
             out.setdefault(int(d["image_id"]), []).append(
-                ([x, y, x + w, y + h], float(d.get("weight", d.get("score", 1.0))))
+                (xywh_to_xyxy(d["bbox"]), float(d.get("weight", d.get("score", 1.0))))
             )
         except (KeyError, TypeError, ValueError):
             raise OvdError(f"{path}: [{i}] needs image_id, bbox [x, y, w, h] and weight") from None

@@ -26,6 +26,7 @@ from ovd.modeling.distillation import rescale_distill_boxes
 from ovd.modeling.roi_heads import ExtraRoIs, OVRoIHeads
 from ovd.modeling.semantic_regression import SemanticBoxRegressor
 from ovd.modeling.zero_shot_classifier import ZeroShotClassifier
+from ovd.utils.safe_load import load_state_dict_file
 
 BACKBONES = {
     # name: (torchvision ResNet constructor args, returned layers, anchor sizes per FPN level)
@@ -92,8 +93,6 @@ def build_backbone(
 
 
 def _file_state(path: str) -> dict:
-    from ovd.utils.checkpoint import load_state_dict_file
-
     return load_state_dict_file(path)
 
 

@@ -12,81 +12,23 @@ as safetensors with metadata naming the CLIP it was made for.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from tqdm import tqdm
 
+from ovd.data.images import load_image
+from ovd.data.loading import load_split_dataset
 from ovd.errors import OvdError
-from ovd.utils.io import atomic_path
-
-ADAPTER_FORMAT = "ovd-clip-adapter/1"
-
-
-def layernorm_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Every LayerNorm weight/bias of the image tower, by its name in the full CLIP state dict."""
-    out = {}
-    for mname, mod in model.visual.named_modules():
-        if isinstance(mod, nn.LayerNorm):
-            for pname, p in mod.named_parameters(recurse=False):
-                out[f"visual.{mname}.{pname}"] = p
-    if not out:
-        raise OvdError("this CLIP image tower has no LayerNorm layers: the adapter needs a ViT-style tower")
-    return out
-
-
-def save_adapter(path: str | os.PathLike, clip, params: dict[str, torch.Tensor], extra: dict | None = None) -> Path:
-    from safetensors.torch import save_file
-
-    meta = {
-        "format": ADAPTER_FORMAT,
-        "clip_source": clip.source,
-        "embed_dim": str(clip.embed_dim),
-        "extra": json.dumps(extra or {}),
-    }
-    tensors = {k: v.detach().cpu().contiguous() for k, v in params.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-    return Path(path)
-
-
-def load_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    from ovd.utils.checkpoint import read_safetensors
-
-    return read_safetensors(path, "CLIP adapter file", ADAPTER_FORMAT)
-
-
-def apply_adapter(clip, path: str | os.PathLike) -> None:
-    """Load adapted LayerNorm parameters into ``clip`` (in place); checks the CLIP matches."""
-    tensors, meta = load_adapter(path)
-    clip.check_dim(int(meta.get("embed_dim", -1)), f"adapter {path}")
-    own = layernorm_parameters(clip.model)
-    missing = sorted(set(tensors) - set(own))
-    if missing or set(own) - set(tensors):
-        raise OvdError(
-            f"adapter {path} was made for a different CLIP architecture (made for {meta.get('clip_source')}; "
-            f"{len(missing)} unknown and {len(set(own) - set(tensors))} missing LayerNorm parameters)"
-        )
-    with torch.no_grad():
-        for k, v in tensors.items():
-            if own[k].shape != v.shape:
-                raise OvdError(
-                    f"adapter {path}: parameter {k} has shape {tuple(v.shape)}, the CLIP has {tuple(own[k].shape)}"
-                )
-            own[k].copy_(v)
-    clip.adapter = f"{path}:{os.path.getsize(path)}:{int(os.path.getmtime(path))}"
-    clip.clear_text_cache()
+from ovd.utils.io import write_json
+from ovd.vlm.adapter_file import layernorm_parameters, save_adapter
+from ovd.vlm.clip import clip_from_config
 
 
 def collect_gt_crops(clip, dataset, cat_ids, max_crops: int = 0, seed: int = 0, progress: bool = True):
     """EZSD crops of every GT box whose category is in ``cat_ids`` → (normalised crops, label index)."""
-    from ovd.data.images import load_image
-
     index = {c: i for i, c in enumerate(cat_ids)}
     crops, labels = [], []
     for i in tqdm(range(len(dataset)), desc="crop GT boxes", disable=not progress, leave=False):
@@ -159,17 +101,11 @@ def train_adapter(
 
 def run_adapt(cfg, progress: bool = True) -> dict:
     """``ovd adapt``: train the LayerNorm adapter on base GT crops of ``cfg.data.train_json``."""
-    from ovd.data.coco import load_detection_dataset
-    from ovd.data.splits import resolve_split
-    from ovd.utils.io import write_json
-    from ovd.vlm.clip import clip_from_config
-
-    if not cfg.data.split:
-        raise OvdError("adapt needs data.split (the base classes whose GT crops train the adapter)")
+    train, split = load_split_dataset(
+        cfg.data, need_split="adapt", why="the base classes whose GT crops train the adapter"
+    )
     torch.manual_seed(cfg.seed)
     clip = clip_from_config(cfg.clip)
-    train = load_detection_dataset(cfg.data.train_json, cfg.data.image_root or None, check_images=True)
-    split = resolve_split(cfg.data.split, train.categories, source=str(train.path))
     t0 = time.time()
     crops, labels = collect_gt_crops(clip, train, list(split.base_ids), cfg.adapter.max_crops, cfg.seed, progress)
     crop_s = time.time() - t0

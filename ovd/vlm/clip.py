@@ -28,7 +28,10 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from ovd.errors import OvdError
+from ovd.errors import OvdError, describe
+from ovd.utils.io import atomic_dir, atomic_path
+from ovd.utils.safe_load import check_nonempty, read_safetensors
+from ovd.vlm.adapter_file import apply_adapter, layernorm_parameters
 
 # EZSD/ViLD prompt. Ensembles can be passed per call; the default keeps the paper's single prompt.
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -137,8 +140,6 @@ def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
 
 def _short_error(e: Exception) -> str:
     """One line from a loader error: the headline plus its first detail (e.g. the first mismatched key)."""
-    from ovd.errors import describe
-
     text = describe(e, 300, lines=2)
     if "TorchScript" in text:
         text += " (a TorchScript archive: save its state_dict() to a .safetensors file and pass that)"
@@ -179,7 +180,7 @@ class ClipModel:
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         self.name = name
         self.source = source
-        self.adapter: str | None = None  # set by ovd.vlm.adapter.apply_adapter (its file), if any
+        self.adapter: str | None = None  # set by ovd.vlm.adapter_file.apply_adapter (its file), if any
         self.weights_files: list[Path] = []  # the files the weights came from (set by load)
         self.config_text = ""  # the model's open_clip config, canonical JSON (set by load)
         self._text_cache: dict[tuple, torch.Tensor] = {}
@@ -247,8 +248,6 @@ class ClipModel:
                         f"CLIP weights '{pretrained}' for {model}: no such file, and not a known pretrained tag "
                         f"({', '.join(tags) or 'none'})"
                     )
-        from ovd.utils.checkpoint import check_nonempty
-
         for f in _weights_files(model, pretrained):
             try:
                 check_nonempty(f, "weights file")
@@ -326,8 +325,6 @@ class ClipModel:
         elif "random-init" in self.source:  # random init (tests): the weights themselves
             h.update(_tensors_digest(self.model.state_dict()).encode())
         if self.adapter is not None:
-            from ovd.vlm.adapter import layernorm_parameters
-
             h.update(f"|adapter:{_tensors_digest(layernorm_parameters(self.model))}".encode())
         return h.hexdigest()[:16]
 
@@ -416,8 +413,6 @@ def save_local_dir(
     belong together, whatever kills the writer, and files of an earlier save do not survive."""
     from safetensors.torch import save_file
 
-    from ovd.utils.io import atomic_dir
-
     folder = Path(folder)
     cfg = {"model_cfg": model_cfg, "preprocess_cfg": {"size": image_size, "mean": list(mean), "std": list(std)}}
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
@@ -431,8 +426,6 @@ def clip_from_config(c, adapter: str | os.PathLike | None = None) -> ClipModel:
     """Build the CLIP named by a config's ``clip`` section, with an optional adapter file applied."""
     clip = ClipModel.load(c.model, c.pretrained or None, device=c.device, allow_download=c.allow_download)
     if adapter:
-        from ovd.vlm.adapter import apply_adapter
-
         apply_adapter(clip, adapter)
     return clip
 
@@ -451,8 +444,6 @@ def write_text_embeddings(
 ) -> Path:
     """Write (C, D) embeddings of ``names`` in the stored-vocabulary format (atomically)."""
     from safetensors.torch import save_file
-
-    from ovd.utils.io import atomic_path
 
     names = list(names)
     if emb.ndim != 2 or emb.shape[0] != len(names) or len(set(names)) != len(names):
@@ -474,8 +465,6 @@ def write_text_embeddings(
 
 def load_text_embeddings(path: str | os.PathLike, embed_dim: int | None = None) -> tuple[torch.Tensor, list[str]]:
     """Read stored text embeddings → (C, D) tensor and the class names; checks the dimension."""
-    from ovd.utils.checkpoint import read_safetensors
-
     tensors, meta = read_safetensors(path, "text embeddings file", TEXT_FORMAT)
     if "embeddings" not in tensors:
         raise OvdError(f"{path}: no 'embeddings' tensor")

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from ovd.errors import OvdError
+from ovd.data.loading import load_split_dataset
+from ovd.vlm.adapter import collect_gt_crops
+from ovd.vlm.clip import clip_from_config
 
 
 def crop_accuracy(clip, dataset, split, templates, batch_size: int = 256, progress: bool = True) -> dict:
-    from ovd.vlm.adapter import collect_gt_crops
-
     ids = list(split.base_ids) + list(split.novel_ids)
     names = list(split.base_names) + list(split.novel_names)
     crops, labels = collect_gt_crops(clip, dataset, ids, progress=progress)
@@ -30,17 +30,11 @@ def crop_accuracy(clip, dataset, split, templates, batch_size: int = 256, progre
 
 
 def run_crop_eval(cfg, adapter: str | None = None, progress: bool = True) -> dict:
-    from ovd.data.coco import load_detection_dataset
-    from ovd.data.splits import resolve_split
-    from ovd.vlm.clip import clip_from_config
-
-    if not cfg.data.split:
-        raise OvdError("vlm eval needs data.split (to report base and novel accuracy)")
-    clip = clip_from_config(cfg.clip, adapter)
-    val = load_detection_dataset(
-        cfg.data.val_json, cfg.data.val_image_root or cfg.data.image_root or None, check_images=True
+    # the val boxes are cropped, not scored: read like a training set (degenerate boxes skipped)
+    val, split = load_split_dataset(
+        cfg.data, "val", need_split="vlm eval", why="to report base and novel accuracy", as_ground_truth=False
     )
-    split = resolve_split(cfg.data.split, val.categories, source=str(val.path))
+    clip = clip_from_config(cfg.clip, adapter)
     with torch.no_grad():
         res = crop_accuracy(clip, val, split, list(cfg.clip.templates), cfg.clip.batch_size, progress)
     res["clip"] = clip.source

@@ -18,8 +18,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from ovd.data.images import load_image_pil
 from ovd.errors import OvdError
 from ovd.utils.io import read_json, write_json
+from ovd.vlm.clip import ClipModel, save_local_dir
 
 
 def tiny_clip_config(p) -> dict:
@@ -56,13 +58,11 @@ def load_web_split(json_path: str | Path, image_root: str | Path, size: int, pro
         for k in ("file_name", "category_id", "caption"):
             if k not in r:
                 raise OvdError(f"{json_path}: images[{i}] has no '{k}'")
-        path = root / r["file_name"]
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB").resize((size, size), Image.BICUBIC)
-                imgs.append(np.asarray(im, dtype=np.uint8))
-        except (OSError, ValueError) as e:
-            raise OvdError(f"cannot read image {path} (images[{i}] of {json_path}): {e}") from None
+        try:  # 16-bit images scaled, oversized and unreadable ones refused in one line, as everywhere
+            im = load_image_pil(root / r["file_name"])
+        except OvdError as e:
+            raise OvdError(f"{e} (images[{i}] of {json_path})") from None
+        imgs.append(np.asarray(im.resize((size, size), Image.BICUBIC), dtype=np.uint8))
         cats.append(int(r["category_id"]))
         caps.append(str(r["caption"]))
     images = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
@@ -113,8 +113,6 @@ def pretrain_tiny_clip(cfg, progress: bool = True) -> dict:
 
 def _pretrain(cfg, p, progress: bool) -> dict:
     import open_clip
-
-    from ovd.vlm.clip import ClipModel, save_local_dir
 
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)

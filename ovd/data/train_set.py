@@ -1,0 +1,47 @@
+"""The detector's training set: images, base-class GT and the cached distillation targets."""
+
+from __future__ import annotations
+
+import torch
+
+from ovd.data.images import load_image
+from ovd.modeling.distillation import DISTILL_BOXES, DISTILL_EMBEDDINGS, DISTILL_WEIGHTS
+
+
+class DetectionTrainSet(torch.utils.data.Dataset):
+    """Images + GT of the vocabulary's classes (labels 1..C in vocabulary order) + cached distillation
+    boxes/embeddings/weights from a :class:`~ovd.mining.feature_cache.FeatureCache`."""
+
+    def __init__(self, dataset, class_ids: list[int], cache=None):
+        self.dataset = dataset
+        self.index = {c: i + 1 for i, c in enumerate(class_ids)}
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def get(self, i: int, flip: bool = False) -> tuple[torch.Tensor, dict]:
+        rec = self.dataset.record(i)
+        image = load_image(rec["path"])
+        keep = [j for j, c in enumerate(rec["labels"]) if c in self.index]
+        t = {
+            "boxes": torch.tensor([rec["boxes"][j] for j in keep], dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor([self.index[rec["labels"][j]] for j in keep], dtype=torch.int64),
+            "image_id": rec["image_id"],
+        }
+        if self.cache is not None:
+            c = self.cache.get(rec["image_id"])
+            t[DISTILL_BOXES], t[DISTILL_EMBEDDINGS], t[DISTILL_WEIGHTS] = (
+                c["boxes"],
+                c["embeddings"],
+                c["weights"],
+            )
+        if flip:
+            w = image.shape[-1]
+            image = image.flip(-1)
+            for k in ("boxes", DISTILL_BOXES):
+                if k in t and len(t[k]):
+                    b = t[k].clone()
+                    b[:, [0, 2]] = w - t[k][:, [2, 0]]
+                    t[k] = b
+        return image, t

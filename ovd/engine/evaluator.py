@@ -1,0 +1,84 @@
+"""Evaluating the detector on the val set with base + novel names: ``ovd test`` and the periodic
+evaluation during training. Detections are COCO result lists; metrics come from ``ovd eval``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ovd.data.boxes import coco_bbox
+from ovd.data.images import load_image
+from ovd.data.loading import load_split_dataset
+from ovd.evaluation import evaluate_detections
+from ovd.modeling.checkpoint import load_checkpoint, model_from_checkpoint
+from ovd.utils.io import write_json
+from ovd.vlm.text import TextSource
+
+SUMMARY_KEYS = ("AP", "AP50", "AP_base", "AP50_base", "AP_novel", "AP50_novel")
+
+
+def load_val(cfg):
+    """The val set (every box kept as written: evaluation GT) and its split."""
+    return load_split_dataset(cfg.data, "val", need_split="test", why="its novel classes are what is measured")
+
+
+@torch.no_grad()
+def predict_dataset(model, dataset, class_ids: list[int], progress: bool = True) -> list[dict]:
+    """COCO result list of ``model`` on every image; labels 1..C map back to ``class_ids``."""
+    model.eval()
+    device = next(model.parameters()).device
+    results = []
+    for i in tqdm(range(len(dataset)), desc="test", disable=not progress):
+        rec = dataset.record(i)
+        out = model([load_image(rec["path"]).to(device)])[0]
+        for b, s, lab in zip(out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist()):
+            results.append(
+                {
+                    "image_id": rec["image_id"],
+                    "category_id": class_ids[lab - 1],
+                    "bbox": coco_bbox(b),
+                    "score": round(s, 5),
+                }
+            )
+    return results
+
+
+class PeriodicEval:
+    """Val AP (base + novel vocabulary) during training; the training vocabulary is put back after."""
+
+    def __init__(self, cfg, text: TextSource, device):
+        self.val, self.split = load_val(cfg)
+        names = list(self.split.base_names) + list(self.split.novel_names)
+        self.text = text.encode(names).to(device)
+        self.ids = list(self.split.base_ids) + list(self.split.novel_ids)
+
+    def __call__(self, model, train_text) -> dict:
+        model.set_vocabulary(self.text)
+        try:
+            dets = predict_dataset(model, self.val, self.ids, progress=False)
+        finally:
+            model.set_vocabulary(train_text)
+        m = evaluate_detections(self.val, dets, split=self.split)
+        return {k: m[k] for k in SUMMARY_KEYS if k in m}
+
+
+def run_test(cfg, ckpt: str, out: str | None = None, progress: bool = True) -> dict:
+    """``ovd test``: detections of the val set over base + novel names, then ``ovd eval`` metrics."""
+    state = load_checkpoint(ckpt)
+    val, split = load_val(cfg)
+    text = TextSource(cfg.clip)
+    names = list(split.base_names) + list(split.novel_names)
+    model = model_from_checkpoint(state, ckpt)
+    text.check_dim(int(state["meta"]["embed_dim"]), f"detector {ckpt}")
+    model.set_vocabulary(text.encode(names))
+    dets = predict_dataset(model, val, list(split.base_ids) + list(split.novel_ids), progress)
+    out_dir = Path(out) if out else Path(ckpt).parent
+    # metrics.json describes detections.json: the old one goes first, so that a run killed between
+    # the two writes leaves new detections without metrics, never beside the old metrics
+    (out_dir / "metrics.json").unlink(missing_ok=True)
+    write_json(out_dir / "detections.json", dets, indent=None)
+    metrics = evaluate_detections(val, dets, split=split)
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics
