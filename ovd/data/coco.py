@@ -42,11 +42,19 @@ def validate_annotations(data: Any, path: str, drop_degenerate: bool, lvis: bool
             raise OvdError(f"{path}: missing top-level field '{key}'")
         if not isinstance(data[key], list):
             raise OvdError(f"{path}: field '{key}' must be a list, got {type(data[key]).__name__}")
+    cat_ids = _check_categories(data["categories"], path, lvis)
+    img_ids = _check_images(data["images"], path, lvis)
+    kept, dropped, filled = _check_annotations(data["annotations"], path, img_ids, cat_ids, drop_degenerate)
+    if dropped or filled:
+        data = {**data, "annotations": kept}
+    return data, dropped
 
-    # categories: int ids, unique ids and names
+
+def _check_categories(categories: list, path: str, lvis: bool) -> set[int]:
+    """Integer ids, unique ids and names (and an LVIS frequency); the set of ids."""
     cat_ids: set[int] = set()
     names: dict[str, int] = {}
-    for i, c in enumerate(data["categories"]):
+    for i, c in enumerate(categories):
         if not isinstance(c, dict) or not is_int(c.get("id")) or not isinstance(c.get("name"), str):
             raise OvdError(f"{path}: categories[{i}] needs an integer 'id' and a string 'name', got {c!r:.120}")
         if c["id"] in cat_ids:
@@ -62,9 +70,13 @@ def validate_annotations(data: Any, path: str, drop_degenerate: bool, lvis: bool
             )
         cat_ids.add(c["id"])
         names[c["name"]] = c["id"]
+    return cat_ids
 
+
+def _check_images(images: list, path: str, lvis: bool) -> set[int]:
+    """Integer unique ids, positive sizes (and LVIS' per-image lists); the set of ids."""
     img_ids: set[int] = set()
-    for i, im in enumerate(data["images"]):
+    for i, im in enumerate(images):
         if not isinstance(im, dict) or not is_int(im.get("id")):
             raise OvdError(f"{path}: images[{i}] needs an integer 'id', got {im!r:.120}")
         if im["id"] in img_ids:
@@ -77,13 +89,17 @@ def validate_annotations(data: Any, path: str, drop_degenerate: bool, lvis: bool
                 if not isinstance(im.get(k), list):
                     raise OvdError(f"{path}: images[{i}] (id {im['id']}): LVIS field '{k}' must be a list")
         img_ids.add(im["id"])
+    return img_ids
 
+
+def _check_annotations(anns: list, path: str, img_ids: set[int], cat_ids: set[int], drop_degenerate: bool):
+    """Every annotation checked (all problems listed in one error); (kept, number dropped, filled?)."""
     bad: list[str] = []
     kept = []
     dropped = 0
     filled = False
     ann_ids: set[int] = set()
-    for i, a in enumerate(data["annotations"]):
+    for i, a in enumerate(anns):
         where = f"annotations[{i}]" + (f" (id {a.get('id')})" if isinstance(a, dict) and "id" in a else "")
         if not isinstance(a, dict):
             bad.append(f"{where}: not an object")
@@ -116,9 +132,7 @@ def validate_annotations(data: Any, path: str, drop_degenerate: bool, lvis: bool
         kept.append(a)
     if bad:
         raise OvdError(f"{path}: {len(bad)} bad annotation(s): {listing(bad)}")
-    if dropped or filled:
-        data = {**data, "annotations": kept}
-    return data, dropped
+    return kept, dropped, filled
 
 
 @dataclass

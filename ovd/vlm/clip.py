@@ -169,6 +169,88 @@ def crop_boxes_square(boxes: torch.Tensor, enlarge: float = CROP_ENLARGE) -> tor
     return torch.stack([cx - half, cy - half, cx + half, cy + half], dim=1)
 
 
+def _resolve_spec(model: str, pretrained: str | None) -> tuple[str, str | None, str]:
+    """(model, pretrained, source) of a model name / folder and weights, checked before any loading:
+    a folder becomes ``local-dir:``; unknown names, missing folders and unknown tags are errors."""
+    import open_clip
+
+    if not model.startswith(("local-dir:", "hf-hub:")) and Path(model).is_dir():
+        model = f"local-dir:{model}"
+    elif not model.startswith(("local-dir:", "hf-hub:")) and ("/" in model or os.sep in model):
+        raise OvdError(
+            f"CLIP model folder not found: {model} (expected an open_clip local-dir folder with "
+            f"open_clip_config.json and weights; model names have no '/')"
+        )
+    source = model if model.startswith("local-dir:") else f"{model}/{pretrained or 'random-init'}"
+    if model.startswith("local-dir:"):
+        _check_local_dir(Path(model[len("local-dir:") :]))
+        return model, None, source
+    if model not in open_clip.list_models():
+        raise OvdError(
+            f"unknown open_clip model '{model}' (e.g. ViT-B-32, ViT-B-16, RN50; see open_clip.list_models())"
+        )
+    if pretrained and not Path(pretrained).is_file():
+        looks_like_file = os.path.sep in pretrained or Path(pretrained).suffix in (
+            ".pt",
+            ".pth",
+            ".bin",
+            ".safetensors",
+        )
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        if looks_like_file or pretrained not in tags:
+            raise OvdError(
+                f"CLIP weights '{pretrained}' for {model}: no such file, and not a known pretrained tag "
+                f"({', '.join(tags) or 'none'})"
+            )
+    return model, pretrained, source
+
+
+def _check_local_dir(folder: Path) -> None:
+    if not folder.is_dir():
+        raise OvdError(
+            f"CLIP model folder not found: {folder} (expected an open_clip local-dir folder with "
+            f"open_clip_config.json and weights)"
+        )
+    if not (folder / "open_clip_config.json").is_file():
+        raise OvdError(f"CLIP folder {folder} has no open_clip_config.json (expected an open_clip local-dir model)")
+    if not any(any(folder.glob(pat)) for pat in ("*.safetensors", "*.bin", "*.pth")):
+        raise OvdError(f"CLIP folder {folder} has no weights file (*.safetensors, *.bin or *.pth)")
+
+
+def _create_model(model: str, pretrained: str | None, device, allow_download: bool, source: str):
+    """open_clip's model (weights_only loading): the local hub cache first, a download only when
+    allowed; every failure is one OvdError. Returns (model, whether QuickGELU was forced)."""
+    import open_clip
+
+    kwargs = {"device": device, "weights_only": True}
+    tag_cfg = open_clip.get_pretrained_cfg(model, pretrained) if pretrained and not Path(pretrained).is_file() else {}
+    if tag_cfg.get("quick_gelu"):
+        kwargs["force_quick_gelu"] = True  # OpenAI's weights were trained with QuickGELU
+    offline_hint = f"Give a local checkpoint file instead, e.g. clip.pretrained=weights/{model}.safetensors"
+    try:
+        with _hub_offline(True), _quiet_logging():  # the local hub cache first: no network, no retries
+            try:
+                return open_clip.create_model(model, pretrained=pretrained, **kwargs), "force_quick_gelu" in kwargs
+            except RuntimeError as e:
+                if not (pretrained and not Path(pretrained).is_file() and "download" in str(e).lower()):
+                    raise
+        if not allow_download:
+            raise OvdError(
+                f"CLIP weights {model}/{pretrained} are not in the local cache and downloads are off "
+                f"(offline). {offline_hint}"
+            )
+        try:
+            return open_clip.create_model(model, pretrained=pretrained, **kwargs), "force_quick_gelu" in kwargs
+        except RuntimeError as e:
+            raise OvdError(
+                f"could not download CLIP weights {model}/{pretrained} (offline?): {_short_error(e)}. {offline_hint}"
+            ) from None
+    except OvdError:
+        raise
+    except Exception as e:  # corrupt files and architecture mismatches surface as many error types
+        raise OvdError(f"could not load CLIP {source}: {_short_error(e)}") from None
+
+
 class ClipModel:
     """open_clip CLIP + tokenizer + preprocessing, with batched crop/text encoders."""
 
@@ -203,89 +285,13 @@ class ClipModel:
 
         if allow_download is None:
             allow_download = os.environ.get("HF_HUB_OFFLINE", "") in ("", "0", "false", "False")
-        if not model.startswith(("local-dir:", "hf-hub:")) and Path(model).is_dir():
-            model = f"local-dir:{model}"
-        elif not model.startswith(("local-dir:", "hf-hub:")) and ("/" in model or os.sep in model):
-            raise OvdError(
-                f"CLIP model folder not found: {model} (expected an open_clip local-dir folder with "
-                f"open_clip_config.json and weights; model names have no '/')"
-            )
-        source = model if model.startswith("local-dir:") else f"{model}/{pretrained or 'random-init'}"
-
-        if model.startswith("local-dir:"):
-            folder = Path(model[len("local-dir:") :])
-            if not folder.is_dir():
-                raise OvdError(
-                    f"CLIP model folder not found: {folder} (expected an open_clip local-dir folder with "
-                    f"open_clip_config.json and weights)"
-                )
-            if not (folder / "open_clip_config.json").is_file():
-                raise OvdError(
-                    f"CLIP folder {folder} has no open_clip_config.json (expected an open_clip local-dir model)"
-                )
-            if (
-                not any(folder.glob("*.safetensors"))
-                and not any(folder.glob("*.bin"))
-                and not any(folder.glob("*.pth"))
-            ):
-                raise OvdError(f"CLIP folder {folder} has no weights file (*.safetensors, *.bin or *.pth)")
-            pretrained = None
-        else:
-            if model not in open_clip.list_models():
-                raise OvdError(
-                    f"unknown open_clip model '{model}' (e.g. ViT-B-32, ViT-B-16, RN50; see open_clip.list_models())"
-                )
-            if pretrained and not Path(pretrained).is_file():
-                looks_like_file = os.path.sep in pretrained or Path(pretrained).suffix in (
-                    ".pt",
-                    ".pth",
-                    ".bin",
-                    ".safetensors",
-                )
-                tags = open_clip.list_pretrained_tags_by_model(model)
-                if looks_like_file or pretrained not in tags:
-                    raise OvdError(
-                        f"CLIP weights '{pretrained}' for {model}: no such file, and not a known pretrained tag "
-                        f"({', '.join(tags) or 'none'})"
-                    )
+        model, pretrained, source = _resolve_spec(model, pretrained)
         for f in _weights_files(model, pretrained):
             try:
                 check_nonempty(f, "weights file")
             except OvdError as e:
                 raise OvdError(f"could not load CLIP {source}: {e}") from None
-        kwargs = {"device": device, "weights_only": True}
-        tag_cfg = (
-            open_clip.get_pretrained_cfg(model, pretrained) if pretrained and not Path(pretrained).is_file() else {}
-        )
-        if tag_cfg.get("quick_gelu"):
-            kwargs["force_quick_gelu"] = True  # OpenAI's weights were trained with QuickGELU
-        try:
-            with _hub_offline(True), _quiet_logging():  # the local hub cache first: no network, no retries
-                try:
-                    net = open_clip.create_model(model, pretrained=pretrained, **kwargs)
-                except RuntimeError as e:
-                    if not (pretrained and not Path(pretrained).is_file() and "download" in str(e).lower()):
-                        raise
-                    net = None
-            if net is None:
-                if not allow_download:
-                    raise OvdError(
-                        f"CLIP weights {model}/{pretrained} are not in the local cache and downloads are off "
-                        f"(offline). Give a local checkpoint file instead, "
-                        f"e.g. clip.pretrained=weights/{model}.safetensors"
-                    )
-                try:
-                    net = open_clip.create_model(model, pretrained=pretrained, **kwargs)
-                except RuntimeError as e:
-                    raise OvdError(
-                        f"could not download CLIP weights {model}/{pretrained} (offline?): "
-                        f"{_short_error(e)}. Give a local checkpoint file instead, "
-                        f"e.g. clip.pretrained=weights/{model}.safetensors"
-                    ) from None
-        except OvdError:
-            raise
-        except Exception as e:  # corrupt files and architecture mismatches surface as many error types
-            raise OvdError(f"could not load CLIP {source}: {_short_error(e)}") from None
+        net, quick_gelu = _create_model(model, pretrained, device, allow_download, source)
         tokenizer = open_clip.get_tokenizer(model)
         pp = getattr(net.visual, "preprocess_cfg", {}) or {}
         size = net.visual.image_size
@@ -300,7 +306,7 @@ class ClipModel:
             cfg = {"model": model, "config": open_clip.get_model_config(model), "tag": None}
             if not clip.weights_files:  # a pretrained tag names fixed weights; "" = random init
                 cfg["tag"] = pretrained or None
-        cfg["quick_gelu"] = bool(kwargs.get("force_quick_gelu"))
+        cfg["quick_gelu"] = quick_gelu
         clip.config_text = json.dumps(cfg, sort_keys=True)
         return clip
 
