@@ -52,7 +52,9 @@ def _print_report(report: dict) -> None:
 def _cmd_data_mini(args: argparse.Namespace) -> int:
     from ovd.data.mini_world import generate_mini_world
 
-    summary = generate_mini_world(args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite)
+    summary = generate_mini_world(
+        args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite, version=args.version
+    )
     _print_report(summary)
     return 0
 
@@ -95,7 +97,10 @@ def _cmd_vlm_eval(args: argparse.Namespace) -> int:
 def _cmd_mine(args: argparse.Namespace) -> int:
     from ovd.mining.miner import run_mine
 
-    _print_report(run_mine(_load(args)))
+    report = run_mine(
+        _load(args), shard=args.shard, overwrite=args.overwrite, merge_only=args.merge, merge_json=args.merge_json
+    )
+    _print_report(report)
     return 0
 
 
@@ -126,8 +131,52 @@ def _cmd_test(args: argparse.Namespace) -> int:
 def _cmd_detect(args: argparse.Namespace) -> int:
     from ovd.engine.predictor import run_detect
 
-    for rec in run_detect(args.images, args.ckpt, args.classes, score_thr=args.score_thr, out=args.out):
-        print(f"{rec['image']}: {rec['detections']} detections -> {rec['json']}")
+    res = run_detect(
+        args.images, args.ckpt, args.classes, score_thr=args.score_thr, out=args.out,
+        classes_file=args.classes_file, text_embeddings=args.text_embeddings, results=args.results,
+        gt=args.gt, save_png=args.save_png, progress=args.results is not None,
+    )  # fmt: skip
+    if args.results is None:
+        for rec in res["per_image"]:
+            print(f"{rec['image']}: {rec['detections']} detections -> {rec['json']}")
+    else:
+        print(f"{res['images']} images, {res['detections']} detections -> {res['results']}")
+        if "categories" in res:
+            print(f"image and category ids -> {res['categories']}")
+        if "out" in res:
+            print(f"drawings -> {res['out']}")
+    return 0
+
+
+def _cmd_vocab_embed(args: argparse.Namespace) -> int:
+    from ovd.engine.predictor import resolve_vocabulary
+    from ovd.vlm.clip import clip_from_config
+    from ovd.vlm.text import clip_source
+    from ovd.vlm.vocab import check_templates, embed_vocabulary
+
+    cfg = _load(args)
+    templates = check_templates(args.template if args.template else cfg.clip.templates)
+    if (args.classes is None) == (args.classes_file is None):
+        raise OvdError("ovd vocab embed: give exactly one of --classes-file and --classes")
+    _, names = resolve_vocabulary(args.classes, args.classes_file, None)
+    _print_report(embed_vocabulary(clip_from_config(cfg.clip), names, args.out, templates, clip_source(cfg.clip)))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ovd.engine.export import run_export
+
+    rep = run_export(
+        args.ckpt, args.out, classes=args.classes, classes_file=args.classes_file,
+        text_embeddings=args.text_embeddings, opset=args.opset, size=args.size,
+    )  # fmt: skip
+    size = "dynamic H x W" if rep["input_size"] == "dynamic" else "{} x {}".format(*rep["input_size"])
+    chk = rep["check"]
+    print(f"{rep['out']}: {rep['classes']} classes, opset {rep['opset']}, input {size}, "
+          f"{rep['bytes'] / 2**20:.1f} MiB, {rep['seconds']} s")  # fmt: skip
+    thr = " with score threshold 0" if "score_thresh" in chk else ""
+    print(f"onnxruntime = PyTorch on {chk['images']} test images{thr} ({chk['detections']} detections): "
+          f"max |box diff| {chk['max_box_diff']:.2g} px, max |score diff| {chk['max_score_diff']:.2g}")  # fmt: skip
     return 0
 
 
@@ -138,6 +187,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
     report = run_pipeline(_load(args), until=args.until)
     if isinstance(report.get("test"), dict):
         print(format_metrics(report["test"]))
+    return 0
+
+
+def _cmd_replay_stats(args: argparse.Namespace) -> int:
+    from ovd.replay.watchers import run_stats
+
+    _print_report(run_stats(_load(args), args.ckpt, args.out))
+    return 0
+
+
+def _cmd_replay_fit(args: argparse.Namespace) -> int:
+    from ovd.replay.generator import run_fit
+
+    _print_report(run_fit(_load(args), args.ckpt, args.stats, args.out))
+    return 0
+
+
+def _cmd_fewshot(args: argparse.Namespace) -> int:
+    from ovd.replay.fewshot import run_fewshot
+
+    report = run_fewshot(_load(args), args.ckpt, args.shots, args.seed, args.mode, generator=args.generator,
+                         out=args.out, evaluate=not args.no_eval)  # fmt: skip
+    _print_report(report)
     return 0
 
 
@@ -170,7 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="ovd", description="Open-vocabulary zero-shot object detection.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    _add_tool_commands(sub)
+    _add_data_commands(sub)
+    _add_vlm_commands(sub)
+    _add_stage_commands(sub)
+    _add_replay_commands(sub)
+    _add_inference_commands(sub)
+    return p
 
+
+def _add_tool_commands(sub) -> None:
+    """``ovd eval``, ``ovd config``: no model involved."""
     e = sub.add_parser("eval", help="box AP of COCO-result detections, split into base / novel classes")
     e.add_argument("--gt", required=True, help="ground truth, COCO- or LVIS-format JSON")
     e.add_argument(
@@ -190,10 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", help="key=value overrides, e.g. seed=3")
     c.set_defaults(func=_cmd_config)
 
+
+def _add_data_commands(sub) -> None:
+    """``ovd data ...``: the mini-world."""
     d = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", metavar="WHAT", required=True)
     m = d.add_parser("mini", help="generate the mini-world (web + detection domains, COCO/LVIS JSON)")
     m.add_argument("--out", required=True, help="output folder")
     m.add_argument("--preset", default="smoke", help="smoke | bench")
+    m.add_argument("--version", type=int, default=3, help="world version: 3 (65 kinds) | 2 (36 colour x shape)")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--overwrite", action="store_true", help="replace an existing, different world in --out")
     m.set_defaults(func=_cmd_data_mini)
@@ -203,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     ms.add_argument("--name", default=None, help="split name (default heldout_<shapes>)")
     ms.set_defaults(func=_cmd_data_mini_split)
 
+
+def _add_vlm_commands(sub) -> None:
+    """``ovd vlm ...``: the tiny CLIP and crop accuracy."""
     v = sub.add_parser("vlm", help="CLIP: pre-train the tiny mini-world CLIP, crop accuracy").add_subparsers(
         dest="vlm_command", metavar="WHAT", required=True
     )
@@ -214,9 +303,22 @@ def build_parser() -> argparse.ArgumentParser:
     ve.add_argument("--no-adapter", action="store_true", help="evaluate the raw CLIP")
     ve.add_argument("--out", default=None, help="write the result JSON here")
 
+
+def _add_stage_commands(sub) -> None:
+    """One subcommand per pipeline stage, and ``ovd run``."""
     _config_command(sub, "adapt", _cmd_adapt, help="fine-tune only CLIP's image-tower LayerNorms on base GT crops")
 
-    _config_command(sub, "mine", _cmd_mine, help="CLIP proposal miner: dense anchors scored against base + novel names")
+    mn = _config_command(
+        sub, "mine", _cmd_mine, help="CLIP proposal miner: dense anchors scored against base + novel names"
+    )
+    mn.add_argument(
+        "--shard", default=None, help="i/N: this process's share of the chunks (default: torchrun RANK/WORLD_SIZE)"
+    )
+    mn.add_argument("--merge", action="store_true", help="only index the chunks already on disk")
+    mn.add_argument("--overwrite", action="store_true", help="recompute this shard's chunks even if up to date")
+    mn.add_argument(
+        "--merge-json", default=None, metavar="OUT.json", help="also write the store as one JSON list of proposals"
+    )
 
     ex = _config_command(
         sub, "extract", _cmd_extract, help="CLIP embeddings of GT boxes + mined proposals -> feature cache"
@@ -245,14 +347,77 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rn.add_argument("--until", default="test", help="stop after this stage (world pretrain adapt mine extract train)")
 
+
+def _add_replay_commands(sub) -> None:
+    """``ovd replay ...`` and ``ovd fewshot``: data-free few-shot replay."""
+    rp = sub.add_parser("replay", help="data-free replay: base-model RoI statistics, feature generator").add_subparsers(
+        dest="replay_command", metavar="WHAT", required=True
+    )
+    rs = _config_command(rp, "stats", _cmd_replay_stats, help="class-wise RoI feature statistics of a base detector")
+    rs.add_argument("--ckpt", required=True, help="base detector checkpoint")
+    rs.add_argument("--out", default=None, help="statistics file (default: replay.stats)")
+    rf = _config_command(rp, "fit", _cmd_replay_fit, help="fit the base-feature generator (no images)")
+    rf.add_argument("--ckpt", required=True, help="base detector checkpoint (the one the statistics come from)")
+    rf.add_argument("--stats", default=None, help="statistics file (default: replay.stats)")
+    rf.add_argument("--out", default=None, help="generator file (default: replay.generator)")
+    fs = _config_command(sub, "fewshot", _cmd_fewshot, help="fine-tune a base detector on K-shot novel boxes")
+    fs.add_argument("--ckpt", required=True, help="base detector checkpoint")
+    fs.add_argument("--shots", type=int, required=True, help="K: uses <fewshot dir>/<K>shot_seed<S>.json")
+    fs.add_argument("--seed", type=int, default=0, help="S: the few-shot sample (and training seed)")
+    fs.add_argument(
+        "--mode",
+        required=True,
+        choices=["novel", "replay", "base"],
+        help="novel: K-shot boxes; replay: + forged base features; base: + K real boxes per base class",
+    )
+    fs.add_argument("--generator", default=None, help="generator file for --mode replay (default: replay.generator)")
+    fs.add_argument("--out", default=None, help="run folder (default: replay.fewshot_out/<mode>_<K>shot_seed<S>)")
+    fs.add_argument("--no-eval", action="store_true", help="skip the base / few-shot / held-out evaluation")
+
+
+def _add_inference_commands(sub) -> None:
+    """``ovd detect``, ``ovd vocab``, ``ovd export``: using a trained detector."""
     dt = sub.add_parser("detect", help="detect any classes by name in images with a trained detector")
-    dt.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    dt.add_argument("images", nargs="+", metavar="INPUT", help="image files, folders (their images) or glob patterns")
     dt.add_argument("--ckpt", required=True, help="detector checkpoint (train.out/final.pt)")
-    dt.add_argument("--classes", required=True, help='comma-separated class names, e.g. "red circle,blue star"')
+    dt.add_argument("--classes", default=None, help='comma-separated class names, e.g. "red circle,blue star"')
+    dt.add_argument("--classes-file", default=None, help="class names, one a line (UTF-8; # comments)")
+    dt.add_argument("--text-embeddings", default=None, help="a stored vocabulary (ovd vocab embed): no text tower")
     dt.add_argument("--score-thr", type=float, default=0.3, help="keep detections scoring at least this (0-1)")
     dt.add_argument("--out", default="detections", help="folder for <image>.json and <image>.png")
+    dt.add_argument(
+        "--results", default=None, help="write ONE COCO result JSON here (for ovd eval) instead of per-image files"
+    )
+    dt.add_argument("--gt", default=None, help="COCO GT JSON giving --results its image / category ids (by name)")
+    dt.add_argument("--save-png", action="store_true", help="with --results: also draw <image>.png into --out")
     dt.set_defaults(func=_cmd_detect)
-    return p
+
+    vo = sub.add_parser("vocab", help="vocabularies: class-name files -> stored text embeddings").add_subparsers(
+        dest="vocab_command", metavar="WHAT", required=True
+    )
+    ve2 = _config_command(
+        vo, "embed", _cmd_vocab_embed, help="embed class names once with the config's CLIP -> .safetensors"
+    )
+    ve2.add_argument("--classes-file", default=None, help="class names, one a line (UTF-8; # comments)")
+    ve2.add_argument("--classes", default=None, help="comma-separated class names")
+    ve2.add_argument("--out", required=True, help="the stored vocabulary (.safetensors), written atomically")
+    ve2.add_argument(
+        "--template", action="append", default=None,
+        help="prompt template with {} (repeat for an ensemble; default: the config's clip.templates)",
+    )  # fmt: skip
+
+    xp = sub.add_parser("export", help="a detector with a fixed vocabulary -> one ONNX file (onnxruntime, no CLIP)")
+    xp.add_argument("--ckpt", required=True, help="detector checkpoint (train.out/final.pt)")
+    xp.add_argument("--classes", default=None, help='comma-separated class names, e.g. "red circle,blue star"')
+    xp.add_argument("--classes-file", default=None, help="class names, one a line (UTF-8; # comments)")
+    xp.add_argument("--text-embeddings", default=None, help="a stored vocabulary (ovd vocab embed): no text tower")
+    xp.add_argument("--out", required=True, help="the .onnx file to write (atomically)")
+    xp.add_argument("--opset", type=int, default=None, help="ONNX opset, 11-20 (default 17)")
+    xp.add_argument(
+        "--size", type=int, nargs=2, default=None, metavar=("H", "W"),
+        help="fix the input size to H x W (default: any size; the detector resizes it as in PyTorch)",
+    )  # fmt: skip
+    xp.set_defaults(func=_cmd_export)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -31,6 +31,9 @@ class WorldConfig:
     dir: str = ""
     preset: str = "smoke"
     seed: int = lim(0, ge=0)
+    # 3: 65 kinds with atomic invented names (the default); 2: the 36 "<colour> <shape>" classes
+    # the README's v2 numbers were measured on (docs/mini_world.md)
+    version: int = lim(3, ge=2, le=3)
     # shapes whose classes are all novel in a second split (split_heldout_<shapes>.json and
     # det/train_heldout_<shapes>.json, ``ovd data mini-split``); [] = only the standard split
     heldout_shapes: list[str] = field(default_factory=list)
@@ -109,7 +112,11 @@ class AdapterConfig:
 class MinerConfig:
     # EZSD proposal miner: dense anchors scored by CLIP against base + novel names.
     enabled: bool = True
-    out: str = "${work_dir}/proposals.json"
+    # `ovd mine` writes a proposal store folder here (chunks + index, like the feature cache);
+    # `ovd extract` also accepts a JSON list of {image_id, bbox, weight} (a file) for external proposals
+    out: str = "${work_dir}/proposals"
+    # images per chunk (dataset order): the unit of work, resumption and --shard / torchrun splitting
+    chunk_size: int = lim(64, ge=1)
     stride: int = lim(32, ge=1)
     scales: list[float] = lim([float(s) for s in range(1, 17)], gt=0)
     ratios: list[float] = lim([0.5, 1.0, 2.0], gt=0)
@@ -194,6 +201,37 @@ class TrainConfig:
 
 
 @dataclass
+class ReplayConfig:
+    # Data-free few-shot replay (NIFF-style; docs/replay.md): `ovd replay stats` (class-wise RoI
+    # statistics of the base model), `ovd replay fit` (generator of base RoI features), `ovd fewshot`.
+    stats: str = "${work_dir}/replay/stats.safetensors"
+    generator: str = "${work_dir}/replay/generator.safetensors"
+    fewshot_out: str = "${work_dir}/fewshot"  # runs: <fewshot_out>/<mode>_<K>shot_seed<S>/
+    fewshot_dir: str = ""  # folder of <K>shot_seed<S>.json; "" = <folder of data.train_json>/fewshot
+    # generator: noise -> shared trunk -> one light head per base class + background -> (C, 7, 7)
+    noise_dim: int = lim(64, ge=1)
+    hidden: int = lim(256, ge=1)
+    trunk_channels: int = lim(32, ge=1)
+    fit_iters: int = lim(200, ge=1)
+    fit_batch_per_class: int = lim(8, ge=2)  # a class's variance needs two samples
+    fit_lr: float = lim(5.0e-3, gt=0)
+    stat_weight: float = lim(1.0, ge=0)
+    ce_weight: float = lim(2.0, ge=0)
+    diversity_weight: float = lim(1.0, ge=0)
+    # few-shot fine-tuning: every heldout_every-th novel class (in category order, from the 2nd) gets
+    # no boxes and is measured zero-shot afterwards; 0 = every novel class gets its K shots
+    heldout_every: int = lim(2, ge=0)
+    iters: int = lim(100, ge=1)
+    lr: float = lim(1.0e-3, gt=0)
+    batch_size: int = lim(4, ge=1)
+    warmup_iters: int = lim(10, ge=0)
+    freeze: list[str] = field(default_factory=lambda: ["backbone.", "rpn."])
+    replay_rois: int = lim(64, ge=1)  # forged RoIs per step (mode replay)
+    replay_background: float = lim(0.25, ge=0, lt=1)  # their share labelled background
+    teacher_weight: float = lim(1.0, ge=0)
+
+
+@dataclass
 class Config:
     name: str = "ovd"
     work_dir: str = "work_dirs/${name}"
@@ -207,6 +245,7 @@ class Config:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
 
 
 # --- validation -----------------------------------------------------------------------------------

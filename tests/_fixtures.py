@@ -239,3 +239,26 @@ def run_until(cfg, iteration: int) -> dict:
         cfg.train.max_iters = 0
     assert not report["complete"] and report["iterations"] == iteration
     return report
+
+
+# A seconds-sized `ovd run` (tiny CLIP, few iterations, v2 world) for the pipeline tests.
+SMALL = [
+    "world.version=2",  # the session's mini_world fixture is v2 (see conftest.py)
+    "pretrain.epochs=1",
+    "pretrain.vision_layers=1",
+    "pretrain.text_layers=1",
+    "pretrain.vision_width=32",
+    "pretrain.text_width=32",
+    "pretrain.vision_head_width=32",
+    "pretrain.text_heads=2",
+    "pretrain.embed_dim=32",
+    "adapter.epochs=1",
+    "adapter.max_crops=64",
+    "miner.topk=5",
+    "model.min_size=96",
+    "model.max_size=96",
+    "model.box_batch_size_per_image=32",
+    "train.batch_size=2",
+    "train.epochs=1",  # 100 train images: 50 iterations
+    "train.warmup_iters=1",
+]

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _fixtures import run_err, tiny_clip_dir
+from _fixtures import run_err, subset_json, tiny_clip_dir
 from PIL import Image
 
 from ovd.cli import main
@@ -46,35 +47,36 @@ def trained(mini_world, tmp_path_factory):
     (root / "train4.json").write_text(json.dumps(train))
     old = os.getcwd()
     os.chdir(root)  # the CLIP is named relative to this folder at training time
+    overrides = [
+        f"world.dir={mini_world}",
+        f"work_dir={root / 'work'}",
+        "clip.model=local-dir:clip",
+        f"data.train_json={root / 'train4.json'}",
+        "model.distill=false",
+        "model.min_size=96",
+        "model.max_size=96",
+        "model.box_batch_size_per_image=32",
+        "model.box_score_thresh=0.0",
+        "model.rpn_post_nms_top_n_test=100",
+        "train.batch_size=2",
+        "train.epochs=2",
+        "train.lr_steps=[1]",
+        "train.warmup_iters=2",
+        "train.checkpoint_every=100",
+        "train.device=cpu",
+    ]
     try:
-        cfg = load_config(
-            CONFIG,
-            [
-                f"world.dir={mini_world}",
-                f"work_dir={root / 'work'}",
-                "clip.model=local-dir:clip",
-                f"data.train_json={root / 'train4.json'}",
-                "model.distill=false",
-                "model.min_size=96",
-                "model.max_size=96",
-                "model.box_batch_size_per_image=32",
-                "model.box_score_thresh=0.0",
-                "model.rpn_post_nms_top_n_test=100",
-                "train.batch_size=2",
-                "train.epochs=2",
-                "train.lr_steps=[1]",
-                "train.warmup_iters=2",
-                "train.checkpoint_every=100",
-                "train.device=cpu",
-            ],
-        )
+        cfg = load_config(CONFIG, overrides)
         res = run_train(cfg, progress=False)
     finally:
         os.chdir(old)
     assert res["iterations"] == 4
     val = json.loads((mini_world / "det" / "val.json").read_text())
     image = mini_world / "det" / "images" / val["images"][0]["file_name"]
-    return {"root": root, "ckpt": Path(res["out"]), "clip": root / "clip", "image": image, "world": mini_world}
+    # the same settings from any working directory (ovd test, ovd vocab embed): the CLIP path made absolute
+    overrides = [f"clip.model=local-dir:{root / 'clip'}" if o == "clip.model=local-dir:clip" else o for o in overrides]
+    return {"root": root, "ckpt": Path(res["out"]), "clip": root / "clip", "image": image, "world": mini_world,
+            "overrides": overrides}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -306,3 +308,156 @@ def test_cli_detect_out_is_an_existing_file(trained, tmp_path, capsys):
                    "--out", str(out))  # fmt: skip
     assert str(out) in line
     assert out.read_text() == "keep me\n"
+
+
+# --- vocabulary files, stored vocabularies, batch inference ----------------------------------------
+def _embed(trained, tmp_path, names, *extra) -> Path:
+    """``ovd vocab embed`` of ``names`` with the detector's CLIP and config (its templates)."""
+    cf = tmp_path / "names.txt"
+    cf.write_text("# a vocabulary\n\n" + "\n".join(f"  {n}  " for n in names) + "\n", encoding="utf-8")
+    out = tmp_path / "vocab.safetensors"
+    assert main(["vocab", "embed", CONFIG, *trained["overrides"], "--classes-file", str(cf), "--out", str(out),
+                 *extra]) == 0  # fmt: skip
+    return out
+
+
+def test_stored_vocabulary_gives_the_same_detections_without_the_text_tower(trained, detector, tmp_path):
+    path = _embed(trained, tmp_path, VOCAB)
+    ref = detector.predict(trained["image"], classes=VOCAB, score_thr=0.0)
+    det = Detector.from_checkpoint(trained["ckpt"], text_embeddings=path)
+    assert det._clip is None  # never loaded: the stored vectors are the classes
+    assert det.classes == VOCAB and det.vocabulary_file == path
+    same(det.predict(trained["image"], score_thr=0.0), ref)
+    # switching back and forth on one detector
+    detector.set_classes_from_file(path)
+    same(detector.predict(trained["image"], score_thr=0.0), ref)
+    same(
+        detector.predict(trained["image"], classes=VOCAB[:3], score_thr=0.0),
+        Detector.from_checkpoint(trained["ckpt"]).predict(trained["image"], classes=VOCAB[:3], score_thr=0.0),
+    )
+
+
+def test_cli_vocab_embed_then_detect_text_embeddings_equals_classes(trained, tmp_path):
+    path = _embed(trained, tmp_path, VOCAB)
+    image = trained["image"]
+    outs = {}
+    for how, arg in (("classes", ["--classes", ",".join(VOCAB)]), ("emb", ["--text-embeddings", str(path)]),
+                     ("file", ["--classes-file", str(tmp_path / "names.txt")])):  # fmt: skip
+        out = tmp_path / how
+        assert main(["detect", str(image), "--ckpt", str(trained["ckpt"]), *arg, "--score-thr", "0",
+                     "--out", str(out)]) == 0  # fmt: skip
+        outs[how] = json.loads((out / f"{image.stem}.json").read_text())
+    assert outs["classes"]["detections"] and outs["classes"] == outs["emb"] == outs["file"]
+
+
+def test_cli_vocab_embed_templates_are_recorded(trained, tmp_path):
+    from ovd.vlm.vocab import load_vocabulary
+
+    tpl = ["a photo of a {}.", "a drawing of a {}."]
+    path = _embed(trained, tmp_path, VOCAB, "--template", tpl[0], "--template", tpl[1])
+    v = load_vocabulary(path)
+    assert v.templates == tpl and v.names == VOCAB and v.embed_dim == 32
+    assert v.clip_source == f"local-dir:{trained['clip'].resolve()}" and v.clip_fingerprint
+    clip = ClipModel.load(f"local-dir:{trained['clip']}")
+    assert torch.equal(v.embeddings, clip.encode_text(VOCAB, tpl))
+
+
+def test_stored_vocabulary_of_another_clip_is_refused(trained, tmp_path, capsys):
+    from ovd.vlm.vocab import embed_vocabulary
+
+    for name, dim, seed, message in (("dim16", 16, 0, "16-d"), ("other", 32, 1, "another CLIP")):
+        clip = ClipModel.load(f"local-dir:{tiny_clip(tmp_path / name, dim, seed)}")
+        path = tmp_path / f"{name}.safetensors"
+        embed_vocabulary(clip, VOCAB, path, ["a photo of a {}."])
+        with pytest.raises(OvdError, match=message):
+            Detector.from_checkpoint(trained["ckpt"], text_embeddings=path)
+        line = run_err(capsys, "detect", str(trained["image"]), "--ckpt", str(trained["ckpt"]),
+                       "--text-embeddings", str(path), "--out", str(tmp_path / "o"))  # fmt: skip
+        assert message in line and str(path) in line
+        _no_outputs(tmp_path / "o")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "exactly one of --classes, --classes-file and --text-embeddings"),
+        (["--classes", "a", "--classes-file", "x.txt"], "got --classes and --classes-file"),
+        (["--classes-file", "{tmp}/missing.txt"], "classes file not found"),
+        (["--classes-file", "{tmp}/dup.txt"], "dup.txt:3: duplicate class name, same as line 1"),
+        (["--text-embeddings", "{tmp}/missing.safetensors"], "text embeddings file not found"),
+        (["--classes", "a", "--gt", "{tmp}/gt.json"], "--gt only matters with --results"),
+        (["--classes", "a", "--results", "{tmp}/r.txt"], "expected a .json file"),
+        (["--classes", "a", "--results", "{tmp}/r.json", "--gt", "{world}/det/train.json"], "not in"),
+        (["--classes", "zebra", "--results", "{tmp}/r.json", "--gt", "{world}/det/val.json"], "not among the cat"),
+    ],
+)
+def test_cli_detect_vocabulary_and_results_errors(trained, tmp_path, capsys, args, message):
+    (tmp_path / "dup.txt").write_text("Red Circle\nblue star\nred  circle\n")
+    args = [a.format(tmp=tmp_path, world=trained["world"]) for a in args]
+    line = run_err(capsys, "detect", str(trained["image"]), "--ckpt", str(trained["ckpt"]), *args,
+                   "--out", str(tmp_path / "o"))  # fmt: skip
+    assert message in line, line
+    _no_outputs(tmp_path / "o")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_folder_inference_then_ovd_eval_equals_ovd_test(trained, tmp_path, capsys):
+    """ovd detect FOLDER --results --gt + ovd eval gives ovd test's detections and metrics exactly:
+    same checkpoint, same vocabulary (base + novel names in split order), same threshold (the
+    model's own box_score_thresh: --score-thr 0 adds none). On 12 val images, to stay fast."""
+    world = trained["world"]
+    split = json.loads((world / "split.json").read_text())
+    names = split["base"] + split["novel"]
+    (tmp_path / "vocab.txt").write_text("\n".join(names) + "\n")
+    gt = subset_json(world / "det" / "val.json", tmp_path / "val12.json", 12)
+    folder = tmp_path / "images" / "val"  # the GT's file_name is val/<name>.png: matched by path suffix
+    folder.mkdir(parents=True)
+    for im in json.loads(gt.read_text())["images"]:
+        shutil.copy(world / "det" / "images" / im["file_name"], folder)
+    (folder / "notes.txt").write_text("not an image: skipped by extension\n")
+    test_dir = tmp_path / "test"
+    ov = [*trained["overrides"], f"data.val_json={gt}"]
+    assert main(["test", CONFIG, *ov, "--ckpt", str(trained["ckpt"]), "--out", str(test_dir)]) == 0
+    ref_dets = json.loads((test_dir / "detections.json").read_text())
+    ref_metrics = json.loads((test_dir / "metrics.json").read_text())
+    res = tmp_path / "dets.json"
+    assert main(["detect", str(folder), "--ckpt", str(trained["ckpt"]), "--classes-file", str(tmp_path / "vocab.txt"),
+                 "--score-thr", "0", "--results", str(res), "--gt", str(gt)]) == 0  # fmt: skip
+    dets = json.loads(res.read_text())
+    key = lambda d: (d["image_id"], -d["score"], d["category_id"], d["bbox"])  # noqa: E731
+    assert len(dets) == len(ref_dets) > 0
+    assert sorted(dets, key=key) == sorted(ref_dets, key=key)
+    assert main(["eval", "--gt", str(gt), "--dets", str(res), "--split", str(world / "split.json"),
+                 "--out", str(tmp_path / "m.json")]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "m.json").read_text()) == ref_metrics
+    assert f"12 images, {len(dets)} detections" in capsys.readouterr().out
+    # the same vocabulary stored once (ovd vocab embed) gives the same results file
+    emb = _embed(trained, tmp_path, names)
+    assert main(["detect", str(folder), "--ckpt", str(trained["ckpt"]), "--text-embeddings", str(emb),
+                 "--score-thr", "0", "--results", str(tmp_path / "dets2.json"), "--gt", str(gt)]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "dets2.json").read_text()) == dets
+
+
+def test_batch_without_gt_numbers_images_and_classes_and_draws(trained, tmp_path):
+    val = tmp_path / "in"
+    val.mkdir()
+    for k in range(1, 7):
+        shutil.copy(trained["world"] / "det" / "images" / "val" / f"{k:06d}.png", val)
+    res = tmp_path / "r.json"
+    # a glob and a folder overlapping: each image once, folder order sorted by name
+    assert main(["detect", str(val / "00000[12].png"), str(val), "--ckpt", str(trained["ckpt"]),
+                 "--classes", ",".join(VOCAB), "--score-thr", "0", "--results", str(res), "--save-png",
+                 "--out", str(tmp_path / "png")]) == 0  # fmt: skip
+    side = json.loads((tmp_path / "r.categories.json").read_text())
+    files = sorted(p.name for p in val.iterdir())
+    assert [Path(im["file_name"]).name for im in side["images"]] == files
+    assert [im["id"] for im in side["images"]] == list(range(1, len(files) + 1))
+    assert side["categories"] == [{"id": i + 1, "name": n} for i, n in enumerate(VOCAB)]
+    dets = json.loads(res.read_text())
+    assert dets and all(1 <= d["category_id"] <= len(VOCAB) for d in dets)
+    assert {d["image_id"] for d in dets} <= set(range(1, len(files) + 1))
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == files
+    # the sidecar is a COCO skeleton ovd eval accepts as ground truth (no annotations: all n/a)
+    side["annotations"] = []
+    (tmp_path / "gt.json").write_text(json.dumps(side))
+    assert main(["eval", "--gt", str(tmp_path / "gt.json"), "--dets", str(res)]) == 0

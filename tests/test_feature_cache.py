@@ -2,7 +2,7 @@
 mined proposals — contents, resumption, sharding + merge, compatibility checks, and ``ovd extract``.
 
 Everything runs on the smoke mini-world with a tiny random CLIP and hand-written proposals
-(``extract.chunk_size=16``: 100 train images in 7 chunks). The shared world fixture is never
+(``extract.chunk_size=16``: the first 100 train images, in 7 chunks). The shared world fixture is never
 modified; the unreadable-image test works on a partial copy.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from _fixtures import run_err
+from _fixtures import run_err, subset_json
 from safetensors import safe_open
 
 from ovd.cli import main
@@ -40,6 +40,7 @@ from ovd.vlm.clip import ClipModel, save_local_dir
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mini" / "smoke.yaml")
 CHUNK = 16
 BATCH = 256  # clip.batch_size default: run_extract encodes each chunk in batches of this size
+TRAIN100 = "train100.json"
 
 
 def tiny_cfg(embed_dim: int = 32) -> dict:
@@ -74,8 +75,14 @@ def clip(clip_dir) -> ClipModel:
 
 
 @pytest.fixture(scope="module")
-def train(mini_world):
-    return load_detection_dataset(mini_world / "det" / "train.json", mini_world / "det" / "images")
+def train_json(mini_world, tmp_mod) -> Path:
+    """The first 100 train images (the counts below do not depend on the world's size)."""
+    return subset_json(mini_world / "det" / "train.json", tmp_mod / TRAIN100, 100)
+
+
+@pytest.fixture(scope="module")
+def train(mini_world, train_json):
+    return load_detection_dataset(train_json, mini_world / "det" / "images")
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +115,7 @@ def overrides(world: Path, work: Path, clip_dir: Path, props_file: Path, *extra:
         f"clip.model=local-dir:{clip_dir}",
         "adapter.enabled=false",
         f"miner.out={props_file}",
+        f"data.train_json={props_file.parent / TRAIN100}",  # written beside props_file by the fixtures
         f"extract.chunk_size={CHUNK}",
         *extra,
     ]
@@ -141,20 +149,20 @@ def xyxy(bbox) -> list[float]:
 
 
 # -- contents ------------------------------------------------------------------------------------
-def test_single_process_cache_holds_gt_then_proposals(single, train, mini_world, props_file):
+def test_single_process_cache_holds_gt_then_proposals(single, train, mini_world, props_file, train_json):
     names = sorted(p.name for p in single.iterdir() if not p.name.startswith(".lock"))
     assert names == [f"chunk_{c:05d}.safetensors" for c in range(7)] + ["index.json", "plan.json"]
     assert not [p for p in single.iterdir() if p.name.endswith(".tmp")]
     index = json.loads((single / "index.json").read_text())
     assert index["num_chunks"] == 7 and index["embed_dim"] == 32
 
-    raw = json.loads((mini_world / "det" / "train.json").read_text())
+    raw = json.loads(train_json.read_text())
     base = set(json.loads((mini_world / "split.json").read_text())["base"])
     base_ids = {c["id"] for c in raw["categories"] if c["name"] in base}
     props = json.loads(props_file.read_text())
     cache = FeatureCache(single, embed_dim=32)
     assert len(cache) == len(raw["images"]) == 100
-    total = 0
+    total = n_gt = 0
     for k, im in enumerate(raw["images"]):
         assert im["id"] in cache
         t = cache.get(im["id"])
@@ -162,7 +170,8 @@ def test_single_process_cache_holds_gt_then_proposals(single, train, mini_world,
         pr = [d for d in props if d["image_id"] == im["id"]]
         n = len(gt) + len(pr)
         total += n
-        assert len(gt) > 0 and (len(pr) > 0) == (k % 3 != 2)
+        n_gt += len(gt)
+        assert (len(pr) > 0) == (k % 3 != 2)
         assert t["boxes"].shape == (n, 4) and t["embeddings"].shape == (n, 32)
         assert torch.allclose(t["boxes"], torch.tensor(gt + [xyxy(d["bbox"]) for d in pr]), atol=1e-4)
         assert t["weights"].tolist() == pytest.approx([1.0] * len(gt) + [d["weight"] for d in pr])
@@ -170,7 +179,7 @@ def test_single_process_cache_holds_gt_then_proposals(single, train, mini_world,
         assert t["is_gt"].tolist() == [True] * len(gt) + [False] * len(pr)
         assert t["embeddings"].dtype == torch.float32
         assert torch.allclose(t["embeddings"].norm(dim=1), torch.ones(n), atol=2e-3)
-    assert index["num_boxes"] == total
+    assert index["num_boxes"] == total and n_gt > len(raw["images"])  # base GT in most images
 
     # float16 on disk by default, with the CLIP's identity in the metadata
     with safe_open(str(chunk_path(single, 0)), framework="pt") as f:
@@ -443,7 +452,7 @@ def test_an_unreadable_image_is_named_by_mine_and_extract(mini_world, clip_dir, 
     bad.write_bytes(bad.read_bytes()[:60])  # a truncated PNG
     assert any(a["image_id"] == data["images"][1]["id"] for a in data["annotations"])
 
-    ov = overrides(world, tmp_path / "work", clip_dir, props_file)
+    ov = overrides(world, tmp_path / "work", clip_dir, props_file, f"data.train_json={world / 'det' / 'train.json'}")
     mine_ov = [*ov, f"miner.out={tmp_path / 'mined.json'}", "miner.topk=3", "miner.stride=64"]
     line = run_err(capsys, "mine", CONFIG, *mine_ov)
     assert f"cannot read image {bad}" in line

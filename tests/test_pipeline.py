@@ -9,34 +9,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from _fixtures import run_err, subset_json
+from _fixtures import SMALL, run_err, subset_json
 
 from ovd.cli import main
 from ovd.config import load_config
 from ovd.engine.pipeline import STAGES, run_pipeline
 from ovd.errors import OvdError
+from ovd.mining.proposal_store import ProposalStore
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mini" / "smoke.yaml")
-
-SMALL = [
-    "pretrain.epochs=1",
-    "pretrain.vision_layers=1",
-    "pretrain.text_layers=1",
-    "pretrain.vision_width=32",
-    "pretrain.text_width=32",
-    "pretrain.vision_head_width=32",
-    "pretrain.text_heads=2",
-    "pretrain.embed_dim=32",
-    "adapter.epochs=1",
-    "adapter.max_crops=64",
-    "miner.topk=5",
-    "model.min_size=96",
-    "model.max_size=96",
-    "model.box_batch_size_per_image=32",
-    "train.batch_size=2",
-    "train.epochs=1",
-    "train.warmup_iters=1",
-]
 
 
 def mtimes(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, int]:
@@ -99,7 +80,7 @@ def test_full_run_runs_every_stage(first, mini_world):
     w = first.work
     assert (w / "tiny_clip" / "open_clip_config.json").is_file()
     assert (w / "clip_adapter.safetensors").is_file()
-    proposals = json.loads((w / "proposals.json").read_text())
+    proposals = list(ProposalStore(w / "proposals").records())
     assert proposals and len({p["image_id"] for p in proposals}) <= 4
     assert all(sum(p["image_id"] == i for p in proposals) <= 5 for i in {p["image_id"] for p in proposals})  # topk
     assert (w / "feature_cache" / "index.json").is_file()
@@ -121,8 +102,8 @@ def test_identical_rerun_reuses_everything(first):
     assert not any("running" in ln or "done in" in ln for ln in logs)
     assert report == {s: "reused" for s in STAGES}
     after = mtimes(first.work, skip=("run_stamps.json",))
-    assert after == before  # final.pt, metrics.json, proposals.json, cache chunks... all untouched
-    for name in ("train/final.pt", "train/metrics.json", "proposals.json", "feature_cache/index.json"):
+    assert after == before  # final.pt, metrics.json, proposal store, cache chunks... all untouched
+    for name in ("train/final.pt", "train/metrics.json", "proposals/index.json", "feature_cache/index.json"):
         assert name in before
     assert json.loads((first.work / "run_stamps.json").read_text()) == json.loads(stamps)
 
@@ -157,7 +138,7 @@ def test_upstream_change_reruns_mine_extract_and_refuses_to_restart_training(fir
     assert st["world"] == st["pretrain"] == st["adapt"] == "up to date, reused"
     assert st["mine"] == st["extract"] == "running (settings changed)"
     assert st["train"] == "running (settings changed)" and "test" not in st
-    props = json.loads((first.work / "proposals.json").read_text())
+    props = list(ProposalStore(first.work / "proposals").records())
     assert all(sum(p["image_id"] == p0["image_id"] for p in props) <= 3 for p0 in props)
     assert final.stat().st_mtime_ns == final_before  # the training run was left alone
     stamps = by_stage(json.loads((first.work / "run_stamps.json").read_text()))
@@ -179,7 +160,7 @@ def test_until_disabled_stage_and_output_made_outside(first, mini_world, tmp_pat
     work = tmp_path / "work"
     ov = [*first.ov, f"work_dir={work}", f"clip.model=local-dir:{first.work / 'tiny_clip'}", "adapter.enabled=false"]
     assert main(["mine", CONFIG, *ov]) == 0
-    proposals = work / "proposals.json"
+    proposals = work / "proposals" / "index.json"  # the store's commit record
     assert proposals.is_file() and not (work / "run_stamps.json").exists()
     made = proposals.stat().st_mtime_ns
     capsys.readouterr()

@@ -36,7 +36,7 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)
     res: dict = {"config": args.config, "overrides": args.overrides, "torch_threads": torch.get_num_threads()}
     _, res["world_seconds"] = timed(
-        generate_mini_world, cfg.world.dir, cfg.world.preset, cfg.world.seed, progress=False
+        generate_mini_world, cfg.world.dir, cfg.world.preset, cfg.world.seed, progress=False, version=cfg.world.version
     )
     pre, res["pretrain_seconds"] = timed(pretrain_tiny_clip, cfg, progress=False)
     res["web_val_zero_shot_top1"] = pre["web_val_zero_shot_top1"]

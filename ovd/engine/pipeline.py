@@ -35,7 +35,7 @@ STAGES = ("world", "pretrain", "adapt", "mine", "extract", "train", "test")
 
 # config keys each stage reads (sections or section.key), besides its upstream stages' stamps
 _READS = {
-    "world": ["world.dir", "world.preset", "world.seed"],
+    "world": ["world.dir", "world.preset", "world.seed", "world.version"],
     "pretrain": ["pretrain", "data.web_train_json", "data.web_val_json", "data.web_image_root", "seed"],
     "adapt": ["adapter", "clip", "data.train_json", "data.image_root", "data.split", "seed"],
     "mine": ["miner", "clip", "adapter.enabled", "data.train_json", "data.image_root", "data.split"],
@@ -138,8 +138,8 @@ class Pipeline:
             return (Path(c.pretrain.out) / "open_clip_config.json").is_file()
         if stage == "adapt":
             return Path(c.adapter.out).is_file()
-        if stage == "mine":
-            return Path(c.miner.out).is_file()
+        if stage == "mine":  # a committed proposal store, or a JSON list of proposals made elsewhere
+            return Path(c.miner.out).is_file() or (Path(c.miner.out) / "index.json").is_file()
         if stage == "extract":
             return (Path(c.extract.out) / "index.json").is_file()
         if stage == "train":
@@ -177,10 +177,10 @@ class Pipeline:
 
     # --- the stages ----------------------------------------------------------------------------------
     def _run_world(self, stale: bool):
-        # never overwrite: the world is a pure function of (preset, seed, generator version), which
+        # never overwrite: the world is a pure function of (preset, seed, world version), which
         # generate_mini_world checks; a different world in that folder is its error, not a rebuild
         w = self.cfg.world
-        report = generate_mini_world(w.dir, preset=w.preset, seed=w.seed, progress=self.progress)
+        report = generate_mini_world(w.dir, preset=w.preset, seed=w.seed, progress=self.progress, version=w.version)
         if w.heldout_shapes:
             report["heldout_split"] = derive_shape_split(w.dir, list(w.heldout_shapes))
         return report
@@ -192,7 +192,7 @@ class Pipeline:
         return run_adapt(self.cfg, progress=self.progress)
 
     def _run_mine(self, stale: bool):
-        return run_mine(self.cfg, progress=self.progress)
+        return run_mine(self.cfg, overwrite=stale, progress=self.progress)
 
     def _run_extract(self, stale: bool):
         return run_extract(self.cfg, overwrite=stale, progress=self.progress)

@@ -117,7 +117,7 @@ def build_optimizer(t, params: list) -> torch.optim.Optimizer:
     raise OvdError(f"unknown train.optimizer '{t.optimizer}' (sgd | adamw)")
 
 
-def _resolve_device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -236,6 +236,8 @@ class Trainer:
     ``model`` is the detector (DDP-wrapped here when ``world > 1``), ``data`` a
     :class:`~ovd.data.train_set.DetectionTrainSet`, ``t`` the ``train`` config section, ``meta`` what
     the checkpoints record (and a resume must match), ``text`` the training vocabulary's embeddings.
+    ``total`` (iterations of the whole run, from the schedule) may be lowered before ``fit()`` by a
+    caller that runs a fixed number of steps (the few-shot fine-tunes).
     """
 
     def __init__(self, model, data, t, meta: dict, text: torch.Tensor, *, seed: int, device: torch.device,
@@ -416,7 +418,7 @@ def run_train(cfg, progress: bool = True) -> dict:
 
 def _run_train(cfg, progress: bool) -> dict:
     t = cfg.train
-    rank, world, device = _dist_setup(_resolve_device(t.device))
+    rank, world, device = _dist_setup(resolve_device(t.device))
     if t.batch_size % world:
         raise OvdError(f"train.batch_size {t.batch_size} does not split over {world} processes")
     try:

@@ -11,26 +11,54 @@ Objectness choices:
   * ``entropy`` (EZSD): log C − H(p). Zero for a uniform distribution (background looks like
     nothing in particular), log C for a one-hot one; the weight is that divided by log C, in [0, 1].
   * ``max_prob``: max_c p_c (weight = the same).
+
+``ovd mine`` (:func:`run_mine`) writes the proposals of every train image into a proposal store
+(:mod:`ovd.mining.proposal_store`): chunks of ``miner.chunk_size`` images, written atomically,
+shardable (``--shard i/N`` or torchrun) and resumable, committed by an index written last — the
+feature cache's protocol (:mod:`ovd.mining.chunk_store`). Memory is bounded by a chunk.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torchvision.ops import box_iou, clip_boxes_to_image, nms, remove_small_boxes
 from tqdm import tqdm
 
-from ovd.data.boxes import coco_bbox, xywh_to_xyxy
+from ovd.data.boxes import xywh_to_xyxy
 from ovd.data.images import load_image
 from ovd.data.loading import load_split_dataset
 from ovd.data.validate import is_box, is_int
 from ovd.errors import OvdError
-from ovd.utils.io import read_json, remove_stale_temps, write_json
-from ovd.utils.lock import OutputLock
+from ovd.mining.chunk_store import (
+    check_kind,
+    chunks_to_write,
+    invalidate_index,
+    parse_shard,
+    plan_complete,
+    shard_chunks,
+    shard_lock,
+    write_chunk,
+    write_plan,
+)
+from ovd.mining.proposal_store import KIND as STORE
+from ovd.mining.proposal_store import (
+    PROPOSALS_FORMAT,
+    ProposalStore,
+    load_proposals,  # noqa: F401  (its home was here: still importable from ovd.mining.miner)
+    merge_proposals,
+    proposal_tensors,
+    write_proposals_json,
+)
+from ovd.utils.io import read_json, remove_stale_temps
 from ovd.vlm.clip import clip_from_config
 
 OBJECTNESS = ("entropy", "max_prob")
@@ -157,22 +185,54 @@ def mine_image(
     return select(cand, emb, text, clip.model.logit_scale.exp().item(), m, bg_text)
 
 
-def run_mine(cfg, progress: bool = True) -> dict:
-    """``ovd mine``: mined proposals for every image of ``cfg.data.train_json`` → ``cfg.miner.out``.
+# miner settings that change a proposal (batch_size included: a batch of other size may round an
+# embedding differently); with the prompt templates and the vocabulary they enter every chunk's hash
+SETTINGS_KEYS = ("stride", "scales", "ratios", "min_size", "objectness", "vocabulary", "nms_thr", "base_iou_thr",
+                 "topk", "batch_size", "background_prompts")  # fmt: skip
 
-    One writer per output file (a lock beside it); the proposals are written atomically, then the
-    report, so a reader sees the old proposals or the new ones, never part of them."""
+
+def run_mine(
+    cfg,
+    shard: str | None = None,
+    overwrite: bool = False,
+    merge_only: bool = False,
+    merge_json: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict:
+    """``ovd mine``: mined proposals for every image of ``cfg.data.train_json`` → the proposal store
+    ``cfg.miner.out`` (:mod:`ovd.mining.proposal_store`).
+
+    This shard's chunks that are not on disk yet (``shard``: "i/N", default torchrun's RANK /
+    WORLD_SIZE, else the whole set; ``overwrite``: recompute them all), then the index once every
+    chunk is there (``merge_only``: only that). ``merge_json``: also write the committed store as
+    the JSON list of earlier versions (skipped, and said so, while other shards are missing)."""
     out = Path(cfg.miner.out)
-    with OutputLock(out.with_name(f".{out.name}.lock"), f"proposals file {out}"):
-        remove_stale_temps(out.parent, out.name)
-        remove_stale_temps(out.parent, out.with_suffix(".report.json").name)
-        return _run_mine(cfg, progress)
+    if out.is_file():
+        raise OvdError(
+            f"miner.out {out} is a file (a JSON list of proposals?): `ovd mine` writes a proposal store folder "
+            f"there; set miner.out to a folder, and use --merge-json FILE for a JSON list"
+        )
+    report: dict = {}
+    if not merge_only:
+        report = _mine_shard(cfg, parse_shard(shard), overwrite, progress)
+    if merge_only or plan_complete(out, STORE):
+        report["index"] = merge_proposals(out)
+    if merge_json:
+        if "index" in report:
+            report["merge_json"] = write_proposals_json(ProposalStore(out), merge_json)
+        else:
+            report["merge_json"] = f"not written: {out} is incomplete (other shards); rerun with --merge-json later"
+    return report
 
 
-def _run_mine(cfg, progress: bool = True) -> dict:
+def _mine_inputs(cfg) -> SimpleNamespace:
+    """Everything a mining job needs, checked before any output is touched: the train set (every
+    image's header), the vocabulary, the CLIP, external boxes, and the plan every shard agrees on."""
     m = cfg.miner
     if m.objectness not in OBJECTNESS:
         raise OvdError(f"unknown miner.objectness '{m.objectness}' (choose from {', '.join(OBJECTNESS)})")
+    if m.chunk_size < 1:
+        raise OvdError("miner.chunk_size must be >= 1")
     train, split = load_split_dataset(
         cfg.data, need_split="mine", why="its base and novel names are the miner's vocabulary"
     )
@@ -182,43 +242,116 @@ def _run_mine(cfg, progress: bool = True) -> dict:
     name_to_id = {c["name"]: c["id"] for c in train.categories}
     adapter = cfg.adapter.out if cfg.adapter.enabled else None
     clip = clip_from_config(cfg.clip, adapter)
-    text = clip.encode_text(vocab, list(cfg.clip.templates))
-    bg_text = clip.encode_text(list(m.background_prompts), list(cfg.clip.templates)) if m.background_prompts else None
     extra = _read_external_proposals(m.external_proposals, set(train.image_ids)) if m.external_proposals else {}
-    base_ids = set(split.base_ids)
-    results = []
-    t0 = time.time()
-    for i in tqdm(range(len(train)), desc="mine proposals", disable=not progress):
-        rec = train.record(i)
-        image = load_image(rec["path"])
-        out = mine_image(clip, image, text, m, gt_boxes_of(rec, base_ids), extra.get(rec["image_id"]), bg_text=bg_text)
-        for b, s, lab in zip(out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist()):
-            results.append(
-                {
-                    "image_id": rec["image_id"],
-                    "bbox": coco_bbox(b),
-                    "score": round(s, 5),
-                    "weight": round(s, 5),
-                    "category_id": name_to_id[vocab[lab]],
-                    "category_name": vocab[lab],
-                }
-            )
-    seconds = time.time() - t0
-    report_path = Path(m.out).with_suffix(".report.json")
-    report_path.unlink(missing_ok=True)  # the report describes the proposals: never leave an old one beside new ones
-    write_json(m.out, results, indent=None)
-    report = {
-        "out": str(m.out),
-        "images": len(train),
-        "proposals": len(results),
-        "seconds": round(seconds, 1),
-        "vocabulary": m.vocabulary,
-        "objectness": m.objectness,
-        "clip": clip.source,
+    job = SimpleNamespace(m=m, templates=list(cfg.clip.templates), train=train, vocab=vocab, clip=clip,
+                          adapter=adapter, extra=extra, base_ids=set(split.base_ids), size=m.chunk_size)  # fmt: skip
+    settings = {k: _plain(getattr(m, k)) for k in SETTINGS_KEYS} | {"templates": job.templates}
+    job.plan = {
+        "format": PROPOSALS_FORMAT,
+        "fingerprint": clip.fingerprint(),
+        "chunk_size": job.size,
+        "num_chunks": max(1, -(-len(train) // job.size)),
+        "miner": settings,
+        "vocabulary": vocab,
+        "category_ids": [name_to_id[n] for n in vocab],
         "adapter": str(adapter) if adapter else None,
     }
-    write_json(report_path, report)
-    return report
+    key = json.dumps([settings, vocab, job.plan["category_ids"]], sort_keys=True)
+    job.plan["contents"] = [
+        _content_hash(key, [train.record(i) for i in _chunk_range(job, c)], job.base_ids, extra)
+        for c in range(job.plan["num_chunks"])
+    ]
+    return job
+
+
+def _chunk_range(job, c: int) -> range:
+    return range(c * job.size, min(len(job.train), (c + 1) * job.size))
+
+
+def _mine_chunk(job, c: int, text: torch.Tensor, bg: torch.Tensor | None, bar) -> list[tuple[int, dict]]:
+    per_image = []
+    for i in _chunk_range(job, c):
+        rec = job.train.record(i)
+        extra = job.extra.get(rec["image_id"])
+        res = mine_image(
+            job.clip, load_image(rec["path"]), text, job.m, gt_boxes_of(rec, job.base_ids), extra, bg_text=bg
+        )
+        per_image.append((rec["image_id"], res))
+        bar.update(1)
+    return per_image
+
+
+def _mine_shard(cfg, shard: tuple[int, int], overwrite: bool, progress: bool) -> dict:
+    job = _mine_inputs(cfg)
+    plan, m, n_chunks = job.plan, job.m, job.plan["num_chunks"]
+    folder = Path(m.out)
+    check_kind(folder, STORE)
+    folder.mkdir(parents=True, exist_ok=True)
+    mine = shard_chunks(n_chunks, shard)
+    with shard_lock(folder, shard, STORE):
+        remove_stale_temps(folder)  # of killed writers only: a live shard's files stay
+        todo = chunks_to_write(folder, STORE, mine, plan["fingerprint"], plan["contents"], job.size, overwrite)
+        if todo:
+            invalidate_index(folder)
+        write_plan(folder, plan, STORE)
+        t0 = time.time()
+        n_props = n_images = 0
+        text = bg = None
+        if todo:  # the text tower only runs when there is something to mine
+            text = job.clip.encode_text(job.vocab, job.templates)
+            bg = job.clip.encode_text(list(m.background_prompts), job.templates) if m.background_prompts else None
+        desc = f"mine shard {shard[0]}/{shard[1]}"
+        bar = tqdm(total=sum(len(_chunk_range(job, c)) for c in todo), desc=desc, disable=not progress)
+        for c in todo:
+            per_image = _mine_chunk(job, c, text, bg, bar)
+            tensors = proposal_tensors(per_image)
+            write_chunk(folder, c, tensors, {
+                "format": PROPOSALS_FORMAT,
+                "fingerprint": plan["fingerprint"],
+                "clip_source": job.clip.source,
+                "chunk": str(c),
+                "num_chunks": str(n_chunks),
+                "chunk_size": str(job.size),
+                "content": plan["contents"][c],
+                "image_ids": json.dumps([img for img, _ in per_image]),
+            })  # fmt: skip
+            n_props += len(tensors["image_ids"])
+            n_images += len(per_image)
+        bar.close()
+    return {
+        "out": str(folder),
+        "shard": f"{shard[0]}/{shard[1]}",
+        "chunks_total": n_chunks,
+        "chunks_written": len(todo),
+        "chunks_skipped": len(mine) - len(todo),
+        "images_mined": n_images,
+        "proposals_written": n_props,
+        "seconds": round(time.time() - t0, 1),
+        "vocabulary": m.vocabulary,
+        "objectness": m.objectness,
+        "clip": job.clip.source,
+        "adapter": plan["adapter"],
+    }
+
+
+def _plain(value):
+    """A config value as plain JSON data (OmegaConf lists → lists of floats / str)."""
+    if isinstance(value, str) or not hasattr(value, "__iter__"):
+        return value
+    return [_plain(v) for v in value]
+
+
+def _content_hash(key: str, recs: list[dict], base_ids: set[int], extra: dict[int, torch.Tensor]) -> str:
+    """What one chunk's proposals are computed from besides the CLIP: the settings ``key`` and, per
+    image, its id, file name, size, base GT boxes and external boxes."""
+    h = hashlib.sha1(key.encode())
+    for rec in recs:
+        gt = gt_boxes_of(rec, base_ids)
+        ex = extra.get(rec["image_id"], torch.zeros((0, 4)))
+        h.update(f"|{rec['image_id']}|{rec['file_name']}|{rec['width']}x{rec['height']}|{len(gt)}|{len(ex)}|".encode())
+        h.update(gt.numpy().tobytes())
+        h.update(ex.float().numpy().tobytes())
+    return h.hexdigest()
 
 
 def _read_external_proposals(path: str, image_ids: set[int]) -> dict[int, torch.Tensor]:
@@ -235,22 +368,3 @@ def _read_external_proposals(path: str, image_ids: set[int]) -> dict[int, torch.
             raise OvdError(f"{path}: [{i}]: 'bbox' must be 4 numbers [x, y, w, h]")
         out.setdefault(d["image_id"], []).append(xywh_to_xyxy(bb))
     return {k: torch.tensor(v, dtype=torch.float32) for k, v in out.items()}
-
-
-def load_proposals(path: str | Path) -> dict[int, dict]:
-    """Mined proposals JSON → {image_id: {"boxes" (N, 4 xyxy), "weights" (N,)}}."""
-    data = read_json(path, "proposals file")
-    if not isinstance(data, list):
-        raise OvdError(f"{path}: proposals must be a JSON list of {{image_id, bbox, score, weight}}")
-    out: dict[int, list] = {}
-    for i, d in enumerate(data):
-        try:
-            out.setdefault(int(d["image_id"]), []).append(
-                (xywh_to_xyxy(d["bbox"]), float(d.get("weight", d.get("score", 1.0))))
-            )
-        except (KeyError, TypeError, ValueError):
-            raise OvdError(f"{path}: [{i}] needs image_id, bbox [x, y, w, h] and weight") from None
-    return {
-        k: {"boxes": torch.tensor([b for b, _ in v], dtype=torch.float32), "weights": torch.tensor([w for _, w in v])}
-        for k, v in out.items()
-    }

@@ -446,9 +446,16 @@ def save_text_embeddings(path: str | os.PathLike, clip: ClipModel, names: Sequen
 
 
 def write_text_embeddings(
-    path: str | os.PathLike, emb: torch.Tensor, names: Sequence[str], source: str, templates=DEFAULT_TEMPLATES
+    path: str | os.PathLike,
+    emb: torch.Tensor,
+    names: Sequence[str],
+    source: str,
+    templates=DEFAULT_TEMPLATES,
+    fingerprint: str | None = None,
 ) -> Path:
-    """Write (C, D) embeddings of ``names`` in the stored-vocabulary format (atomically)."""
+    """Write (C, D) embeddings of ``names`` in the stored-vocabulary format (atomically).
+    ``fingerprint``: the CLIP's :meth:`ClipModel.fingerprint` (recorded as ``clip_fingerprint``, so a
+    detector can refuse a vocabulary made with another CLIP of the same dimension)."""
     from safetensors.torch import save_file
 
     names = list(names)
@@ -464,6 +471,8 @@ def write_text_embeddings(
         "clip_source": source,
         "embed_dim": str(emb.shape[1]),
     }
+    if fingerprint:
+        meta["clip_fingerprint"] = str(fingerprint)
     with atomic_path(path) as tmp:
         save_file({"embeddings": emb.float().contiguous()}, str(tmp), metadata=meta)
     return Path(path)

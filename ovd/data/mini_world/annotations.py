@@ -60,7 +60,7 @@ def _det_files(
     return det_files, dropped
 
 
-def _fewshot(oracle: dict, novel_ids: list[int], k: int, s: int) -> dict:
+def fewshot_subset(oracle: dict, novel_ids: list[int], k: int, s: int) -> dict:
     """TFA-style: for each novel class pick images until exactly k instances of it are annotated."""
     rng = np.random.default_rng(s)
     per_cls_img: dict[int, Counter] = defaultdict(Counter)
@@ -158,13 +158,18 @@ def _lvis_categories(categories: list[dict], train: dict) -> list[dict]:
                 "name": c["name"],
                 "synset": "mini." + c["name"].replace(" ", "_"),
                 "synonyms": [c["name"]],
-                "def": f"a {c['shape']} coloured {c['colour']}",
+                "def": _definition(c),
                 "frequency": freq,
                 "image_count": n,
                 "instance_count": inst_count[c["id"]],
-                "supercategory": c["supercategory"],
-                "colour": c["colour"],
-                "shape": c["shape"],
+                **{k: v for k, v in c.items() if k not in ("id", "name")},  # supercategory and attributes
             }
         )
     return cats
+
+
+def _definition(c: dict) -> str:
+    """LVIS ``def``: v2 "a star coloured red"; v3 "a kind of flower, red and striped"."""
+    if "shape" in c:
+        return f"a {c['shape']} coloured {c['colour']}"
+    return f"a kind of {c['supercategory']}, {c['colour']} and {c['pattern']}"

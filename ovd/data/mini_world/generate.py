@@ -13,15 +13,19 @@ from typing import Any
 
 import numpy as np
 
-from ovd.data.mini_world.annotations import _det_files, _fewshot, _lvis_val
-from ovd.data.mini_world.presets import PRESETS, MiniPreset
+from ovd.data.mini_world.annotations import _det_files, _lvis_val, fewshot_subset
+from ovd.data.mini_world.presets import MiniPreset
 from ovd.data.mini_world.tasks import _det_layout, _run_tasks
-from ovd.data.mini_world.vocabulary import _coco_categories, mini_split, mini_vocabulary
+from ovd.data.mini_world.versions import (
+    GENERATOR_VERSION,
+    check_version,
+    coco_categories,
+    mini_split,
+    mini_vocabulary,
+    presets,
+)
 from ovd.errors import OvdError
 from ovd.utils.io import read_json, write_json
-
-#: Bump whenever the generated content changes, so stale worlds on disk are not reused.
-GENERATOR_VERSION = 2
 
 _WORLD_FILES = (
     "world.json",
@@ -35,15 +39,16 @@ _WORLD_FILES = (
 )
 
 
-def _check_args(preset: Any, seed: Any) -> MiniPreset:
-    if not isinstance(preset, str) or preset not in PRESETS:
-        raise OvdError(f"unknown mini-world preset {preset!r}; expected one of: {', '.join(PRESETS)}")
+def _check_args(preset: Any, seed: Any, version: Any) -> MiniPreset:
+    table = presets(check_version(version))
+    if not isinstance(preset, str) or preset not in table:
+        raise OvdError(f"unknown mini-world preset {preset!r}; expected one of: {', '.join(table)}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise OvdError(f"mini-world seed must be a non-negative integer, got {seed!r}")
-    return PRESETS[preset]
+    return table[preset]
 
 
-def _existing_world(out: Path, preset: str, seed: int) -> dict | None:
+def _existing_world(out: Path, p: MiniPreset, seed: int, version: int) -> dict | None:
     """The summary of a complete matching world in ``out``, else None."""
     wj = out / "world.json"
     if not wj.is_file():
@@ -53,12 +58,11 @@ def _existing_world(out: Path, preset: str, seed: int) -> dict | None:
     except OvdError:
         return None
     if not isinstance(world, dict) or (world.get("version"), world.get("preset"), world.get("seed")) != (
-        GENERATOR_VERSION,
-        preset,
+        version,
+        p.name,
         int(seed),
     ):
         return None
-    p = PRESETS[preset]
     files = list(_WORLD_FILES) + [f"det/fewshot/{k}shot_seed{s}.json" for k in p.fewshot_shots for s in p.fewshot_seeds]
     if not all((out / f).is_file() for f in files):
         return None
@@ -71,28 +75,31 @@ def generate_mini_world(
     seed: int = 0,
     progress: bool = True,
     overwrite: bool = False,
+    version: int = GENERATOR_VERSION,
 ) -> dict:
     """Generate the mini-world into ``out_dir`` and return its summary (counts).
 
-    If ``out_dir`` already holds a complete world of the same preset, seed and generator version,
+    ``version`` 3 (the default): 65 kinds with atomic names; 2: the 36 "<colour> <shape>" classes,
+    byte-identical to what generator v2 wrote. If ``out_dir`` already holds a complete world of the
+    same preset, seed and version,
     it is reused as is (its summary is returned; nothing is rewritten) unless ``overwrite`` is set.
     A non-empty ``out_dir`` holding anything else is an error unless ``overwrite=True``, which
     replaces it. The world is written into a temporary sibling directory and renamed into place at
     the end, so an interrupted run never leaves a half-written world.
     """
-    p = _check_args(preset, seed)
+    p = _check_args(preset, seed, version)
     seed = int(seed)
     out = Path(os.path.abspath(out_dir))
     if out.exists() and not out.is_dir():
         raise OvdError(f"mini-world output {out} exists and is not a directory")
     if out.is_dir() and not overwrite:
-        summary = _existing_world(out, preset, seed)
+        summary = _existing_world(out, p, seed, version)
         if summary is not None:
             return summary
         if any(out.iterdir()):
             raise OvdError(
                 f"mini-world output {out} is not empty and holds no complete '{preset}' world "
-                f"with seed {seed} (generator v{GENERATOR_VERSION}); choose an empty directory "
+                f"with seed {seed} (world version {version}); choose an empty directory "
                 f"or pass overwrite=True (--overwrite) to replace it"
             )
     token = f"{os.getpid()}-{secrets.token_hex(4)}"
@@ -100,7 +107,7 @@ def generate_mini_world(
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
-        summary = _generate_into(tmp, p, seed, progress)
+        summary = _generate_into(tmp, p, seed, progress, version)
         if out.exists():
             old = out.parent / f".{out.name}.old-{token}"
             os.replace(out, old)
@@ -116,15 +123,16 @@ def generate_mini_world(
     return summary
 
 
-def _generate_into(root: Path, p: MiniPreset, seed: int, progress: bool) -> dict:
+def _generate_into(root: Path, p: MiniPreset, seed: int, progress: bool, version: int) -> dict:
     """Render every image into ``root``, write the JSON files, and return the summary."""
-    split = mini_split()
+    split = mini_split(version)
+    vocab = mini_vocabulary(version)
     novel_names = set(split["novel"])
-    novel_ids = [c["id"] for c in mini_vocabulary() if c["name"] in novel_names]
-    categories = _coco_categories()
+    novel_ids = [c["id"] for c in vocab if c["name"] in novel_names]
+    categories = coco_categories(version)
 
-    web_meta, web_tasks = _plan_web(root, p, seed)
-    det_meta, det_tasks = _plan_det(root, p, seed)
+    web_meta, web_tasks = _plan_web(root, p, seed, version)
+    det_meta, det_tasks = _plan_det(root, p, seed, version)
     results = _run_tasks(web_tasks + det_tasks, f"mini-world {p.name}", progress)
 
     _write_web(root, web_meta, results[: len(web_tasks)], categories)
@@ -137,7 +145,7 @@ def _generate_into(root: Path, p: MiniPreset, seed: int, progress: bool) -> dict
     write_json(root / "split.json", split)
 
     summary = {  # key order is the order in world.json
-        "classes": len(mini_vocabulary()),
+        "classes": len(vocab),
         "base_classes": len(split["base"]),
         "novel_classes": len(split["novel"]),
         **_web_summary(p, web_meta),
@@ -149,11 +157,11 @@ def _generate_into(root: Path, p: MiniPreset, seed: int, progress: bool) -> dict
     write_json(
         root / "world.json",
         {
-            "version": GENERATOR_VERSION,
+            "version": version,
             "preset": p.name,
             "seed": seed,
             "params": asdict(p),
-            "classes": mini_vocabulary(),
+            "classes": vocab,
             "split": split,
             "summary": summary,
         },
@@ -161,12 +169,12 @@ def _generate_into(root: Path, p: MiniPreset, seed: int, progress: bool) -> dict
     return summary
 
 
-def _plan_web(root: Path, p: MiniPreset, seed: int) -> tuple[dict[str, list[dict]], list[tuple]]:
+def _plan_web(root: Path, p: MiniPreset, seed: int, version: int) -> tuple[dict[str, list[dict]], list[tuple]]:
     """Web image records per split (captions come from rendering) and their render tasks.
 
-    Image i of a split shows class ``i mod 36``; the non-class images follow the class images.
+    Image i of a split shows class ``i mod n_classes``; the non-class images follow the class images.
     """
-    vocab = mini_vocabulary()
+    vocab = mini_vocabulary(version)
     n_cls = len(vocab)
     tasks: list[tuple] = []
     web_meta: dict[str, list[dict]] = {}
@@ -185,29 +193,29 @@ def _plan_web(root: Path, p: MiniPreset, seed: int) -> tuple[dict[str, list[dict
                     "category_id": cls["id"],
                 }
             )
-            tasks.append(("web", seed, sp, i, cls, p, str(root / "web" / "images" / fn)))
+            tasks.append(("web", seed, sp, i, cls, p, str(root / "web" / "images" / fn), version))
         n_class = per_cls * n_cls
         for j in range(round(p.web_background_frac * n_class)):
             i = n_class + j
             fn = f"{sp}/{i + 1:06d}.png"
             recs.append({"id": i + 1, "file_name": fn, "width": p.web_size, "height": p.web_size, "category_id": 0})
-            tasks.append(("web", seed, sp, i, None, p, str(root / "web" / "images" / fn)))
+            tasks.append(("web", seed, sp, i, None, p, str(root / "web" / "images" / fn), version))
         web_meta[sp] = recs
     return web_meta, tasks
 
 
-def _plan_det(root: Path, p: MiniPreset, seed: int) -> tuple[dict[str, list[dict]], list[tuple]]:
+def _plan_det(root: Path, p: MiniPreset, seed: int, version: int) -> tuple[dict[str, list[dict]], list[tuple]]:
     """Detection image records per split and their render tasks (each with its scene's class ids)."""
     tasks: list[tuple] = []
     det_meta: dict[str, list[dict]] = {}
     for sp, n_img in (("train", p.det_train_images), ("val", p.det_val_images)):
         (root / "det" / "images" / sp).mkdir(parents=True)
-        layout = _det_layout(seed, sp, n_img, p)
+        layout = _det_layout(seed, sp, n_img, p, len(mini_vocabulary(version)))
         recs = []
         for i in range(n_img):
             fn = f"{sp}/{i + 1:06d}.png"
             recs.append({"id": i + 1, "file_name": fn, "width": p.det_size, "height": p.det_size})
-            tasks.append(("det", seed, sp, i, layout[i], p, str(root / "det" / "images" / fn)))
+            tasks.append(("det", seed, sp, i, layout[i], p, str(root / "det" / "images" / fn), version))
         det_meta[sp] = recs
     return det_meta, tasks
 
@@ -227,7 +235,7 @@ def _write_fewshot(root: Path, oracle: dict, novel_ids: list[int], p: MiniPreset
     fewshot_summary = {}
     for kk in p.fewshot_shots:
         for s in p.fewshot_seeds:
-            fs = _fewshot(oracle, novel_ids, kk, s)
+            fs = fewshot_subset(oracle, novel_ids, kk, s)
             write_json(root / "det" / "fewshot" / f"{kk}shot_seed{s}.json", fs)
             fewshot_summary[f"{kk}shot_seed{s}"] = {
                 "images": len(fs["images"]),

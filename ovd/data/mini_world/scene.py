@@ -1,5 +1,6 @@
-"""Detection-domain scenes (COCO's stand-in): clutter, several small class objects placed under an
-occlusion budget, thin distractors in front, then a per-image camera/domain shift."""
+"""Detection-domain scenes (COCO's stand-in): clutter, several small class objects (v2 shapes or v3
+kinds) placed under an occlusion budget, thin distractors in front, then a per-image camera/domain
+shift."""
 
 from __future__ import annotations
 
@@ -20,7 +21,10 @@ from ovd.data.mini_world.draw import (
     _shape_polys,
     _to_uint8,
 )
+from ovd.data.mini_world.kinds import kind_silhouette
+from ovd.data.mini_world.patterns import _kind_field
 from ovd.data.mini_world.presets import MiniPreset
+from ovd.data.mini_world.silhouettes import instance_polys
 from ovd.data.mini_world.textures import (
     _CLUTTER_KINDS,
     _FRONT_KINDS,
@@ -29,7 +33,8 @@ from ovd.data.mini_world.textures import (
     _det_background,
     _object_fill,
 )
-from ovd.data.mini_world.vocabulary import COLOURS, mini_vocabulary
+from ovd.data.mini_world.versions import GENERATOR_VERSION, mini_vocabulary
+from ovd.data.mini_world.vocabulary import COLOURS
 
 _MAX_OCCLUDED = 0.15  # at most this fraction of an annotated object's pixels may be covered
 _MAX_BOX_COVERED = 0.3  # ... and at most this fraction of its box
@@ -70,7 +75,13 @@ class _Placed:
         self.free *= 1 - alpha
 
 
-def _render_det(rng: np.random.Generator, cat_ids: list[int], p: MiniPreset, extents: list | None = None):
+def _render_det(
+    rng: np.random.Generator,
+    cat_ids: list[int],
+    p: MiniPreset,
+    extents: list | None = None,
+    version: int = GENERATOR_VERSION,
+):
     """One detection scene. Returns (uint8 image, [(category_id, [x, y, w, h])], n_dropped).
 
     If ``extents`` is a list, the polygon extent (x0, y0, x1, y1) of each returned object is
@@ -80,7 +91,7 @@ def _render_det(rng: np.random.Generator, cat_ids: list[int], p: MiniPreset, ext
     size = p.det_size
     img = _det_background(rng, size, size)
     _draw_back_clutter(rng, img, p)
-    placed, dropped = _place_objects(rng, img, cat_ids, p)
+    placed, dropped = _place_objects(rng, img, cat_ids, p, version)
     _draw_front_clutter(rng, img, placed)
     objects, empty = _visible_boxes(placed, extents)
     return _camera(rng, img), objects, dropped + empty
@@ -101,34 +112,53 @@ def _draw_back_clutter(rng: np.random.Generator, img: np.ndarray, p: MiniPreset)
 
 
 def _place_objects(
-    rng: np.random.Generator, img: np.ndarray, cat_ids: list[int], p: MiniPreset
+    rng: np.random.Generator, img: np.ndarray, cat_ids: list[int], p: MiniPreset, version: int
 ) -> tuple[list[_Placed], int]:
     """In place: draw the class objects in order, each where it hides too little of those before it.
 
     Returns the placed objects and how many could not be placed.
     """
-    vocab = {c["id"]: c for c in mini_vocabulary()}
+    vocab = {c["id"]: c for c in mini_vocabulary(version)}
     placed: list[_Placed] = []
     dropped = 0
     for cid in cat_ids:
         cls = vocab[cid]
-        pose = _find_pose(rng, cls["shape"], placed, p)
+        pose = _find_pose(rng, _pose_fn(cls, version), placed, p)
         if pose is None:
             dropped += 1
             continue
-        alpha, polys, cx, cy, ext = pose
+        alpha, polys, cx, cy, ext, ang = pose
         for o in placed:
             o.cover(alpha)
         placed.append(_Placed(cid, alpha, _poly_extent(polys)))
         sl = _alpha_slices(alpha)
-        _composite(img, alpha, _object_fill(rng, COLOURS[cls["colour"]], cx, cy, ext, sl), sl)
+        if version == 2:
+            field = _object_fill(rng, COLOURS[cls["colour"]], cx, cy, ext, sl)
+        else:
+            field = _kind_field(rng, cls, sl, cx, cy, ext, ang, det=True)
+        _composite(img, alpha, field, sl)
     return placed, dropped
 
 
-def _find_pose(rng: np.random.Generator, shape: str, placed: list[_Placed], p: MiniPreset):
-    """Size, rotation and position of one object that keeps every placed object visible.
+def _pose_fn(cls: dict, version: int):
+    """``f(rng, ext) -> (polygons centred on the origin, rotation)``: one try at an object's shape."""
+    if version == 2:
+        shape = cls["shape"]
 
-    Returns (alpha, polygons, cx, cy, extent), or None when no try fits.
+        def v2(rng: np.random.Generator, ext: float):
+            asp = rng.uniform(0.9, 1.1)
+            ang = rng.uniform(-_MAX_ROT[shape], _MAX_ROT[shape])
+            return _shape_polys(shape, 0.0, 0.0, ext * asp, ext / asp, ang), ang
+
+        return v2
+    family, args = kind_silhouette(cls)
+    return lambda rng, ext: instance_polys(rng, family, args, ext)
+
+
+def _find_pose(rng: np.random.Generator, pose_fn, placed: list[_Placed], p: MiniPreset):
+    """Size, shape, rotation and position of one object that keeps every placed object visible.
+
+    Returns (alpha, polygons, cx, cy, extent, rotation), or None when no try fits.
     """
     h = w = p.det_size
     lo, hi = math.log(p.det_object_px[0]), math.log(p.det_object_px[1])
@@ -136,16 +166,14 @@ def _find_pose(rng: np.random.Generator, shape: str, placed: list[_Placed], p: M
     for attempt in range(_PLACE_ATTEMPTS):
         if attempt and attempt % _SHRINK_EVERY == 0:
             ext = max(p.det_object_px[0], ext * 0.85)
-        asp = rng.uniform(0.9, 1.1)
-        sx, sy = ext * asp, ext / asp
-        polys = _shape_polys(shape, 0.0, 0.0, sx, sy, rng.uniform(-_MAX_ROT[shape], _MAX_ROT[shape]))
+        polys, ang = pose_fn(rng, ext)
         x0, y0, x1, y1 = _poly_extent(polys)
         cx = rng.uniform(1 - x0, w - 1 - x1)
         cy = rng.uniform(1 - y0, h - 1 - y1)
         polys = [(q + [cx, cy], f) for q, f in polys]
         alpha = _polys_alpha(polys, w, h)
         if _fits(placed, alpha):
-            return alpha, polys, cx, cy, ext
+            return alpha, polys, cx, cy, ext, ang
     return None
 
 

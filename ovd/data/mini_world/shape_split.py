@@ -1,11 +1,11 @@
-"""A second split of an existing world that holds out whole shapes (``ovd data mini-split``)."""
+"""A second split of an existing v2 world that holds out whole shapes (``ovd data mini-split``)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from ovd.data.mini_world.vocabulary import SHAPES, mini_vocabulary
+from ovd.data.mini_world.vocabulary import SHAPES, colour_shape_vocabulary
 from ovd.errors import OvdError
 from ovd.utils.io import read_json, write_json
 
@@ -27,7 +27,14 @@ def derive_shape_split(world: str | os.PathLike, shapes: list[str], name: str | 
         raise OvdError("at least one shape must stay base")
     name = name or "heldout_" + "_".join(shapes)
     oracle = read_json(root / "det" / "train_oracle.json", "mini-world oracle annotations")
-    vocab = mini_vocabulary()
+    if not all("shape" in c for c in oracle.get("categories", [])):
+        # v3 kinds have atomic names and no shape attribute: their novel kinds already share no
+        # words with base kinds, which is what holding out a shape gives a v2 world
+        raise OvdError(
+            f"{root} is not a world version 2 (colour x shape classes): held-out shapes exist only there; "
+            "generate one with version 2 (world.version=2), or use the v3 world's own split.json"
+        )
+    vocab = colour_shape_vocabulary()
     novel = [c["name"] for c in vocab if c["shape"] in shapes]
     split = {"base": [c["name"] for c in vocab if c["name"] not in novel], "novel": novel}
     novel_ids = {c["id"] for c in vocab if c["name"] in novel}

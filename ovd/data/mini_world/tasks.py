@@ -11,10 +11,11 @@ import numpy as np
 from tqdm import tqdm
 
 from ovd.data.mini_world.draw import _save_png
+from ovd.data.mini_world.kinds import _kind_caption
 from ovd.data.mini_world.presets import MiniPreset
 from ovd.data.mini_world.scene import _render_det
-from ovd.data.mini_world.vocabulary import COLOURS, SHAPES, _web_caption
-from ovd.data.mini_world.web import _render_web, _render_web_nonclass
+from ovd.data.mini_world.vocabulary import _web_caption
+from ovd.data.mini_world.web import _render_web, _render_web_kind, _render_web_nonclass
 
 _DOMAIN_WEB, _DOMAIN_DET = 1, 2
 _SPLIT_CODES = {"train": 1, "val": 2}
@@ -26,28 +27,30 @@ def _image_rng(seed: int, domain: int, split: str, index: int) -> np.random.Gene
 
 
 def _run_task(task: tuple) -> Any:
-    kind, seed, split, index, payload, preset, path = task
+    kind, seed, split, index, payload, preset, path, version = task
     if kind == "web":
         rng = _image_rng(seed, _DOMAIN_WEB, split, index)
         if payload is None:  # no class in the picture
             arr, caption = _render_web_nonclass(rng, preset.web_size)
-        else:
+        elif version == 2:
             arr = _render_web(rng, payload, preset.web_size)
             caption = _web_caption(rng, payload)
+        else:
+            arr, size_frac = _render_web_kind(rng, payload, preset.web_size)
+            caption = _kind_caption(rng, payload, size_frac)
         _save_png(arr, path)
         return caption
     rng = _image_rng(seed, _DOMAIN_DET, split, index)
-    arr, objects, dropped = _render_det(rng, payload, preset)
+    arr, objects, dropped = _render_det(rng, payload, preset, version=version)
     _save_png(arr, path)
     return objects, dropped
 
 
-def _det_layout(seed: int, split: str, n_images: int, p: MiniPreset) -> list[list[int]]:
-    """Category ids per scene: object counts uniform in det_objects, classes balanced over all 36."""
+def _det_layout(seed: int, split: str, n_images: int, p: MiniPreset, n_cls: int) -> list[list[int]]:
+    """Category ids per scene: object counts uniform in det_objects, classes balanced over all n_cls."""
     rng = np.random.default_rng([seed, _DOMAIN_DET, _SPLIT_CODES[split], 10**9])
     counts = rng.integers(p.det_objects[0], p.det_objects[1] + 1, n_images)
     total = int(counts.sum())
-    n_cls = len(COLOURS) * len(SHAPES)
     seq: list[int] = []
     while len(seq) < total:
         seq.extend(int(i) + 1 for i in rng.permutation(n_cls))

@@ -1,4 +1,4 @@
-"""The 36 classes ``"<colour> <shape>"``, the fixed base/novel split, and web captions."""
+"""World v2 vocabulary: the 36 classes ``"<colour> <shape>"``, the fixed base/novel split, and web captions."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _is_novel(ci: int, si: int) -> bool:
     return d == _NOVEL_OFFSET_ALL or (d == _NOVEL_OFFSET_EVEN and ci % 2 == 0)
 
 
-def mini_vocabulary() -> list[dict]:
+def colour_shape_vocabulary() -> list[dict]:
     """All 36 classes in fixed order: ids 1..36, colour-major."""
     vocab = []
     for ci, colour in enumerate(COLOURS):
@@ -57,7 +57,7 @@ def mini_vocabulary() -> list[dict]:
     return vocab
 
 
-def mini_split() -> dict:
+def colour_shape_split() -> dict:
     """``{"base": [27 names], "novel": [9 names]}`` in vocabulary order."""
     base, novel = [], []
     for ci, colour in enumerate(COLOURS):
@@ -75,7 +75,7 @@ def _coco_categories() -> list[dict]:
             "colour": c["colour"],
             "shape": c["shape"],
         }
-        for c in mini_vocabulary()
+        for c in colour_shape_vocabulary()
     ]
 
 

@@ -1,5 +1,6 @@
 """Web-domain images (CLIP's stand-in pre-training photos): one large centred class object on a clean
-background, or an image of something outside the vocabulary."""
+background (a v2 shape or a v3 kind), or an image of something outside the vocabulary (the same in
+both versions: textures, strokes, and plain geometric shapes in black, gray or white)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 
 from ovd.data.mini_world.draw import (
     _MAX_ROT,
+    _alpha_slices,
     _composite,
     _grid,
     _jitter_colour,
@@ -18,14 +20,17 @@ from ovd.data.mini_world.draw import (
     _shape_polys,
     _to_uint8,
 )
+from ovd.data.mini_world.kinds import kind_silhouette
+from ovd.data.mini_world.patterns import _kind_field
+from ovd.data.mini_world.silhouettes import instance_polys
 from ovd.data.mini_world.textures import _clutter_alpha, _clutter_colour, _det_background
 from ovd.data.mini_world.vocabulary import COLOURS, SHAPES, _article
 
 
-def _render_web(rng: np.random.Generator, cls: dict, size: int) -> np.ndarray:
+def _web_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Clean light neutral background: plain or a gentle linear/radial grade."""
     h = w = size
     xx, yy = _grid(h, w)
-    # clean light neutral background: plain or a gentle linear/radial grade
     base = rng.uniform(0.86, 0.99)
     tint = np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0, 0.06), 1.0), np.float32)
     kind = int(rng.integers(3))
@@ -38,20 +43,45 @@ def _render_web(rng: np.random.Generator, cls: dict, size: int) -> np.ndarray:
         r = np.hypot(xx - w / 2, yy - h / 2) / (w / 2)
         shade = 1 - rng.uniform(0.02, 0.07) * r
     img = (base * tint)[None, None, :] * shade[..., None]
-    img = np.clip(img, 0, 1).astype(np.float32)
-    # one large, near-centred object
+    return np.clip(img, 0, 1).astype(np.float32)
+
+
+def _centred(rng: np.random.Generator, polys, size: int):
+    """``polys`` (centred on the origin) moved near the image centre (+-3 px), kept inside the image."""
+    x0, y0, x1, y1 = _poly_extent(polys)
+    cx = np.clip(size / 2 + rng.uniform(-3, 3), 1 - x0, size - 1 - x1)
+    cy = np.clip(size / 2 + rng.uniform(-3, 3), 1 - y0, size - 1 - y1)
+    return [(p + [cx, cy], f) for p, f in polys], float(cx), float(cy)
+
+
+def _render_web(rng: np.random.Generator, cls: dict, size: int) -> np.ndarray:
+    """A v2 web image: one large, near-centred, flat-coloured shape."""
+    img = _web_background(rng, size)
     shape = cls["shape"]
     ext = rng.uniform(0.5, 0.85) * size
     ang = rng.uniform(-_MAX_ROT[shape], _MAX_ROT[shape])
-    polys = _shape_polys(shape, 0.0, 0.0, ext, ext, ang)
-    x0, y0, x1, y1 = _poly_extent(polys)
-    cx = np.clip(w / 2 + rng.uniform(-3, 3), 1 - x0, w - 1 - x1)
-    cy = np.clip(h / 2 + rng.uniform(-3, 3), 1 - y0, h - 1 - y1)
-    polys = [(p + [cx, cy], f) for p, f in polys]
+    polys, _, _ = _centred(rng, _shape_polys(shape, 0.0, 0.0, ext, ext, ang), size)
     colour = _jitter_colour(rng, COLOURS[cls["colour"]], hue_deg=3.0, val=(0.95, 1.03), desat=0.05)
-    _composite(img, _polys_alpha(polys, w, h), colour)
+    _composite(img, _polys_alpha(polys, size, size), colour)
     img += rng.normal(0, 1.0 / 255, img.shape).astype(np.float32)
     return _to_uint8(img)
+
+
+def _render_web_kind(rng: np.random.Generator, cls: dict, size: int) -> tuple[np.ndarray, float]:
+    """A v3 web image: one large, near-centred object of kind ``cls`` in its clean palette and pattern.
+
+    Returns the image and the object's extent as a fraction of the image side (for size words).
+    """
+    img = _web_background(rng, size)
+    frac = rng.uniform(0.5, 0.85)
+    ext = frac * size
+    polys, ang = instance_polys(rng, *kind_silhouette(cls), ext)
+    polys, cx, cy = _centred(rng, polys, size)
+    alpha = _polys_alpha(polys, size, size)
+    sl = _alpha_slices(alpha)
+    _composite(img, alpha, _kind_field(rng, cls, sl, cx, cy, ext, ang, det=False), sl)
+    img += rng.normal(0, 1.0 / 255, img.shape).astype(np.float32)
+    return _to_uint8(img), float(frac)
 
 
 _TEXTURE_NAMES = ("a blotchy texture", "a striped pattern", "a checkered pattern", "a smooth gradient")

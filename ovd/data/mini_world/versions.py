@@ -1,0 +1,46 @@
+"""World versions: which vocabulary, split, categories and presets a world of version 2 or 3 uses.
+
+v3 (the default) has 65 kinds with atomic invented names (kinds.py); v2 has 36 "<colour> <shape>"
+classes (vocabulary.py) and stays selectable, byte for byte as before, so that numbers measured on
+it can be reproduced.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ovd.data.mini_world.kinds import _kinds_categories, kinds_split, kinds_vocabulary
+from ovd.data.mini_world.presets import PRESETS_V2, PRESETS_V3, MiniPreset
+from ovd.data.mini_world.vocabulary import _coco_categories, colour_shape_split, colour_shape_vocabulary
+from ovd.errors import OvdError
+
+#: The newest world version: what a world is generated as unless another is asked for.
+GENERATOR_VERSION = 3
+SUPPORTED_VERSIONS = (2, 3)
+
+
+def check_version(version: Any) -> int:
+    if isinstance(version, bool) or not isinstance(version, int) or version not in SUPPORTED_VERSIONS:
+        raise OvdError(
+            f"unknown mini-world version {version!r}; expected one of: {', '.join(map(str, SUPPORTED_VERSIONS))}"
+        )
+    return version
+
+
+def mini_vocabulary(version: int = GENERATOR_VERSION) -> list[dict]:
+    """The class records of a world version, in id order (ids 1..n)."""
+    return colour_shape_vocabulary() if check_version(version) == 2 else kinds_vocabulary()
+
+
+def mini_split(version: int = GENERATOR_VERSION) -> dict:
+    """``{"base": [names], "novel": [names]}`` of a world version, in vocabulary order."""
+    return colour_shape_split() if check_version(version) == 2 else kinds_split()
+
+
+def coco_categories(version: int) -> list[dict]:
+    """The ``categories`` list every annotation file of a world version carries."""
+    return _coco_categories() if check_version(version) == 2 else _kinds_categories()
+
+
+def presets(version: int) -> dict[str, MiniPreset]:
+    return PRESETS_V2 if check_version(version) == 2 else PRESETS_V3

@@ -1,0 +1,254 @@
+"""Few-shot fine-tuning of a base detector, with or without data-free replay (``ovd fewshot``).
+
+A new run initialised from the base model (``train.init_from`` semantics: its weights, a fresh
+optimizer, iteration 0) trains on the K-shot file ``<fewshot_dir>/<K>shot_seed<S>.json``:
+
+* the novel classes are split into a **few-shot group** (gets its K boxes) and a **held-out group**
+  (never gets a box, measured zero-shot afterwards): in category order, every
+  ``replay.heldout_every``-th novel class starting with the 2nd is held out (2: alternate);
+* the fine-tuning vocabulary is base + few-shot group (held-out names stay out: a class nobody has
+  named yet cannot be in a vocabulary, and a name in the softmax of every background RoI is pushed
+  down — docs/replay.md); the checkpoint's ``base_names`` is that vocabulary, so ``ovd test``,
+  ``ovd detect`` and ``Detector.from_checkpoint`` work on it as on any trained detector;
+* modes: ``novel`` — the few-shot group's boxes only; ``replay`` — each step also feeds a class-balanced
+  batch of forged base RoI features (the generator of ``ovd replay fit``) through the RoI head with
+  the frozen base model's outputs on the same features as teacher targets; ``base`` — the TFA-style
+  reference that keeps K real boxes per base class (a K-shot base file made by the mini-world's
+  rule, :func:`ovd.data.mini_world.annotations.fewshot_subset`), i.e. it *stores base images*.
+
+Backbone and RPN are frozen by default (``replay.freeze``) and run in eval mode (their BatchNorm
+statistics stay the base model's).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from ovd.data.loading import load_split_dataset
+from ovd.data.mini_world.annotations import fewshot_subset
+from ovd.data.splits import Split
+from ovd.engine.evaluator import load_val, predict_dataset
+from ovd.engine.trainer import resolve_device, setup_trainer
+from ovd.errors import OvdError
+from ovd.evaluation import evaluate_detections
+from ovd.modeling.checkpoint import load_checkpoint, model_from_checkpoint
+from ovd.modeling.roi_heads import ExtraRoIs, RoIBatch
+from ovd.replay.generator import frozen_base, load_generator
+from ovd.replay.watchers import pooled_shape
+from ovd.utils.io import file_sha1, read_json, remove_stale_temps, write_json
+from ovd.utils.lock import OutputLock
+from ovd.vlm.text import TextSource
+
+MODES = ("novel", "replay", "base")
+
+
+def fewshot_path(cfg, shots: int, seed: int) -> Path:
+    folder = Path(cfg.replay.fewshot_dir) if cfg.replay.fewshot_dir else Path(cfg.data.train_json).parent / "fewshot"
+    path = folder / f"{shots}shot_seed{seed}.json"
+    if not path.is_file():
+        have = sorted(p.stem for p in folder.glob("*shot_seed*.json")) if folder.is_dir() else []
+        raise OvdError(
+            f"no few-shot file for K={shots}, seed {seed}: {path} does not exist"
+            + (f" (there are: {', '.join(have)})" if have else f" (no few-shot files in {folder})")
+        )
+    return path
+
+
+def novel_groups(split: Split, every: int) -> tuple[Split, Split]:
+    """(few-shot group, held-out group) of the split's novel classes, each as a Split whose
+    ``novel_*`` holds the group (``base_*`` = the split's base classes). Category order; with
+    ``every`` = n > 0 the classes at positions n-1, 2n-1, ... (0-based) are held out."""
+    fs = [
+        (n, i)
+        for j, (n, i) in enumerate(zip(split.novel_names, split.novel_ids))
+        if not every or j % every != every - 1
+    ]
+    ho = [(n, i) for n, i in zip(split.novel_names, split.novel_ids) if (n, i) not in fs]
+
+    def group(name, items):
+        return Split(name, split.base_names, tuple(n for n, _ in items), split.base_ids, tuple(i for _, i in items))
+
+    return group("fewshot", fs), group("heldout", ho)
+
+
+def group_metrics(val, dets: list[dict], fewshot: Split, heldout: Split) -> dict:
+    """AP and AP50 of three groups — base, few-shot novel, held-out novel — plus all of them, by
+    :func:`ovd.evaluation.evaluate_detections` with custom splits (COCOeval restricted to each group)."""
+    m = evaluate_detections(val, dets, split=fewshot)
+    out = {
+        "base": {"AP": m["AP_base"], "AP50": m["AP50_base"]},
+        "fewshot": {"AP": m["AP_novel"], "AP50": m["AP50_novel"]},
+    }
+    if heldout.novel_ids:
+        everything = Split("all", heldout.novel_names, fewshot.base_names + fewshot.novel_names,
+                           heldout.novel_ids, fewshot.base_ids + fewshot.novel_ids)  # fmt: skip
+        h = evaluate_detections(val, dets, split=everything)
+        out["heldout"] = {"AP": h["AP_base"], "AP50": h["AP50_base"]}
+        out["all"] = {"AP": h["AP"], "AP50": h["AP50"]}
+    else:
+        out["heldout"] = {"AP": None, "AP50": None}
+        out["all"] = {"AP": m["AP"], "AP50": m["AP50"]}
+    return out
+
+
+def evaluate_groups(cfg, ckpt: str, progress: bool = False) -> dict:
+    """A checkpoint (base or fine-tuned) on the val set, prompted with every base + novel name,
+    scored per group (the few-shot / held-out rule of ``cfg.replay.heldout_every``)."""
+    state = load_checkpoint(ckpt)
+    val, split = load_val(cfg)
+    fewshot, heldout = novel_groups(split, cfg.replay.heldout_every)
+    text = TextSource(cfg.clip)
+    text.check_dim(int(state["meta"]["embed_dim"]), f"detector {ckpt}")
+    model = model_from_checkpoint(state, ckpt)
+    model.set_vocabulary(text.encode(list(split.base_names) + list(split.novel_names)))
+    dets = predict_dataset(model, val, list(split.base_ids) + list(split.novel_ids), progress)
+    return group_metrics(val, dets, fewshot, heldout)
+
+
+def _train_file(cfg, fs_path: Path, mode: str, shots: int, seed: int, train, split: Split, group: Split) -> dict:
+    """The run's training annotations: the few-shot group's boxes of the K-shot file (+ K-shot base
+    boxes in mode ``base``); images without a kept box are dropped."""
+    fs = read_json(fs_path, "few-shot file")
+    if not isinstance(fs, dict) or not all(isinstance(fs.get(k), list) for k in ("images", "annotations")):
+        raise OvdError(f"few-shot file {fs_path} is not a COCO annotation file (images, annotations)")
+    keep_ids = set(group.novel_ids)
+    anns = [a for a in fs["annotations"] if a.get("category_id") in keep_ids]
+    if not anns:
+        raise OvdError(f"few-shot file {fs_path} has no box of the few-shot classes {list(group.novel_names)[:5]}")
+    images = {im["id"]: im for im in fs["images"]}
+    if mode == "base":
+        base = fewshot_subset(read_json(train.path, "train annotations"), list(split.base_ids), shots, seed)
+        anns = anns + base["annotations"]
+        images.update({im["id"]: im for im in base["images"]})
+    seen, unique = set(), []
+    for a in anns:  # an annotation picked for both groups appears once
+        if a["id"] not in seen:
+            seen.add(a["id"])
+            unique.append(a)
+    used = {a["image_id"] for a in unique}
+    categories = read_json(train.path, "train annotations")["categories"]
+    return {
+        "info": {"description": f"ovd fewshot: {mode}, {shots}-shot seed {seed} from {fs_path.name}"},
+        "images": [images[i] for i in sorted(used)],
+        "annotations": sorted(unique, key=lambda a: a["id"]),
+        "categories": categories,
+    }
+
+
+def _pin_eval(model, prefixes: list[str]) -> list[str]:
+    """Frozen whole submodules (``backbone.`` / ``rpn.``) stay in eval mode whatever ``train()`` says:
+    the base model's BatchNorm statistics are used and kept, and a frozen RPN computes no loss."""
+    pinned = []
+    for pre in prefixes:
+        name = pre.rstrip(".")
+        mod = getattr(model, name, None) if name and "." not in name else None
+        if isinstance(mod, torch.nn.Module):
+            mod.train = (lambda m: lambda mode=True: torch.nn.Module.train(m, False))(mod)
+            mod.eval()
+            pinned.append(name)
+    return pinned
+
+
+class ReplayInputs:
+    """``Trainer.add_inputs`` hook of mode ``replay``: every step, ``n`` forged RoIs — a ``background``
+    share labelled background, the rest class-balanced over the base classes (a fresh permutation per
+    step) — with the frozen base model's RoI-head outputs on the same features as teacher targets.
+    Deterministic in (seed, iteration), so an interrupted run resumes exactly."""
+
+    def __init__(self, gen, teacher, base_to_student: torch.Tensor, n: int, background: float, weight: float,
+                 seed: int, device):  # fmt: skip
+        self.gen, self.teacher, self.map = gen.to(device), teacher.to(device), base_to_student.to(device)
+        self.n_bg = int(round(n * background))
+        self.n_fg, self.weight, self.seed, self.device = n - self.n_bg, weight, seed, device
+
+    def rows(self, it: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 7_919 + it)
+        k = len(self.map) - 1
+        reps = -(-self.n_fg // k)
+        fg = torch.cat([torch.randperm(k, generator=g) + 1 for _ in range(reps)])[: self.n_fg]
+        return torch.cat([torch.zeros(self.n_bg, dtype=torch.int64), fg]), g
+
+    def __call__(self, it, images, targets) -> dict:
+        rows, g = self.rows(it)
+        with torch.no_grad():
+            feats = self.gen.sample(rows.to(self.device), generator=g)
+            labels = self.map[rows.to(self.device)]
+            out = self.teacher.roi_heads.predict(RoIBatch([]), ExtraRoIs(feats, labels)).extra
+        return {"extra_rois": ExtraRoIs(feats, labels, teacher_embeddings=out.embeddings, teacher_logits=out.logits,
+                                        teacher_deltas=out.deltas, teacher_weight=self.weight)}  # fmt: skip
+
+
+def run_fewshot(cfg, ckpt: str, shots: int, seed: int, mode: str, generator: str | None = None,
+                out: str | None = None, evaluate: bool = True, progress: bool = True) -> dict:  # fmt: skip
+    """``ovd fewshot``: fine-tune base detector ``ckpt`` on the K-shot file (``shots``, ``seed``) in
+    ``mode``; writes ``<out>/final.pt`` (default ``replay.fewshot_out/<mode>_<K>shot_seed<S>``) and,
+    with ``evaluate``, ``<out>/group_metrics.json``. Every input is checked before anything is written."""
+    if mode not in MODES:
+        raise OvdError(f"unknown few-shot mode '{mode}' (choose from {', '.join(MODES)})")
+    r = cfg.replay
+    fs_path = fewshot_path(cfg, shots, seed)
+    state = load_checkpoint(ckpt)
+    train, split = load_split_dataset(cfg.data, need_split="fewshot", why="base and novel classes are needed")
+    if list(state["meta"].get("base_names") or []) != list(split.base_names):
+        raise OvdError(
+            f"detector {ckpt} was not trained on data.split's base classes: fine-tune a base model of this split"
+        )
+    group, heldout = novel_groups(split, r.heldout_every)
+    if not group.novel_ids:
+        raise OvdError("replay.heldout_every leaves no novel class to fine-tune on")
+    sha1 = file_sha1(ckpt)
+    gen = None
+    if mode == "replay":
+        gen_path = generator or r.generator
+        teacher = frozen_base(state, ckpt)
+        gen, gen_meta = load_generator(gen_path, state["meta"], sha1, pooled_shape(teacher))
+    run_dir = Path(out or Path(r.fewshot_out) / f"{mode}_{shots}shot_seed{seed}")
+    data = _train_file(cfg, fs_path, mode, shots, seed, train, split, group)
+    vocab_names = [n for n in split.all_names if n in set(split.base_names) | set(group.novel_names)]
+    t0 = time.time()
+    with OutputLock(run_dir / ".lock", f"few-shot run {run_dir}"):
+        for name in ("last.pt", "final.pt"):
+            remove_stale_temps(run_dir, name)
+        write_json(run_dir / "train.json", data, indent=None)
+        write_json(run_dir / "split.json", {"base": vocab_names, "novel": list(heldout.novel_names)})
+        ipe = math.ceil(len(data["images"]) / r.batch_size)
+        ft = OmegaConf.merge(cfg, {
+            "seed": int(seed),
+            "data": {"train_json": str(run_dir / "train.json"), "split": str(run_dir / "split.json"),
+                     "image_root": cfg.data.image_root or str(Path(cfg.data.train_json).parent)},
+            "train": {"out": str(run_dir), "init_from": str(ckpt), "freeze": list(r.freeze), "lr": r.lr,
+                      "batch_size": r.batch_size, "schedule": "", "epochs": math.ceil(r.iters / ipe), "lr_steps": [],
+                      "warmup_iters": r.warmup_iters, "eval_every": 0, "max_iters": 0,
+                      "checkpoint_every": r.iters},
+        })  # fmt: skip
+        device = resolve_device(ft.train.device)
+        torch.manual_seed(int(seed))
+        trainer = setup_trainer(ft, 0, 1, device, progress)
+        trainer.total = r.iters  # a fixed number of steps, whatever the number of images (modes compare)
+        trainer.meta["fewshot"] = {"mode": mode, "shots": shots, "seed": seed, "file": str(fs_path.resolve()),
+                                   "fewshot_classes": list(group.novel_names),
+                                   "heldout_classes": list(heldout.novel_names),
+                                   "base_ckpt_sha1": sha1}  # fmt: skip
+        pinned = _pin_eval(trainer.model, list(r.freeze))
+        if gen is not None:
+            student_index = {n: i + 1 for i, n in enumerate(trainer.meta["base_names"])}
+            base_to_student = torch.tensor([0] + [student_index[n] for n in split.base_names])
+            teacher.set_vocabulary(trainer.text)
+            trainer.meta["fewshot"]["generator_sha1"] = file_sha1(gen_path)
+            trainer.add_inputs(ReplayInputs(gen, teacher, base_to_student, r.replay_rois, r.replay_background,
+                                            r.teacher_weight, int(seed), device))  # fmt: skip
+        report = trainer.fit()
+    report.update({"mode": mode, "shots": shots, "seed": seed, "images": len(data["images"]),
+                   "boxes": len(data["annotations"]), "vocabulary": len(vocab_names), "pinned_eval": pinned,
+                   "train_seconds": round(time.time() - t0, 1)})  # fmt: skip
+    if evaluate and report["complete"]:
+        t1 = time.time()
+        report["metrics"] = evaluate_groups(cfg, report["out"])
+        report["eval_seconds"] = round(time.time() - t1, 1)
+        write_json(run_dir / "group_metrics.json", report)
+    return report

@@ -1,0 +1,204 @@
+"""Data-free few-shot replay (issue 12): data watchers, the feature generator, few-shot fine-tuning."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from _fixtures import subset_json, tiny_clip_dir
+
+from ovd.config import load_config
+from ovd.engine.trainer import run_train
+from ovd.errors import OvdError
+from ovd.modeling.checkpoint import load_checkpoint, model_from_checkpoint
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mini" / "smoke.yaml")
+
+
+def cfg_for(base, mini_world, work: Path, *extra: str):
+    root, clip_dir = base
+    return load_config(CONFIG, [
+        f"world.dir={mini_world}", f"work_dir={work}", f"clip.model=local-dir:{clip_dir}",
+        f"data.train_json={root / 'train4.json'}", f"replay.fewshot_dir={mini_world / 'det' / 'fewshot'}",
+        "model.distill=false", "model.min_size=96", "model.max_size=96", "model.box_batch_size_per_image=32",
+"train.batch_size=2", "train.epochs=1", "train.lr_steps=[]",
+        "train.warmup_iters=1", "replay.fit_iters=120", "replay.iters=2", "replay.batch_size=2",
+        "replay.replay_rois=16", *extra,
+    ])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def base(mini_world, tmp_path_factory):
+    """A tiny base detector (4 iterations on 8 images), its statistics and a fitted generator."""
+    root = tmp_path_factory.mktemp("replay")
+    clip_dir = tiny_clip_dir(root / "clip")
+    subset_json(mini_world / "det" / "train.json", root / "train4.json", 8)
+    setup = (root, clip_dir)
+    cfg = cfg_for(setup, mini_world, root / "w")
+    run_train(cfg, progress=False)
+    return setup, cfg, str(root / "w" / "train" / "final.pt")
+
+
+@pytest.fixture(scope="module")
+def fitted(base):
+    from ovd.replay.generator import run_fit
+    from ovd.replay.watchers import run_stats
+
+    setup, cfg, ckpt = base
+    stats = run_stats(cfg, ckpt, progress=False)
+    # the generator needs no image: the annotation file and the image folder are not there
+    cfg_noimg = cfg.copy()
+    cfg_noimg.data.train_json = "/nonexistent/train.json"
+    cfg_noimg.data.image_root = "/nonexistent/images"
+    fit = run_fit(cfg_noimg, ckpt, progress=False)
+    return stats, fit
+
+
+def test_statistics_equal_a_direct_computation(base, fitted, mini_world):
+    from ovd.data.loading import load_split_dataset
+    from ovd.data.train_set import DetectionTrainSet
+    from ovd.replay.watchers import load_stats
+
+    setup, cfg, ckpt = base
+    stats_report, _ = fitted
+    assert stats_report["bytes"] == Path(cfg.replay.stats).stat().st_size > 0
+    st = load_stats(cfg.replay.stats)
+    assert st.layers == ["pooled", "fc6", "fc7", "embedding"]
+    n_base = len(json.loads((mini_world / "split.json").read_text())["base"])
+    assert st.meta["base_ckpt_sha1"] and st.meta["embed_dim"] == 32 and len(st.class_names) == n_base
+
+    state = load_checkpoint(ckpt)
+    model = model_from_checkpoint(state, ckpt)
+    model.set_vocabulary(state["text"])
+    train, split = load_split_dataset(cfg.data, need_split="t")
+    data = DetectionTrainSet(train, list(split.base_ids))
+    recs = []
+    with torch.no_grad():
+        for i in range(len(data)):
+            image, t = data.get(i)
+            with model.roi_heads.observe(sample_in_eval=True, subsample=False) as obs:
+                model([image], [{"boxes": t["boxes"], "labels": t["labels"]}])
+            recs += obs.records
+    labels = torch.cat([r["labels"] for r in recs])
+    assert torch.equal(st.tensors["rois"], torch.bincount(labels, minlength=n_base + 1))
+    for layer in st.layers:
+        x = torch.cat([r[layer] for r in recs]).double()
+        if x.ndim == 4:  # per channel: positions are samples
+            x = x.permute(0, 2, 3, 1)
+            lab = labels[:, None, None].expand(x.shape[:3]).reshape(-1)
+            x = x.reshape(-1, x.shape[-1])
+        else:
+            lab = labels
+        for c in labels.unique().tolist():
+            xc = x[lab == c]
+            torch.testing.assert_close(st.mean(layer)[c], xc.mean(0).float(), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(st.var(layer)[c], xc.var(0, unbiased=False).float(), rtol=1e-3, atol=1e-5)
+
+
+def test_generator_fits_without_images_and_forges_its_classes(base, fitted):
+    from ovd.replay.generator import load_generator
+
+    setup, cfg, ckpt = base
+    _, fit = fitted
+    assert fit["parameters"] > 0 and fit["bytes"] == Path(cfg.replay.generator).stat().st_size
+    # forged features are classified as their intended class by the frozen base head, far above chance
+    assert fit["accuracy_among_classes"] > 5 * fit["chance_among_classes"], fit
+    div = fit["diversity"]["fc7"]
+    assert div is not None and div["forged_rms_pair_distance"] > 0.5 * div["real_rms_pair_distance"], fit
+    gen, meta = load_generator(cfg.replay.generator)
+    assert meta["base_ckpt_sha1"] == json.loads(json.dumps(meta))["base_ckpt_sha1"]
+    x = gen.sample(torch.tensor([0, 1, 5]))
+    assert x.shape == (3, 64, 7, 7) and torch.isfinite(x).all()
+
+
+def test_fewshot_checkpoint_loads_predicts_and_is_scored_per_group(base, fitted, mini_world, tmp_path):
+    from ovd.engine.predictor import Detector
+    from ovd.replay.fewshot import evaluate_groups, run_fewshot
+
+    setup, cfg, ckpt = base
+    rep = run_fewshot(cfg, ckpt, 5, 0, "replay", out=str(tmp_path / "ft"), evaluate=False, progress=False)
+    assert rep["complete"] and rep["iterations"] == 2 and rep["pinned_eval"] == ["backbone", "rpn"]
+    meta = load_checkpoint(rep["out"])["meta"]
+    fs = meta["fewshot"]
+    split = json.loads((mini_world / "split.json").read_text())
+    assert fs["fewshot_classes"] == split["novel"][0::2] and fs["heldout_classes"] == split["novel"][1::2]
+    # the fine-tuned vocabulary: base + few-shot group, never the held-out names
+    assert set(meta["base_names"]) == set(split["base"]) | set(fs["fewshot_classes"])
+    det = Detector.from_checkpoint(rep["out"], clip=None)
+    assert det.classes == meta["base_names"]
+    image = mini_world / "det" / "images" / "val" / sorted(p.name for p in (mini_world / "det/images/val").iterdir())[0]
+    out = det.predict(image, classes=split["novel"][1::2][:3])  # held-out names, by name
+    assert set(out["names"]) <= set(split["novel"][1::2][:3])
+    # base weights that the run froze are the base model's
+    base_state, ft_state = load_checkpoint(ckpt)["model"], load_checkpoint(rep["out"])["model"]
+    assert all(torch.equal(base_state[k], ft_state[k]) for k in base_state if k.startswith(("backbone.", "rpn.")))
+    m = evaluate_groups(cfg, rep["out"])
+    assert set(m) == {"base", "fewshot", "heldout", "all"} and all(set(v) == {"AP", "AP50"} for v in m.values())
+
+
+def _rewrite_meta(src, dst, **changes):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        raw, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta = json.loads(raw["meta"])
+    meta.update(changes)
+    save_file(tensors, str(dst), metadata={**raw, "meta": json.dumps(meta)})
+    return dst
+
+
+def test_bad_inputs_are_one_clear_error_and_write_nothing(base, fitted, tmp_path):
+    from ovd.replay.fewshot import run_fewshot
+    from ovd.replay.generator import run_fit
+
+    setup, cfg, ckpt = base
+    out = tmp_path / "run"
+
+    def refused(match, **kw):
+        args = {"shots": 5, "seed": 0, "mode": "replay", **kw}
+        with pytest.raises(OvdError, match=match):
+            run_fewshot(cfg, args.pop("ckpt", ckpt), args["shots"], args["seed"], args["mode"],
+                        generator=args.get("generator"), out=str(out), progress=False)  # fmt: skip
+        assert not out.exists()
+
+    refused(r"no few-shot file for K=7, seed 0: .*7shot_seed0.json does not exist \(there are: .*5shot_seed0", shots=7)
+    refused(r"unknown few-shot mode 'tfa' \(choose from novel, replay, base\)", mode="tfa")
+
+    # a generator / statistics made from another checkpoint (same architecture, other weights)
+    state = torch.load(ckpt, weights_only=True)
+    state["model"]["roi_heads.classifier.background"] += 0.1
+    other = tmp_path / "other.pt"
+    torch.save(state, other)
+    refused(r"replay generator file .* was made from another base checkpoint", ckpt=str(other))
+    fit_out = tmp_path / "g.safetensors"
+    with pytest.raises(OvdError, match=r"replay statistics file .* was made from another base checkpoint"):
+        run_fit(cfg, str(other), out=str(fit_out), progress=False)
+    # another embedding dimension, another class list
+    dim = _rewrite_meta(cfg.replay.stats, tmp_path / "dim.safetensors", embed_dim=64)
+    with pytest.raises(OvdError, match=r"made for 64-d region embeddings, the base detector has 32-d"):
+        run_fit(cfg, ckpt, stats_path=str(dim), out=str(fit_out), progress=False)
+    names = json.loads(json.loads(json.dumps(dict(_meta(cfg.replay.stats))))["meta"])["class_names"]
+    cls = _rewrite_meta(cfg.replay.stats, tmp_path / "cls.safetensors", class_names=names[::-1])
+    with pytest.raises(OvdError, match=r"covers another class list .* or another order"):
+        run_fit(cfg, ckpt, stats_path=str(cls), out=str(fit_out), progress=False)
+    gcls = _rewrite_meta(cfg.replay.generator, tmp_path / "gcls.safetensors", class_names=names[:10])
+    refused(
+        rf"replay generator file .* covers another class list \(10 classes, the base detector has {len(names)}",
+        generator=str(gcls),
+    )
+    assert not fit_out.exists()
+    # not a stats file at all
+    shutil.copy(ckpt, tmp_path / "x.safetensors")
+    with pytest.raises(OvdError, match="not a readable safetensors file"):
+        run_fit(cfg, ckpt, stats_path=str(tmp_path / "x.safetensors"), out=str(fit_out), progress=False)
+
+
+def _meta(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()

@@ -1,0 +1,121 @@
+"""The few-shot replay experiment: zero-shot row, then modes x K x seeds, as a mean ± std table.
+
+    python tools/run_fewshot.py configs/mini/smoke.yaml --ckpt BASE.pt --shots 5 --seeds 0,1,2 \\
+        [--modes novel,replay,base] [key=value ...]
+
+Steps: ``ovd replay stats`` and ``ovd replay fit`` (skipped when their files exist and fit this base
+checkpoint), the base model evaluated as is (the zero-shot row: base / few-shot group / held-out
+group prompted by name), then one ``ovd fewshot`` run per mode, K and seed (a run folder that already
+holds ``group_metrics.json`` is reused). Prints the table (AP50 and AP per group, mean ± std over
+seeds) and the memory ratio (stats + generator bytes) / (bytes of the base training images); writes
+everything to ``<work_dir>/replay/fewshot_table.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ovd.config import load_config  # noqa: E402
+from ovd.data.loading import load_split_dataset  # noqa: E402
+from ovd.errors import OvdError  # noqa: E402
+from ovd.replay.fewshot import evaluate_groups, run_fewshot  # noqa: E402
+from ovd.replay.generator import load_generator, run_fit  # noqa: E402
+from ovd.replay.watchers import load_stats, run_stats  # noqa: E402
+from ovd.utils.io import file_sha1, write_json  # noqa: E402
+
+GROUPS = ("base", "fewshot", "heldout")
+
+
+def _fits(path: str, ckpt_sha1: str, loader) -> bool:
+    if not Path(path).is_file():
+        return False
+    try:
+        meta = loader(path)
+    except OvdError:
+        return False
+    return meta.get("base_ckpt_sha1") == ckpt_sha1
+
+
+def _cell(values: list) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "n/a"
+    if len(vals) == 1:
+        return f"{100 * vals[0]:.1f}"
+    return f"{100 * statistics.mean(vals):.1f} ± {100 * statistics.stdev(vals):.1f}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config")
+    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--shots", default="5", help="comma-separated K values")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--modes", default="novel,replay,base")
+    a = ap.parse_args(argv)
+    cfg = load_config(a.config, a.overrides)
+    shots = [int(x) for x in a.shots.split(",")]
+    seeds = [int(x) for x in a.seeds.split(",")]
+    modes = a.modes.split(",")
+    sha1 = file_sha1(a.ckpt)
+    t0 = time.time()
+    times = {}
+    if not _fits(cfg.replay.stats, sha1, lambda p: load_stats(p).meta):
+        times["stats"] = run_stats(cfg, a.ckpt, progress=False)["seconds"]
+    if not _fits(cfg.replay.generator, sha1, lambda p: load_generator(p)[1]):
+        times["fit"] = run_fit(cfg, a.ckpt, progress=False)["seconds"]
+    stats_bytes, gen_bytes = Path(cfg.replay.stats).stat().st_size, Path(cfg.replay.generator).stat().st_size
+    train, _ = load_split_dataset(cfg.data, check_images=False)
+    image_bytes = sum(Path(train.record(i)["path"]).stat().st_size for i in range(len(train)))
+    _, gen_meta = load_generator(cfg.replay.generator)
+
+    rows = {"zero-shot (base model)": [evaluate_groups(cfg, a.ckpt)]}
+    runs = []
+    for k in shots:
+        for mode in modes:
+            key = f"{mode}, K={k}"
+            rows[key] = []
+            for s in seeds:
+                folder = Path(cfg.replay.fewshot_out) / f"{mode}_{k}shot_seed{s}"
+                done = folder / "group_metrics.json"
+                if done.is_file():
+                    rep = json.loads(done.read_text())
+                else:
+                    rep = run_fewshot(cfg, a.ckpt, k, s, mode, progress=False)
+                runs.append({k2: rep[k2] for k2 in ("mode", "shots", "seed", "images", "boxes", "train_seconds",
+                                                    "eval_seconds", "metrics") if k2 in rep})  # fmt: skip
+                rows[key].append(rep["metrics"])
+                print(f"{key} seed {s}: " + ", ".join(f"{g} AP50 {_cell([rep['metrics'][g]['AP50']])}" for g in GROUPS),
+                      flush=True)  # fmt: skip
+
+    head = f"{'run':<24}" + "".join(f"{g + ' AP50':>16}" for g in GROUPS) + "".join(f"{g + ' AP':>16}" for g in GROUPS)
+    lines = [head]
+    for name, ms in rows.items():
+        cells = [_cell([m[g]["AP50"] for m in ms]) for g in GROUPS] + [_cell([m[g]["AP"] for m in ms]) for g in GROUPS]
+        lines.append(f"{name:<24}" + "".join(f"{c:>16}" for c in cells))
+    ratio = (stats_bytes + gen_bytes) / image_bytes
+    lines.append(f"memory: stats {stats_bytes:,} B + generator {gen_bytes:,} B = {stats_bytes + gen_bytes:,} B vs "
+                 f"{image_bytes:,} B of {len(train)} base training images: ratio {ratio:.3f}")  # fmt: skip
+    lines.append(f"seeds {seeds}; values x100; total {time.time() - t0:.0f} s")
+    print("\n".join(lines))
+    write_json(Path(cfg.work_dir) / "replay" / "fewshot_table.json", {
+        "table": lines, "rows": rows, "runs": runs, "memory": {"stats_bytes": stats_bytes, "generator_bytes": gen_bytes,
+        "image_bytes": image_bytes, "ratio": ratio}, "generator": gen_meta.get("measure"), "prep_seconds": times,
+        "total_seconds": round(time.time() - t0, 1)})  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except OvdError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
