@@ -304,6 +304,15 @@ def _add_vlm_commands(sub) -> None:
     ve.add_argument("--out", default=None, help="write the result JSON here")
 
 
+def _add_chunked_args(p: argparse.ArgumentParser, overwrite_help: str) -> None:
+    """The options of a chunked, sharded store (``ovd mine``, ``ovd extract``)."""
+    p.add_argument(
+        "--shard", default=None, help="i/N: this process's share of the chunks (default: torchrun RANK/WORLD_SIZE)"
+    )
+    p.add_argument("--merge", action="store_true", help="only index the chunks already on disk")
+    p.add_argument("--overwrite", action="store_true", help=overwrite_help)
+
+
 def _add_stage_commands(sub) -> None:
     """One subcommand per pipeline stage, and ``ovd run``."""
     _config_command(sub, "adapt", _cmd_adapt, help="fine-tune only CLIP's image-tower LayerNorms on base GT crops")
@@ -311,11 +320,7 @@ def _add_stage_commands(sub) -> None:
     mn = _config_command(
         sub, "mine", _cmd_mine, help="CLIP proposal miner: dense anchors scored against base + novel names"
     )
-    mn.add_argument(
-        "--shard", default=None, help="i/N: this process's share of the chunks (default: torchrun RANK/WORLD_SIZE)"
-    )
-    mn.add_argument("--merge", action="store_true", help="only index the chunks already on disk")
-    mn.add_argument("--overwrite", action="store_true", help="recompute this shard's chunks even if up to date")
+    _add_chunked_args(mn, overwrite_help="recompute this shard's chunks even if up to date")
     mn.add_argument(
         "--merge-json", default=None, metavar="OUT.json", help="also write the store as one JSON list of proposals"
     )
@@ -323,11 +328,7 @@ def _add_stage_commands(sub) -> None:
     ex = _config_command(
         sub, "extract", _cmd_extract, help="CLIP embeddings of GT boxes + mined proposals -> feature cache"
     )
-    ex.add_argument(
-        "--shard", default=None, help="i/N: this process's share of the chunks (default: torchrun RANK/WORLD_SIZE)"
-    )
-    ex.add_argument("--merge", action="store_true", help="only index the chunks already on disk")
-    ex.add_argument("--overwrite", action="store_true", help="recompute chunks made with another CLIP / adapter")
+    _add_chunked_args(ex, overwrite_help="recompute chunks made with another CLIP / adapter")
 
     _config_command(
         sub, "train", _cmd_train, help="train the open-vocabulary detector on base classes (resumes from train.out)"

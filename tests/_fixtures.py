@@ -262,3 +262,11 @@ SMALL = [
     "train.epochs=1",  # 100 train images: 50 iterations
     "train.warmup_iters=1",
 ]
+
+
+def flip_last_bytes(path) -> None:
+    """Corrupt a safetensors chunk inside its last tensor: header and size stay as they were, so
+    only a full check (re-hashing the tensors) can notice."""
+    raw = bytearray(Path(path).read_bytes())
+    raw[-3] ^= 0xFF
+    Path(path).write_bytes(bytes(raw))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _fixtures import run_err, subset_json, tiny_clip_dir
+from _fixtures import flip_last_bytes, run_err, subset_json, tiny_clip_dir
 from safetensors import safe_open
 
 from ovd.cli import main
@@ -214,10 +214,7 @@ def test_a_chunk_rewritten_after_the_commit_is_detected(extract_setup):
         FeatureCache(cache)
     # flipped bytes inside a tensor keep header and size: only the full check (verify=True) sees them
     restore(refs["old"][0].parent, work)
-    p = cache / "chunk_00002.safetensors"
-    raw = bytearray(p.read_bytes())
-    raw[-3] ^= 0xFF
-    p.write_bytes(bytes(raw))
+    flip_last_bytes(cache / "chunk_00002.safetensors")
     FeatureCache(cache)
     with pytest.raises(OvdError, match="chunk_00002.safetensors is corrupt"):
         FeatureCache(cache, verify=True)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _fixtures import run_err, subset_json, tiny_clip_dir
+from _fixtures import flip_last_bytes, run_err, subset_json, tiny_clip_dir
 from test_crash_consistency import KILLED, folder_state, run_child, temp_files
 from test_ddp import child_env, free_port
 
@@ -202,10 +202,7 @@ def test_readers_refuse_an_uncommitted_or_tampered_store(env, tmp_path, capsys):
         ProposalStore(copy)
     # flipped bytes inside a tensor keep header and size: only verify=True sees them
     shutil.copy(store / "chunk_00001.safetensors", copy / "chunk_00001.safetensors")
-    p = copy / "chunk_00002.safetensors"
-    raw = bytearray(p.read_bytes())
-    raw[-3] ^= 0xFF
-    p.write_bytes(bytes(raw))
+    flip_last_bytes(copy / "chunk_00002.safetensors")
     ProposalStore(copy)
     with pytest.raises(OvdError, match="chunk_00002.safetensors is corrupt"):
         ProposalStore(copy, verify=True)
