@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from ovd.config import load_config
 from ovd.data.coco import load_detection_dataset
 from ovd.data.images import load_image
 from ovd.data.splits import resolve_split
+from ovd.errors import OvdError
 from ovd.mining.miner import candidate_boxes, gt_boxes_of, select
 from ovd.vlm.clip import CROP_ENLARGE, clip_from_config, crop_boxes_square
 
@@ -107,9 +109,12 @@ def speed(cfg, n_images: int) -> dict:
 def recall(cfg, n_images: int, iou: float = 0.5) -> dict:
     train, split, clip = setup(cfg)
     m = cfg.miner
-    oracle = load_detection_dataset(
-        str(cfg.data.train_json).replace("train.json", "train_oracle.json"), cfg.data.image_root or None
-    )
+    # every object of the train images, whatever the split (the generator's own record): found beside
+    # the train file of any split (train.json, train_heldout_cross.json, ...) in the world's det/
+    oracle_path = Path(cfg.data.train_json).parent / "train_oracle.json"
+    if not oracle_path.is_file():
+        raise OvdError(f"--recall needs the mini-world's oracle file {oracle_path} (all objects of the train images)")
+    oracle = load_detection_dataset(oracle_path, cfg.data.image_root or None)
     novel_ids, base_ids = set(split.novel_ids), set(split.base_ids)
     t_all = clip.encode_text(list(split.base_names) + list(split.novel_names), list(cfg.clip.templates))
     t_base = clip.encode_text(list(split.base_names), list(cfg.clip.templates))
