@@ -18,7 +18,6 @@ resume is refused when any setting or input that shapes the result differs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -151,15 +150,6 @@ def _to(t: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
 
 
-def _cache_generation(cache) -> str:
-    """Identity of the committed feature-cache content: its ``generation`` where the cache records
-    one, else a hash of its index (older caches)."""
-    gen = getattr(cache, "generation", None)
-    if gen is not None:
-        return str(gen)
-    return "index:" + hashlib.sha1(json.dumps(cache.index, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def run_inputs(cfg, train, split, text: TextSource, cache) -> dict:
     """Every input besides the model / train settings that shapes what a training run computes, as
     the flat ``key -> value`` map a resume must match: the seed (image order, flips, RoI sampling),
@@ -180,12 +170,12 @@ def run_inputs(cfg, train, split, text: TextSource, cache) -> dict:
     if cfg.train.init_from:
         inputs["train.init_from.sha1"] = file_sha1(cfg.train.init_from)
     if cache is not None:
-        inputs["feature_cache.generation"] = _cache_generation(cache)
+        inputs["feature_cache.generation"] = cache.generation  # its committed content (index write ids)
     return inputs
 
 
 def _resume_keys(meta: dict) -> dict:
-    """A checkpoint's meta as the flat map ``_check_resume`` compares (model.*, train.*, inputs)."""
+    """A checkpoint's meta as the flat map ``check_resume`` compares (model.*, train.*, inputs)."""
 
     def section(name: str) -> dict:
         v = meta.get(name)
