@@ -34,7 +34,7 @@ from ovd.mining.feature_cache import (
     parse_shard,
     run_extract,
 )
-from ovd.mining.miner import load_proposals
+from ovd.mining.proposal_store import load_proposals
 from ovd.vlm.clip import ClipModel, save_local_dir
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mini" / "smoke.yaml")

@@ -28,13 +28,12 @@ from ovd.mining.miner import (
     candidate_boxes,
     dense_anchors,
     filter_base_overlap,
-    load_proposals,
     mine_image,
     objectness,
     run_mine,
     select,
 )
-from ovd.mining.proposal_store import ProposalStore
+from ovd.mining.proposal_store import ProposalStore, load_proposals
 from ovd.vlm.clip import ClipModel, save_local_dir
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mini" / "smoke.yaml")

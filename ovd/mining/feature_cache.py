@@ -170,7 +170,7 @@ def extract_features(
     call: bounded work per job, e.g. on a preemptible queue; the next call goes on).
 
     ``proposals``: anything with ``.get(image_id)`` → {"boxes", "weights"} or None — a dict from
-    :func:`~ovd.mining.miner.load_proposals` or a :class:`~ovd.mining.proposal_store.ProposalStore`.
+    :func:`~ovd.mining.proposal_store.load_proposals` or a :class:`~ovd.mining.proposal_store.ProposalStore`.
     It is read one chunk of images at a time, in dataset order (twice: to plan, then to encode)."""
     if dtype not in DTYPES:
         raise OvdError(f"extract.dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")

@@ -53,7 +53,6 @@ from ovd.mining.proposal_store import KIND as STORE
 from ovd.mining.proposal_store import (
     PROPOSALS_FORMAT,
     ProposalStore,
-    load_proposals,  # noqa: F401  (its home was here: still importable from ovd.mining.miner)
     merge_proposals,
     proposal_tensors,
     write_proposals_json,
