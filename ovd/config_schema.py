@@ -68,6 +68,9 @@ class ClipConfig:
     allow_download: bool | None = None
     batch_size: int = lim(256, ge=1)
     device: str = "cpu"
+    # fp32 | bf16: autocast dtype of the image tower when embedding crops (mine, extract, eval);
+    # part of the CLIP fingerprint, so caches made at one precision are not read at the other
+    precision: str = "fp32"
     # Stored vocabulary (ovd.vlm.clip.save_text_embeddings): train/test read class text embeddings
     # from this file instead of running the text tower; "" = encode with the CLIP above.
     text_embeddings: str = ""
@@ -225,6 +228,7 @@ class ReplayConfig:
     lr: float = lim(1.0e-3, gt=0)
     batch_size: int = lim(4, ge=1)
     warmup_iters: int = lim(10, ge=0)
+    checkpoint_every: int = lim(50, ge=1)  # last.pt every so many steps: a killed run resumes exactly
     freeze: list[str] = field(default_factory=lambda: ["backbone.", "rpn."])
     replay_rois: int = lim(64, ge=1)  # forged RoIs per step (mode replay)
     replay_background: float = lim(0.25, ge=0, lt=1)  # their share labelled background

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
+import traceback
 from pathlib import Path
 from types import ModuleType
 
@@ -270,3 +272,35 @@ def flip_last_bytes(path) -> None:
     raw = bytearray(Path(path).read_bytes())
     raw[-3] ^= 0xFF
     Path(path).write_bytes(bytes(raw))
+
+
+# --- forked commands (crash-point tests) ---------------------------------------------------------------
+def run_child(argv: list[str], crash_at: int | None = None, crash_log: Path | None = None) -> int:
+    """``ovd ARGV`` in a forked process: its exit status, or minus the signal that killed it."""
+    pid = os.fork()
+    if pid == 0:  # child
+        rc = 99
+        try:
+            import ovd.utils.io as io
+
+            io._crash_count = 0
+            for key, val in (("OVD_CRASH_AT", crash_at), ("OVD_CRASH_LOG", crash_log)):
+                os.environ.pop(key, None)
+                if val is not None:
+                    os.environ[key] = str(val)
+            from ovd.cli import main
+
+            rc = main(argv)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(rc)
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def crash_points(argv: list[str], log: Path) -> list[str]:
+    """The crash points of one uninterrupted run of ``argv`` (which completes it)."""
+    log.unlink(missing_ok=True)
+    assert run_child(argv, crash_log=log) == 0
+    return [ln.split(" ", 1)[1] for ln in log.read_text().splitlines()]

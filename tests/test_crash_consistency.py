@@ -19,12 +19,11 @@ import os
 import random
 import shutil
 import signal
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
-from _fixtures import flip_last_bytes, run_err, subset_json, tiny_clip_dir
+from _fixtures import crash_points, flip_last_bytes, run_child, run_err, subset_json, tiny_clip_dir
 from safetensors import safe_open
 
 from ovd.cli import main
@@ -36,35 +35,6 @@ from ovd.utils.lock import OutputLock
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mini" / "smoke.yaml")
 KILLED = -signal.SIGKILL
-
-
-def run_child(argv: list[str], crash_at: int | None = None, crash_log: Path | None = None) -> int:
-    """``ovd ARGV`` in a forked process: its exit status, or minus the signal that killed it."""
-    pid = os.fork()
-    if pid == 0:  # child
-        rc = 99
-        try:
-            import ovd.utils.io as io
-
-            io._crash_count = 0
-            for key, val in (("OVD_CRASH_AT", crash_at), ("OVD_CRASH_LOG", crash_log)):
-                os.environ.pop(key, None)
-                if val is not None:
-                    os.environ[key] = str(val)
-            rc = main(argv)
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(rc)
-    _, status = os.waitpid(pid, 0)
-    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-
-
-def crash_points(argv: list[str], log: Path) -> list[str]:
-    """The crash points of one uninterrupted run of ``argv`` (which completes it)."""
-    log.unlink(missing_ok=True)
-    assert run_child(argv, crash_log=log) == 0
-    return [ln.split(" ", 1)[1] for ln in log.read_text().splitlines()]
 
 
 def restore(snapshot: Path, work: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _fixtures import subset_json, tiny_clip_dir
+from _fixtures import crash_points, run_child, subset_json, tiny_clip_dir
 
 from ovd.config import load_config
 from ovd.engine.trainer import run_train
@@ -19,15 +19,19 @@ CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mini" / "smoke.y
 
 
 def cfg_for(base, mini_world, work: Path, *extra: str):
+    return load_config(CONFIG, overrides_for(base, mini_world, work, *extra))
+
+
+def overrides_for(base, mini_world, work: Path, *extra: str) -> list[str]:
     root, clip_dir = base
-    return load_config(CONFIG, [
+    return [
         f"world.dir={mini_world}", f"work_dir={work}", f"clip.model=local-dir:{clip_dir}",
         f"data.train_json={root / 'train4.json'}", f"replay.fewshot_dir={mini_world / 'det' / 'fewshot'}",
         "model.distill=false", "model.min_size=96", "model.max_size=96", "model.box_batch_size_per_image=32",
 "train.batch_size=2", "train.epochs=1", "train.lr_steps=[]",
         "train.warmup_iters=1", "replay.fit_iters=120", "replay.iters=2", "replay.batch_size=2",
         "replay.replay_rois=16", *extra,
-    ])  # fmt: skip
+    ]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +141,38 @@ def test_fewshot_checkpoint_loads_predicts_and_is_scored_per_group(base, fitted,
     assert all(torch.equal(base_state[k], ft_state[k]) for k in base_state if k.startswith(("backbone.", "rpn.")))
     m = evaluate_groups(cfg, rep["out"])
     assert set(m) == {"base", "fewshot", "heldout", "all"} and all(set(v) == {"AP", "AP50"} for v in m.values())
+
+
+def test_a_killed_fewshot_run_resumes_exactly(base, fitted, mini_world, tmp_path):
+    """Killed at every durable step (log line, checkpoint written / renamed, final), then run again:
+    the weights and the log equal an uninterrupted run's, bit for bit — the replayed features are
+    drawn from (seed, iteration), the data order and RNG come back from last.pt."""
+    import signal
+
+    setup, cfg, ckpt = base
+
+    def argv(out: Path) -> list[str]:
+        ov = overrides_for(setup, mini_world, tmp_path / "w", "replay.iters=4", "replay.checkpoint_every=2")
+        return ["fewshot", CONFIG, *ov, "--ckpt", ckpt, "--shots", "5", "--seed", "1", "--mode", "replay",
+                "--generator", cfg.replay.generator, "--out", str(out), "--no-eval"]  # fmt: skip
+
+    points = crash_points(argv(tmp_path / "ref"), tmp_path / "points.log")
+    ref = load_checkpoint(tmp_path / "ref" / "final.pt")
+    assert ref["iteration"] == 4
+    ref_log = (tmp_path / "ref" / "log.jsonl").read_text()
+    resumed = 0
+    for k in range(1, len(points) + 1):
+        out = tmp_path / f"k{k}"
+        assert run_child(argv(out), crash_at=k) == -signal.SIGKILL, points[k - 1]
+        if (out / "last.pt").exists() and load_checkpoint(out / "last.pt")["iteration"] >= 2:
+            resumed += 1
+        assert run_child(argv(out)) == 0, points[k - 1]
+        final = load_checkpoint(out / "final.pt")
+        assert final["model"].keys() == ref["model"].keys()
+        assert all(torch.equal(final["model"][n], ref["model"][n]) for n in ref["model"]), points[k - 1]
+        assert (out / "log.jsonl").read_text() == ref_log, points[k - 1]
+        shutil.rmtree(out)
+    assert resumed >= 3, points  # some kills came after the iteration-2 checkpoint: those runs resumed
 
 
 def _rewrite_meta(src, dst, **changes):

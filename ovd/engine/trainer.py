@@ -112,7 +112,10 @@ def build_optimizer(t, params: list) -> torch.optim.Optimizer:
     if t.optimizer == "sgd":
         return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        # the fused kernel: one pass over all parameters instead of ~10 ops per tensor (43 -> 8 ms a
+        # step for the bench detector on 2 CPU threads, ~8 % of a step; same result to 1e-7)
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused)
     raise OvdError(f"unknown train.optimizer '{t.optimizer}' (sgd | adamw)")
 
 

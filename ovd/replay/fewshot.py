@@ -224,7 +224,7 @@ def run_fewshot(cfg, ckpt: str, shots: int, seed: int, mode: str, generator: str
             "train": {"out": str(run_dir), "init_from": str(ckpt), "freeze": list(r.freeze), "lr": r.lr,
                       "batch_size": r.batch_size, "schedule": "", "epochs": math.ceil(r.iters / ipe), "lr_steps": [],
                       "warmup_iters": r.warmup_iters, "eval_every": 0, "max_iters": 0,
-                      "checkpoint_every": r.iters},
+                      "checkpoint_every": min(r.checkpoint_every, r.iters)},
         })  # fmt: skip
         device = resolve_device(ft.train.device)
         torch.manual_seed(int(seed))
