@@ -389,3 +389,29 @@ def test_text_embeddings_file_round_trip_and_dimension_check(tiny, tmp_path):
     with pytest.raises(OvdError, match="not a readable"):
         load_text_embeddings(bad)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.safetensors", "vocab.safetensors"]  # no temp files
+
+
+def test_bf16_precision_embeds_close_to_fp32_and_is_another_fingerprint(tiny_dir):
+    """clip.precision=bf16 (the bench's mining / extraction): float32 unit embeddings within bf16
+    rounding of the fp32 ones, the same top-1 on nearly every crop, and another CLIP for caches."""
+    from omegaconf import OmegaConf
+
+    from ovd.config_schema import ClipConfig
+    from ovd.vlm.clip import clip_from_config
+
+    c = OmegaConf.structured(ClipConfig(model=str(tiny_dir)))
+    fp32 = clip_from_config(c)
+    c.precision = "bf16"
+    bf16 = clip_from_config(c)
+    assert fp32.image_autocast is None and bf16.image_autocast is torch.bfloat16
+    crops = torch.rand(300, 3, fp32.image_size, fp32.image_size, generator=torch.Generator().manual_seed(0))
+    a, b = fp32.encode_normalized(crops, 128), bf16.encode_normalized(crops, 128)
+    assert b.dtype == torch.float32 and torch.allclose(b.norm(dim=1), torch.ones(300), atol=1e-5)
+    cos = (a * b).sum(dim=1)
+    assert cos.min() > 0.99 and not torch.equal(a, b), cos.min()  # really computed in bf16
+    text = fp32.encode_text(["red circle", "orange star", "blue ring", "green cross"])
+    assert ((a @ text.T).argmax(1) == (b @ text.T).argmax(1)).float().mean() > 0.95
+    assert bf16.fingerprint() != fp32.fingerprint()
+    c.precision = "fp16x"
+    with pytest.raises(OvdError, match=r"clip.precision: unknown precision 'fp16x' \(choose from fp32, bf16\)"):
+        clip_from_config(c)

@@ -60,8 +60,8 @@ class Job:
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "w") as f:
-            self.proc = subprocess.Popen([sys.executable, "-m", "ovd.cli", *self.argv], cwd=ROOT, env=env,
-                                         stdout=f, stderr=subprocess.STDOUT)  # fmt: skip
+            cmd = [sys.executable, *(self.argv if self.argv[0].endswith(".py") else ["-m", "ovd.cli", *self.argv])]
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
         self.start = time.time()
 
 
@@ -110,6 +110,14 @@ def collect(cfgs: dict, overrides: list[str], seconds: dict) -> dict:
     return result
 
 
+def probes(out: Path) -> dict:
+    crop = {k: json.loads((out / f"crop_{k}.json").read_text()) for k in ("raw", "adapted")}
+    text = (out / "recall.log").read_text()
+    recall = json.loads(text[text.rfind("\n{\n") + 1 :])["recall"]  # the JSON bench_miner prints last
+    return {"crop_top1": {k: {g: c[f"top1_{g}"] for g in ("base", "novel", "all")} for k, c in crop.items()},
+            "miner_recall": recall}  # fmt: skip
+
+
 def table(rows: dict) -> list[str]:
     lines = ["| variant | base AP50 | novel AP50 | base AP | novel AP |", "|---|---|---|---|---|"]
     for r in rows.values():
@@ -126,6 +134,13 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="world seeds (world.seed)")
     ap.add_argument("--slots", type=int, default=2, help="jobs at a time, each with cores / slots threads")
+    ap.add_argument(
+        "--probes",
+        action="store_true",
+        help="also per seed: crop top-1 of the raw and the adapted CLIP (ovd vlm eval) and the miner's "
+        "novel recall against base-names-only and random boxes (tools/bench_miner.py --recall)",
+    )
+    ap.add_argument("--recall-images", type=int, default=300, help="train images for --probes' recall")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every variant")
     args = ap.parse_args()
     if len(set(args.seeds)) != len(args.seeds):
@@ -148,12 +163,31 @@ def main() -> None:
         variants = {v: Job(f"seed {s} ({v})", ["run", str(p), *ov], out / f"{v}.log", after=shared)
                     for v, p in cfgs.items()}  # fmt: skip
         jobs += [shared, *variants.values()]
+        if args.probes:
+            evals = {
+                k: ["vlm", "eval", str(full), *ov, "--out", str(out / f"crop_{k}.json")] for k in ("raw", "adapted")
+            }
+            evals["raw"].append("--no-adapter")
+            recall = [
+                str(ROOT / "tools/bench_miner.py"),
+                str(full),
+                *ov,
+                "--recall",
+                "--images",
+                str(args.recall_images),
+            ]
+            jobs += [
+                Job(f"seed {s} crop top-1 {k}", argv, out / f"crop_{k}.log", after=shared) for k, argv in evals.items()
+            ]
+            jobs.append(Job(f"seed {s} miner recall", recall, out / "recall.log", after=shared))
         per_seed[s] = (ov, out, variants)
     run_queue(jobs, args.slots, max(1, (os.cpu_count() or 1) // args.slots))
 
     results = {}
     for s, (ov, out, variants) in per_seed.items():
         res = collect(cfgs, ov, {v: j.seconds for v, j in variants.items()})
+        if args.probes:
+            res["probes"] = probes(out)
         results[s] = res
         (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
         rows = {v: {**r, **{k: fmt(r[k]) for k in METRICS}} for v, r in res["variants"].items()}
@@ -173,6 +207,8 @@ def main() -> None:
             agg[v] = {"variant": VARIANTS[v][1], **{k: f"{fmt(statistics.mean(x))} ± {fmt(statistics.stdev(x))}"
                                                      for k, x in vals.items()}, "values": vals}  # fmt: skip
         iters = {s: r.get("e_iterations_to_reach_b_novel_AP50", {}).get("iteration") for s, r in results.items()}
+        if args.probes:
+            agg["probes"] = {s: r["probes"] for s, r in results.items()}
         summary = {"seeds": list(results), "overrides": args.overrides, "variants": agg,
                    "e_iterations_to_reach_b_novel_AP50": iters, "total_wall_s": round(time.time() - t0, 1)}  # fmt: skip
         out = Path(base_cfg.work_dir) / "ablation"
