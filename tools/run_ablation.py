@@ -141,6 +141,7 @@ def main() -> None:
         "novel recall against base-names-only and random boxes (tools/bench_miner.py --recall)",
     )
     ap.add_argument("--recall-images", type=int, default=300, help="train images for --probes' recall")
+    ap.add_argument("--collect", action="store_true", help="run nothing: make the tables from the runs on disk")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every variant")
     args = ap.parse_args()
     if len(set(args.seeds)) != len(args.seeds):
@@ -181,7 +182,8 @@ def main() -> None:
             ]
             jobs.append(Job(f"seed {s} miner recall", recall, out / "recall.log", after=shared))
         per_seed[s] = (ov, out, variants)
-    run_queue(jobs, args.slots, max(1, (os.cpu_count() or 1) // args.slots))
+    if not args.collect:
+        run_queue(jobs, args.slots, max(1, (os.cpu_count() or 1) // args.slots))
 
     results = {}
     for s, (ov, out, variants) in per_seed.items():
@@ -207,9 +209,8 @@ def main() -> None:
             agg[v] = {"variant": VARIANTS[v][1], **{k: f"{fmt(statistics.mean(x))} ± {fmt(statistics.stdev(x))}"
                                                      for k, x in vals.items()}, "values": vals}  # fmt: skip
         iters = {s: r.get("e_iterations_to_reach_b_novel_AP50", {}).get("iteration") for s, r in results.items()}
-        if args.probes:
-            agg["probes"] = {s: r["probes"] for s, r in results.items()}
         summary = {"seeds": list(results), "overrides": args.overrides, "variants": agg,
+                   "probes": {s: r["probes"] for s, r in results.items() if "probes" in r},
                    "e_iterations_to_reach_b_novel_AP50": iters, "total_wall_s": round(time.time() - t0, 1)}  # fmt: skip
         out = Path(base_cfg.work_dir) / "ablation"
         out.mkdir(parents=True, exist_ok=True)
