@@ -13,6 +13,9 @@ from typing import Any
 
 from ovd.errors import OvdError
 
+# teacher outputs a replayed (forged) RoI can be distilled to, see ovd.modeling.distillation.teacher_losses
+TEACHER_TERMS = ("embedding", "logits", "deltas")
+
 
 def lim(
     default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None
@@ -212,10 +215,12 @@ class ReplayConfig:
     fewshot_out: str = "${work_dir}/fewshot"  # runs: <fewshot_out>/<mode>_<K>shot_seed<S>/
     fewshot_dir: str = ""  # folder of <K>shot_seed<S>.json; "" = <folder of data.train_json>/fewshot
     # generator: noise -> shared trunk -> one light head per base class + background -> (C, 7, 7)
+    # 64 / 16 / 800: 110,752 parameters (0.47 MB), statistics matched as well as 256 / 32 / 200 (0.53 M
+    # parameters, 2.2 MB) and the memory ratio on the bench world under 1 % (docs/replay.md)
     noise_dim: int = lim(64, ge=1)
-    hidden: int = lim(256, ge=1)
-    trunk_channels: int = lim(32, ge=1)
-    fit_iters: int = lim(200, ge=1)
+    hidden: int = lim(64, ge=1)
+    trunk_channels: int = lim(16, ge=1)
+    fit_iters: int = lim(800, ge=1)
     fit_batch_per_class: int = lim(8, ge=2)  # a class's variance needs two samples
     fit_lr: float = lim(5.0e-3, gt=0)
     stat_weight: float = lim(1.0, ge=0)
@@ -225,7 +230,7 @@ class ReplayConfig:
     # no boxes and is measured zero-shot afterwards; 0 = every novel class gets its K shots
     heldout_every: int = lim(2, ge=0)
     iters: int = lim(100, ge=1)
-    lr: float = lim(1.0e-3, gt=0)
+    lr: float = lim(3.0e-4, gt=0)  # lr x iters chosen on the bench world, K=5 (docs/replay.md, the sweep)
     batch_size: int = lim(4, ge=1)
     warmup_iters: int = lim(10, ge=0)
     checkpoint_every: int = lim(50, ge=1)  # last.pt every so many steps: a killed run resumes exactly
@@ -233,6 +238,8 @@ class ReplayConfig:
     replay_rois: int = lim(64, ge=1)  # forged RoIs per step (mode replay)
     replay_background: float = lim(0.25, ge=0, lt=1)  # their share labelled background
     teacher_weight: float = lim(1.0, ge=0)
+    # which teacher outputs the forged RoIs are distilled to (docs/replay.md measures each one's share)
+    teacher_terms: list[str] = field(default_factory=lambda: list(TEACHER_TERMS))
 
 
 @dataclass
@@ -331,6 +338,12 @@ def validate_config(cfg: Any, schema: Any, source: str) -> None:
     if schema is not Config:
         return
     t, p = cfg.train, cfg.pretrain
+    bad = [x for x in cfg.replay.teacher_terms if x not in TEACHER_TERMS]
+    if bad:
+        raise OvdError(
+            f"{source}: config key 'replay.teacher_terms' holds {bad[0]!r:.40}: expected entries from "
+            f"{', '.join(TEACHER_TERMS)}"
+        )
     if not t.schedule and not (isinstance(t.epochs, int) and t.epochs >= 1):
         raise OvdError(
             f"{source}: config key 'train.epochs' is {t.epochs!r}: expected an integer >= 1 "

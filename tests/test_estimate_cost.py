@@ -99,6 +99,11 @@ def test_cli_projection_with_given_rate(tool, smoke_cfg, capsys, tmp_path):
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["projection"]["mining"]["seconds"] == pytest.approx(rep["mining_crops_total"] / 400, abs=0.1)
     assert rep["measured"] == [] and len(rep["per_image"]) == rep["images"]
+    # key=value overrides may also follow the options (argparse alone would refuse them there)
+    rc = tool.main(
+        [CONFIG, "--no-measure", "--crops-per-s", "100", "--gpus", "4", "--out", str(tmp_path / "s.json"), *ov]
+    )
+    assert rc == 0 and json.loads((tmp_path / "s.json").read_text())["per_image"] == rep["per_image"]
     assert tool.main([CONFIG, "--no-measure"]) == 2
     assert "needs --crops-per-s" in capsys.readouterr().err
 

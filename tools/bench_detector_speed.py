@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # key=value overrides may follow the options
     if args.threads:
         torch.set_num_threads(args.threads)
 

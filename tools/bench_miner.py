@@ -163,7 +163,7 @@ def main() -> None:
     ap.add_argument("--recall", action="store_true")
     ap.add_argument("--images", type=int, default=0, help="images to use (speed default 10, recall default all)")
     ap.add_argument("--min-agreement", type=float, default=0.9, help="fail if fast and naive keep fewer common boxes")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # key=value overrides may follow the options
     cfg = load_config(args.config, args.overrides)
     out = {}
     if args.speed:

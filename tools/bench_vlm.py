@@ -32,7 +32,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config")
     ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # key=value overrides may follow the options
     cfg = load_config(args.config, args.overrides)
     res: dict = {"config": args.config, "overrides": args.overrides, "torch_threads": torch.get_num_threads()}
     _, res["world_seconds"] = timed(

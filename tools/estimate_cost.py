@@ -303,7 +303,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=10.0, help="time to measure for, per thread count")
     ap.add_argument("--no-measure", action="store_true", help="skip the speed measurement (needs --crops-per-s)")
     ap.add_argument("--out", default=None, help="write the full report (with per-image counts) as JSON")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # key=value overrides may follow the options
     try:
         overrides = list(args.overrides) + ([f"data.train_json={args.json}"] if args.json else [])
         cfg = load_config(args.config, overrides)

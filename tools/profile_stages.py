@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--pretrain-steps", type=int, default=60)
     ap.add_argument("--train-iters", type=int, default=60)
     ap.add_argument("--only", nargs="+", default=["pretrain", "mine", "train"], choices=["pretrain", "mine", "train"])
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # key=value overrides may follow the options
     from ovd.config import load_config
 
     cfg = load_config(args.config, args.overrides)

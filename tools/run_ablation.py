@@ -143,7 +143,7 @@ def main() -> None:
     ap.add_argument("--recall-images", type=int, default=300, help="train images for --probes' recall")
     ap.add_argument("--collect", action="store_true", help="run nothing: make the tables from the runs on disk")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every variant")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # key=value overrides may follow the options
     if len(set(args.seeds)) != len(args.seeds):
         sys.exit("--seeds: each seed once")
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ovd.config import load_config  # noqa: E402
 from ovd.data.loading import load_split_dataset  # noqa: E402
 from ovd.errors import OvdError  # noqa: E402
-from ovd.replay.fewshot import evaluate_groups, run_fewshot  # noqa: E402
+from ovd.replay.fewshot import evaluate_groups, run_fewshot, run_settings  # noqa: E402
 from ovd.replay.generator import load_generator, run_fit  # noqa: E402
 from ovd.replay.watchers import load_stats, run_stats  # noqa: E402
 from ovd.utils.io import file_sha1, write_json  # noqa: E402
@@ -33,14 +33,23 @@ from ovd.utils.io import file_sha1, write_json  # noqa: E402
 GROUPS = ("base", "fewshot", "heldout")
 
 
-def _fits(path: str, ckpt_sha1: str, loader) -> bool:
+def _fits(path: str, ckpt_sha1: str, loader, settings: dict | None = None) -> bool:
+    """Whether the file at ``path`` can be reused: made from this base checkpoint and, for the
+    generator, with the config's architecture and fitting settings (else it is made again)."""
     if not Path(path).is_file():
         return False
     try:
         meta = loader(path)
     except OvdError:
         return False
-    return meta.get("base_ckpt_sha1") == ckpt_sha1
+    return meta.get("base_ckpt_sha1") == ckpt_sha1 and all(meta.get(k) == v for k, v in (settings or {}).items())
+
+
+def _generator_settings(cfg) -> dict:
+    r = cfg.replay
+    fit = ("fit_iters", "fit_batch_per_class", "fit_lr", "stat_weight", "ce_weight", "diversity_weight")
+    return {"noise_dim": r.noise_dim, "hidden": r.hidden, "trunk_channels": r.trunk_channels,
+            "fit": {k: r[k] for k in fit} | {"seed": int(cfg.seed)}}  # fmt: skip
 
 
 def _cell(values: list) -> str:
@@ -60,7 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shots", default="5", help="comma-separated K values")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--modes", default="novel,replay,base")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)  # key=value overrides may follow the options
     cfg = load_config(a.config, a.overrides)
     shots = [int(x) for x in a.shots.split(",")]
     seeds = [int(x) for x in a.seeds.split(",")]
@@ -70,7 +79,7 @@ def main(argv=None) -> int:
     times = {}
     if not _fits(cfg.replay.stats, sha1, lambda p: load_stats(p).meta):
         times["stats"] = run_stats(cfg, a.ckpt, progress=False)["seconds"]
-    if not _fits(cfg.replay.generator, sha1, lambda p: load_generator(p)[1]):
+    if not _fits(cfg.replay.generator, sha1, lambda p: load_generator(p)[1], _generator_settings(cfg)):
         times["fit"] = run_fit(cfg, a.ckpt, progress=False)["seconds"]
     stats_bytes, gen_bytes = Path(cfg.replay.stats).stat().st_size, Path(cfg.replay.generator).stat().st_size
     train, _ = load_split_dataset(cfg.data, check_images=False)
@@ -88,6 +97,11 @@ def main(argv=None) -> int:
                 done = folder / "group_metrics.json"
                 if done.is_file():
                     rep = json.loads(done.read_text())
+                    if rep.get("settings") != run_settings(cfg):
+                        raise OvdError(
+                            f"{done} was made with other replay / model settings than this config's: choose "
+                            f"another replay.fewshot_out, or delete {folder} to run it again"
+                        )
                 else:
                     rep = run_fewshot(cfg, a.ckpt, k, s, mode, progress=False)
                 runs.append({k2: rep[k2] for k2 in ("mode", "shots", "seed", "images", "boxes", "train_seconds",

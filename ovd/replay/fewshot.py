@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from ovd.config_schema import TEACHER_TERMS
 from ovd.data.loading import load_split_dataset
 from ovd.data.mini_world.annotations import fewshot_subset
 from ovd.data.splits import Split
@@ -161,8 +162,9 @@ class ReplayInputs:
     Deterministic in (seed, iteration), so an interrupted run resumes exactly."""
 
     def __init__(self, gen, teacher, base_to_student: torch.Tensor, n: int, background: float, weight: float,
-                 seed: int, device):  # fmt: skip
+                 seed: int, device, terms=TEACHER_TERMS):  # fmt: skip
         self.gen, self.teacher, self.map = gen.to(device), teacher.to(device), base_to_student.to(device)
+        self.terms = set(terms)
         self.n_bg = int(round(n * background))
         self.n_fg, self.weight, self.seed, self.device = n - self.n_bg, weight, seed, device
 
@@ -179,8 +181,20 @@ class ReplayInputs:
             feats = self.gen.sample(rows.to(self.device), generator=g)
             labels = self.map[rows.to(self.device)]
             out = self.teacher.roi_heads.predict(RoIBatch([]), ExtraRoIs(feats, labels)).extra
-        return {"extra_rois": ExtraRoIs(feats, labels, teacher_embeddings=out.embeddings, teacher_logits=out.logits,
-                                        teacher_deltas=out.deltas, teacher_weight=self.weight)}  # fmt: skip
+        keep = lambda term, value: value if term in self.terms else None  # noqa: E731
+        return {"extra_rois": ExtraRoIs(feats, labels, teacher_embeddings=keep("embedding", out.embeddings),
+                                        teacher_logits=keep("logits", out.logits),
+                                        teacher_deltas=keep("deltas", out.deltas),
+                                        teacher_weight=self.weight)}  # fmt: skip
+
+
+def run_settings(cfg) -> dict:
+    """What a finished run's numbers depend on besides K, seed and mode: the ``replay`` section
+    (file locations excepted) and the base-training model settings. A driver reusing finished runs
+    compares it, so a changed setting is never answered with an old number."""
+    skip = {"stats", "generator", "fewshot_out", "fewshot_dir", "checkpoint_every"}  # not in the numbers
+    replay = {k: v for k, v in OmegaConf.to_container(cfg.replay, resolve=True).items() if k not in skip}
+    return {"replay": replay, "model": OmegaConf.to_container(cfg.model, resolve=True)}
 
 
 def run_fewshot(cfg, ckpt: str, shots: int, seed: int, mode: str, generator: str | None = None,
@@ -241,11 +255,11 @@ def run_fewshot(cfg, ckpt: str, shots: int, seed: int, mode: str, generator: str
             teacher.set_vocabulary(trainer.text)
             trainer.meta["fewshot"]["generator_sha1"] = file_sha1(gen_path)
             trainer.add_inputs(ReplayInputs(gen, teacher, base_to_student, r.replay_rois, r.replay_background,
-                                            r.teacher_weight, int(seed), device))  # fmt: skip
+                                            r.teacher_weight, int(seed), device, list(r.teacher_terms)))  # fmt: skip
         report = trainer.fit()
     report.update({"mode": mode, "shots": shots, "seed": seed, "images": len(data["images"]),
                    "boxes": len(data["annotations"]), "vocabulary": len(vocab_names), "pinned_eval": pinned,
-                   "train_seconds": round(time.time() - t0, 1)})  # fmt: skip
+                   "train_seconds": round(time.time() - t0, 1), "settings": run_settings(cfg)})  # fmt: skip
     if evaluate and report["complete"]:
         t1 = time.time()
         report["metrics"] = evaluate_groups(cfg, report["out"])

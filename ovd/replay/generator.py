@@ -40,7 +40,7 @@ GENERATOR_FORMAT = "ovd-replay-generator/1"
 
 
 class FeatureGenerator(nn.Module):
-    def __init__(self, rows: int, shape: list[int], noise_dim: int = 64, hidden: int = 256, trunk_channels: int = 32):
+    def __init__(self, rows: int, shape: list[int], noise_dim: int = 64, hidden: int = 64, trunk_channels: int = 16):
         super().__init__()
         c, h, w = shape
         self.rows, self.shape, self.noise_dim, self.trunk_channels = rows, list(shape), noise_dim, trunk_channels
