@@ -143,6 +143,48 @@ def test_fewshot_checkpoint_loads_predicts_and_is_scored_per_group(base, fitted,
     assert set(m) == {"base", "fewshot", "heldout", "all"} and all(set(v) == {"AP", "AP50"} for v in m.values())
 
 
+def test_teacher_terms_choose_the_distillation_losses_of_the_forged_rois(base, fitted, mini_world, tmp_path):
+    from ovd.replay.fewshot import run_fewshot
+
+    setup, _, ckpt = base
+    seen = {}
+    for name, terms in (("all", "[embedding,logits,deltas]"), ("logits", "[logits]"), ("none", "[]")):
+        cfg = cfg_for(setup, mini_world, setup[0] / "w", f"replay.teacher_terms={terms}")
+        rep = run_fewshot(cfg, ckpt, 5, 0, "replay", out=str(tmp_path / name), evaluate=False, progress=False)
+        lines = [json.loads(x) for x in (Path(rep["out"]).parent / "log.jsonl").read_text().splitlines()]
+        seen[name] = {k for x in lines for k in x if k.startswith("loss_teacher_")}
+    assert seen == {"all": {"loss_teacher_embedding", "loss_teacher_logits", "loss_teacher_deltas"},
+                    "logits": {"loss_teacher_logits"}, "none": set()}  # fmt: skip
+    with pytest.raises(OvdError, match=r"'replay.teacher_terms' holds 'logit': expected entries from embedding, "):
+        cfg_for(setup, mini_world, setup[0] / "w", "replay.teacher_terms=[logits,logit]")
+
+
+def test_run_fewshot_tool_tables_reuses_and_refuses_stale_runs(base, fitted, mini_world, tmp_path, capsys):
+    """tools/run_fewshot.py: a table row per mode, the memory ratio; a second invocation reuses the
+    finished runs and the zero-shot row; a finished run of other settings is one clear error."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_fewshot", Path(CONFIG).parents[2] / "tools" / "run_fewshot.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    setup, cfg, ckpt = base
+    ov = overrides_for(setup, mini_world, setup[0] / "w", f"replay.fewshot_out={tmp_path / 'runs'}")
+    args = [CONFIG, "--ckpt", ckpt, "--shots", "5", "--seeds", "0", "--modes", "novel,replay", *ov]
+    assert tool.main(args) == 0
+    table = json.loads((setup[0] / "w" / "replay" / "fewshot_table.json").read_text())
+    assert list(table["rows"]) == ["zero-shot (base model)", "novel, K=5", "replay, K=5"]
+    mem = table["memory"]
+    assert mem["ratio"] == pytest.approx((mem["stats_bytes"] + mem["generator_bytes"]) / mem["image_bytes"])
+    final = tmp_path / "runs" / "replay_5shot_seed0" / "final.pt"
+    stamp = final.stat().st_mtime_ns
+    capsys.readouterr()
+    assert tool.main(args) == 0  # everything reused: no run trained again
+    assert final.stat().st_mtime_ns == stamp
+    assert json.loads((setup[0] / "w" / "replay" / "fewshot_table.json").read_text())["rows"] == table["rows"]
+    assert tool.main([*args, "replay.lr=1e-4"]) == 2
+    assert "was made with other replay / model settings than this config's" in capsys.readouterr().err
+
+
 def test_a_killed_fewshot_run_resumes_exactly(base, fitted, mini_world, tmp_path):
     """Killed at every durable step (log line, checkpoint written / renamed, final), then run again:
     the weights and the log equal an uninterrupted run's, bit for bit — the replayed features are

@@ -14,6 +14,7 @@ everything to ``<work_dir>/replay/fewshot_table.json``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -21,6 +22,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from omegaconf import OmegaConf  # noqa: E402
 
 from ovd.config import load_config  # noqa: E402
 from ovd.data.loading import load_split_dataset  # noqa: E402
@@ -61,7 +64,7 @@ def _cell(values: list) -> str:
     return f"{100 * statistics.mean(vals):.1f} ± {100 * statistics.stdev(vals):.1f}"
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config")
     ap.add_argument("overrides", nargs="*")
@@ -86,7 +89,17 @@ def main(argv=None) -> int:
     image_bytes = sum(Path(train.record(i)["path"]).stat().st_size for i in range(len(train)))
     _, gen_meta = load_generator(cfg.replay.generator)
 
-    rows = {"zero-shot (base model)": [evaluate_groups(cfg, a.ckpt)]}
+    # the zero-shot row depends on the base checkpoint, the val set, the groups, CLIP and the model
+    # settings only: kept under a key of exactly those, so the next invocation does not evaluate it again
+    zs_file = Path(cfg.work_dir) / "replay" / "zero_shot_groups.json"
+    zs = json.loads(zs_file.read_text()) if zs_file.is_file() else {}
+    what = {"ckpt": sha1, "val": str(Path(cfg.data.val_json).resolve()), "heldout_every": cfg.replay.heldout_every,
+            "clip": OmegaConf.to_container(cfg.clip, resolve=True), "model": run_settings(cfg)["model"]}  # fmt: skip
+    key = hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()
+    if key not in zs:
+        zs[key] = evaluate_groups(cfg, a.ckpt)
+        write_json(zs_file, zs)
+    rows = {"zero-shot (base model)": [zs[key]]}
     runs = []
     for k in shots:
         for mode in modes:
@@ -127,9 +140,13 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
     try:
-        sys.exit(main())
+        return _main(argv)
     except OvdError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
