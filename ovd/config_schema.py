@@ -229,6 +229,9 @@ class ReplayConfig:
     # few-shot fine-tuning: every heldout_every-th novel class (in category order, from the 2nd) gets
     # no boxes and is measured zero-shot afterwards; 0 = every novel class gets its K shots
     heldout_every: int = lim(2, ge=0)
+    # put the held-out names in the fine-tuning vocabulary (they then meet the cross-entropy as
+    # negatives of every RoI); off by default, measured in docs/replay.md
+    heldout_in_vocabulary: bool = False
     iters: int = lim(100, ge=1)
     lr: float = lim(3.0e-4, gt=0)  # lr x iters chosen on the bench world, K=5 (docs/replay.md, the sweep)
     batch_size: int = lim(4, ge=1)

@@ -223,13 +223,17 @@ def run_fewshot(cfg, ckpt: str, shots: int, seed: int, mode: str, generator: str
         gen, gen_meta = load_generator(gen_path, state["meta"], sha1, pooled_shape(teacher))
     run_dir = Path(out or Path(r.fewshot_out) / f"{mode}_{shots}shot_seed{seed}")
     data = _train_file(cfg, fs_path, mode, shots, seed, train, split, group)
-    vocab_names = [n for n in split.all_names if n in set(split.base_names) | set(group.novel_names)]
+    in_vocab = set(split.base_names) | set(group.novel_names)
+    if r.heldout_in_vocabulary:
+        in_vocab |= set(heldout.novel_names)
+    vocab_names = [n for n in split.all_names if n in in_vocab]
     t0 = time.time()
     with OutputLock(run_dir / ".lock", f"few-shot run {run_dir}"):
         for name in ("last.pt", "final.pt"):
             remove_stale_temps(run_dir, name)
         write_json(run_dir / "train.json", data, indent=None)
-        write_json(run_dir / "split.json", {"base": vocab_names, "novel": list(heldout.novel_names)})
+        write_json(run_dir / "split.json", {"base": vocab_names, "novel": [n for n in heldout.novel_names
+                                                                             if n not in in_vocab]})  # fmt: skip
         ipe = math.ceil(len(data["images"]) / r.batch_size)
         ft = OmegaConf.merge(cfg, {
             "seed": int(seed),
