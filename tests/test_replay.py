@@ -185,7 +185,7 @@ def test_run_fewshot_tool_tables_reuses_and_refuses_stale_runs(base, fitted, min
     ov = overrides_for(setup, mini_world, setup[0] / "w", f"replay.fewshot_out={tmp_path / 'runs'}")
     args = [CONFIG, "--ckpt", ckpt, "--shots", "5", "--seeds", "0", "--modes", "novel,replay", *ov]
     assert tool.main(args) == 0
-    table = json.loads((setup[0] / "w" / "replay" / "fewshot_table.json").read_text())
+    table = json.loads((tmp_path / "runs" / "fewshot_table.json").read_text())
     assert list(table["rows"]) == ["zero-shot (base model)", "novel, K=5", "replay, K=5"]
     mem = table["memory"]
     assert mem["ratio"] == pytest.approx((mem["stats_bytes"] + mem["generator_bytes"]) / mem["image_bytes"])
@@ -194,7 +194,14 @@ def test_run_fewshot_tool_tables_reuses_and_refuses_stale_runs(base, fitted, min
     capsys.readouterr()
     assert tool.main(args) == 0  # everything reused: no run trained again
     assert final.stat().st_mtime_ns == stamp
-    assert json.loads((setup[0] / "w" / "replay" / "fewshot_table.json").read_text())["rows"] == table["rows"]
+    assert json.loads((tmp_path / "runs" / "fewshot_table.json").read_text())["rows"] == table["rows"]
+    # a setting the run does not record (added to ovd later) counts as its default
+    gm = tmp_path / "runs" / "replay_5shot_seed0" / "group_metrics.json"
+    rep = json.loads(gm.read_text())
+    del rep["settings"]["replay"]["heldout_in_vocabulary"]
+    gm.write_text(json.dumps(rep))
+    assert tool.main(args) == 0 and final.stat().st_mtime_ns == stamp
+    assert tool.main([*args, "replay.heldout_in_vocabulary=true"]) == 2
     assert tool.main([*args, "replay.lr=1e-4"]) == 2
     assert "was made with other replay / model settings than this config's" in capsys.readouterr().err
 

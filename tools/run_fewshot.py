@@ -8,7 +8,7 @@ checkpoint), the base model evaluated as is (the zero-shot row: base / few-shot 
 group prompted by name), then one ``ovd fewshot`` run per mode, K and seed (a run folder that already
 holds ``group_metrics.json`` is reused). Prints the table (AP50 and AP per group, mean ± std over
 seeds) and the memory ratio (stats + generator bytes) / (bytes of the base training images); writes
-everything to ``<work_dir>/replay/fewshot_table.json``.
+everything to ``<replay.fewshot_out>/fewshot_table.json`` (next to the runs it sums up).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from omegaconf import OmegaConf  # noqa: E402
 
 from ovd.config import load_config  # noqa: E402
+from ovd.config_schema import ModelConfig, ReplayConfig  # noqa: E402
 from ovd.data.loading import load_split_dataset  # noqa: E402
 from ovd.errors import OvdError  # noqa: E402
 from ovd.replay.fewshot import evaluate_groups, run_fewshot, run_settings  # noqa: E402
@@ -53,6 +54,20 @@ def _generator_settings(cfg) -> dict:
     fit = ("fit_iters", "fit_batch_per_class", "fit_lr", "stat_weight", "ce_weight", "diversity_weight")
     return {"noise_dim": r.noise_dim, "hidden": r.hidden, "trunk_channels": r.trunk_channels,
             "fit": {k: r[k] for k in fit} | {"seed": int(cfg.seed)}}  # fmt: skip
+
+
+def _same_settings(stored: dict | None, current: dict) -> bool:
+    """A finished run's settings equal the config's; a key the run does not record (a setting added
+    to ovd after it was made) counts as that setting's default, which is what the run did."""
+    if not stored:
+        return False
+    defaults = {"replay": OmegaConf.to_container(OmegaConf.structured(ReplayConfig)),
+                "model": OmegaConf.to_container(OmegaConf.structured(ModelConfig))}  # fmt: skip
+    for section, values in current.items():
+        have = stored.get(section, {})
+        if any(have.get(k, defaults[section].get(k, object())) != v for k, v in values.items()):
+            return False
+    return True
 
 
 def _cell(values: list) -> str:
@@ -110,7 +125,7 @@ def _main(argv=None) -> int:
                 done = folder / "group_metrics.json"
                 if done.is_file():
                     rep = json.loads(done.read_text())
-                    if rep.get("settings") != run_settings(cfg):
+                    if not _same_settings(rep.get("settings"), run_settings(cfg)):
                         raise OvdError(
                             f"{done} was made with other replay / model settings than this config's: choose "
                             f"another replay.fewshot_out, or delete {folder} to run it again"
@@ -133,7 +148,7 @@ def _main(argv=None) -> int:
                  f"{image_bytes:,} B of {len(train)} base training images: ratio {ratio:.3f}")  # fmt: skip
     lines.append(f"seeds {seeds}; values x100; total {time.time() - t0:.0f} s")
     print("\n".join(lines))
-    write_json(Path(cfg.work_dir) / "replay" / "fewshot_table.json", {
+    write_json(Path(cfg.replay.fewshot_out) / "fewshot_table.json", {
         "table": lines, "rows": rows, "runs": runs, "memory": {"stats_bytes": stats_bytes, "generator_bytes": gen_bytes,
         "image_bytes": image_bytes, "ratio": ratio}, "generator": gen_meta.get("measure"), "prep_seconds": times,
         "total_seconds": round(time.time() - t0, 1)})  # fmt: skip
