@@ -30,7 +30,7 @@ from ovd.config_schema import ModelConfig, ReplayConfig  # noqa: E402
 from ovd.data.loading import load_split_dataset  # noqa: E402
 from ovd.errors import OvdError  # noqa: E402
 from ovd.replay.fewshot import evaluate_groups, run_fewshot, run_settings  # noqa: E402
-from ovd.replay.generator import load_generator, run_fit  # noqa: E402
+from ovd.replay.generator import generator_settings, load_generator, run_fit  # noqa: E402
 from ovd.replay.watchers import load_stats, run_stats  # noqa: E402
 from ovd.utils.io import file_sha1, write_json  # noqa: E402
 
@@ -47,13 +47,6 @@ def _fits(path: str, ckpt_sha1: str, loader, settings: dict | None = None) -> bo
     except OvdError:
         return False
     return meta.get("base_ckpt_sha1") == ckpt_sha1 and all(meta.get(k) == v for k, v in (settings or {}).items())
-
-
-def _generator_settings(cfg) -> dict:
-    r = cfg.replay
-    fit = ("fit_iters", "fit_batch_per_class", "fit_lr", "stat_weight", "ce_weight", "diversity_weight")
-    return {"noise_dim": r.noise_dim, "hidden": r.hidden, "trunk_channels": r.trunk_channels,
-            "fit": {k: r[k] for k in fit} | {"seed": int(cfg.seed)}}  # fmt: skip
 
 
 def _same_settings(stored: dict | None, current: dict) -> bool:
@@ -97,7 +90,7 @@ def _main(argv=None) -> int:
     times = {}
     if not _fits(cfg.replay.stats, sha1, lambda p: load_stats(p).meta):
         times["stats"] = run_stats(cfg, a.ckpt, progress=False)["seconds"]
-    if not _fits(cfg.replay.generator, sha1, lambda p: load_generator(p)[1], _generator_settings(cfg)):
+    if not _fits(cfg.replay.generator, sha1, lambda p: load_generator(p)[1], generator_settings(cfg)):
         times["fit"] = run_fit(cfg, a.ckpt, progress=False)["seconds"]
     stats_bytes, gen_bytes = Path(cfg.replay.stats).stat().st_size, Path(cfg.replay.generator).stat().st_size
     train, _ = load_split_dataset(cfg.data, check_images=False)

@@ -243,6 +243,15 @@ def load_generator(path, base_meta: dict | None = None, base_sha1: str | None = 
     return gen.eval(), meta
 
 
+def generator_settings(cfg) -> dict:
+    """The generator's architecture and fitting settings as stored in its file's metadata: a file
+    whose stored settings differ from a config's was fitted otherwise."""
+    r = cfg.replay
+    fit = ("fit_iters", "fit_batch_per_class", "fit_lr", "stat_weight", "ce_weight", "diversity_weight")
+    return {"noise_dim": r.noise_dim, "hidden": r.hidden, "trunk_channels": r.trunk_channels,
+            "fit": {k: r[k] for k in fit} | {"seed": int(cfg.seed)}}  # fmt: skip
+
+
 def run_fit(cfg, ckpt: str, stats_path: str | None = None, out: str | None = None, progress: bool = True) -> dict:
     """``ovd replay fit``: fit the generator to the statistics ``stats_path`` of base detector ``ckpt``.
     Reads no image and no annotation file."""
@@ -269,14 +278,7 @@ def run_fit(cfg, ckpt: str, stats_path: str | None = None, out: str | None = Non
         "embed_dim": int(state["meta"]["embed_dim"]),
         "base_ckpt_sha1": sha1,
         "stats_sha1": file_sha1(stats_path),
-        "noise_dim": r.noise_dim,
-        "hidden": r.hidden,
-        "trunk_channels": r.trunk_channels,
-        "fit": {
-            k: r[k]
-            for k in ("fit_iters", "fit_batch_per_class", "fit_lr", "stat_weight", "ce_weight", "diversity_weight")
-        }
-        | {"seed": int(cfg.seed)},  # fmt: skip
+        **generator_settings(cfg),
         "measure": report,
         "final_losses": log[-1],
     }
