@@ -211,6 +211,8 @@ async def _read_form(request: Request, limits: Limits):
     except _TooLarge:
         raise
     except HTTPException as e:  # Starlette's multipart errors (too many files / fields, bad boundary)
+        if "Too many files" in str(e.detail):
+            raise OvdError("the form takes one file, in the 'image' field ('classes', 'score_thr': text fields)") from None
         raise OvdError(f"bad multipart form: {e.detail}") from None
     except Exception as e:
         raise OvdError(f"bad multipart form: {describe(e, 120)}") from None
