@@ -233,6 +233,7 @@ class _GateBackend:
                 "labels": torch.tensor([0]), "masks": masks}  # fmt: skip
 
 
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools' decode, numpy 2
 def test_full_queue_is_503_and_masks_come_back_as_rle(png):
     gate = _GateBackend()
     with running(create_app(gate, Limits(max_queue=2))) as url, ThreadPoolExecutor(2) as pool:

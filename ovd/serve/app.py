@@ -212,7 +212,8 @@ async def _read_form(request: Request, limits: Limits):
         raise
     except HTTPException as e:  # Starlette's multipart errors (too many files / fields, bad boundary)
         if "Too many files" in str(e.detail):
-            raise OvdError("the form takes one file, in the 'image' field ('classes', 'score_thr': text fields)") from None
+            one = "the form takes one file, in the 'image' field ('classes', 'score_thr': text fields)"
+            raise OvdError(one) from None
         raise OvdError(f"bad multipart form: {e.detail}") from None
     except Exception as e:
         raise OvdError(f"bad multipart form: {describe(e, 120)}") from None
