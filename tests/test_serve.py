@@ -144,8 +144,12 @@ def _real_bomb(side: int) -> bytes:
 # (what, request builder, expected status, a word the error must contain)
 BAD = [
     ("no image", lambda c, p: c.post("/detect", files={"x": ("a", b"1")}, data={"classes": "a"}), 400, "unknown"),
-    ("image missing", lambda c, p: c.post("/detect", data={"classes": "a"}, files={"classes": (None, "a")}), 400,
-     "image"),
+    (
+        "image missing",
+        lambda c, p: c.post("/detect", data={"classes": "a"}, files={"classes": (None, "a")}),
+        400,
+        "image",
+    ),
     ("not multipart", lambda c, p: c.post("/detect", json={"classes": "a"}), 415, "multipart"),
     ("not an image", lambda c, p: _post(c, b"hello, I am text", "a"), 400, "image"),
     ("empty file", lambda c, p: _post(c, b"", "a"), 400, "empty"),
@@ -159,10 +163,18 @@ BAD = [
     ("score_thr above 1", lambda c, p: _post(c, p, "a", "1.5"), 400, "score_thr"),
     ("score_thr nan", lambda c, p: _post(c, p, "a", "nan"), 400, "score_thr"),
     ("unknown field", lambda c, p: _post(c, p, "a", "0.1", colour="red"), 400, "unknown form field"),
-    ("two images", lambda c, p: c.post("/detect", files=[("image", ("a.png", p)), ("image", ("b.png", p))],
-                                       data={"classes": "a"}), 400, "one file"),  # fmt: skip
-    ("classes as a file", lambda c, p: c.post("/detect", files={"image": ("a.png", p), "classes": ("c.txt", b"a")}),
-     400, "one file"),
+    (
+        "two images",
+        lambda c, p: c.post("/detect", files=[("image", ("a.png", p)), ("image", ("b.png", p))], data={"classes": "a"}),
+        400,
+        "one file",
+    ),  # fmt: skip
+    (
+        "classes as a file",
+        lambda c, p: c.post("/detect", files={"image": ("a.png", p), "classes": ("c.txt", b"a")}),
+        400,
+        "one file",
+    ),
     ("pixels over the limit (header)", lambda c, p: _post(c, _png_header_only(30000, 30000), "a"), 413, "pixels"),
     ("pixels over the limit (decoded size)", lambda c, p: _post(c, _real_bomb(7000), "a"), 413, "pixels"),
     ("GET /detect", lambda c, p: c.get("/detect"), 405, "not allowed"),
@@ -276,6 +288,18 @@ def test_concurrent_requests_never_mix_vocabularies(backend, png):
     for vocab, body in zip(order, together):
         assert body["classes"] == vocab
         assert body["detections"] == alone[tuple(vocab)]
+
+
+def test_a_taken_port_is_one_error():
+    from ovd.errors import OvdError
+    from ovd.serve.app import listen_socket
+
+    first = listen_socket("127.0.0.1", 0)
+    try:
+        with pytest.raises(OvdError, match="cannot listen on 127.0.0.1"):
+            listen_socket("127.0.0.1", first.getsockname()[1])
+    finally:
+        first.close()
 
 
 def test_cli_errors_before_serving(trained, capsys, tmp_path):

@@ -23,11 +23,10 @@ from _serving import running
 from PIL import Image
 from test_detect import trained as _detect_trained  # noqa: F401 - a fixture (registered under this name)
 
-from ovd.serve.app import create_app
+from ovd.engine.draw import PALETTE
+from ovd.serve.app import STATIC, create_app
 from ovd.serve.backends import TorchBackend
 
-PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
-           "#469990", "#9a6324", "#800000", "#000075"]  # fmt: skip - app.js's, in the same order
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 VOCAB = ["red circle", "blue star", "green square", "yellow ring"]
@@ -60,6 +59,12 @@ def browser():
     drv.set_page_load_timeout(60)
     yield drv
     drv.quit()
+
+
+def test_the_page_colours_classes_as_ovd_detect_does():
+    js = (STATIC / "app.js").read_text()
+    listed = js[js.index("PALETTE = [") : js.index("];", js.index("PALETTE = ["))]
+    assert [c.strip().strip('"') for c in listed.split("[", 1)[1].split(",")] == PALETTE
 
 
 def _rgb(hex_colour: str) -> np.ndarray:

@@ -256,10 +256,6 @@ def create_app(backend, limits: Limits | None = None) -> Starlette:
                 raise OvdError("'classes' must be a text field (comma-separated names), not a file")
             names = service.parse_classes(classes)
             thr = _score_thr(form.get("score_thr"))
-            if service.pending >= service.limits.max_queue:
-                service.refused_busy += 1
-                busy = f"server busy: {service.pending} requests queued; retry later"
-                return _error(503, busy, **{"Retry-After": "1"})
             data = await upload.read()
         except _TooLarge as e:
             return _error(413, str(e))
@@ -268,6 +264,11 @@ def create_app(backend, limits: Limits | None = None) -> Starlette:
         finally:
             if form is not None:
                 await form.close()
+        # admission: no await between the check and the count, so the bound holds under concurrency
+        if service.pending >= service.limits.max_queue:
+            service.refused_busy += 1
+            busy = f"server busy: {service.pending} requests queued; retry later"
+            return _error(503, busy, **{"Retry-After": "1"})
         service.pending += 1
         try:
             loop = asyncio.get_running_loop()
