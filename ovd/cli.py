@@ -420,7 +420,10 @@ def _add_inference_commands(sub) -> None:
     dt.add_argument("--classes-file", default=None, help="class names, one a line (UTF-8; # comments)")
     dt.add_argument("--text-embeddings", default=None, help="a stored vocabulary (ovd vocab embed): no text tower")
     dt.add_argument("--score-thr", type=float, default=0.3, help="keep detections scoring at least this (0-1)")
-    dt.add_argument("--out", default="detections", help="folder for <image>.json and <image>.png")
+    dt.add_argument(
+        "--out", default="detections",
+        help="folder for <image>.json and <image>.png (drawn enlarged to a short side of at least 480 px)",
+    )  # fmt: skip
     dt.add_argument(
         "--results", default=None, help="write ONE COCO result JSON here (for ovd eval) instead of per-image files"
     )
