@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from _fixtures import crash_points, run_child, subset_json, tiny_clip_dir
 
 from ovd.config import load_config
@@ -79,13 +80,22 @@ def test_statistics_equal_a_direct_computation(base, fitted, mini_world):
     model.set_vocabulary(state["text"])
     train, split = load_split_dataset(cfg.data, need_split="t")
     data = DetectionTrainSet(train, list(split.base_ids))
+    # torchvision's parts by hand: transform, backbone, RPN, matching without the sampler, RoI pooling,
+    # the box head's layers (fc6, fc7 pre-ReLU), the unit embedding
     recs = []
+    rh = model.roi_heads
     with torch.no_grad():
         for i in range(len(data)):
             image, t = data.get(i)
-            with model.roi_heads.observe(sample_in_eval=True, subsample=False) as obs:
-                model([image], [{"boxes": t["boxes"], "labels": t["labels"]}])
-            recs += obs.records
+            images_t, targets_t = model.transform([image], [{"boxes": t["boxes"], "labels": t["labels"]}])
+            feats = model.backbone(images_t.tensors)
+            props, _ = model.rpn(images_t, feats)
+            props, _, labels, _ = rh.sample_rois(props, targets_t, subsample=False)
+            pooled = rh.box_roi_pool(feats, props, images_t.image_sizes)
+            fc6 = rh.box_head.fc6(pooled.flatten(1))
+            fc7 = rh.box_head.fc7(F.relu(fc6))
+            emb = rh.classifier.embed(F.relu(fc7))
+            recs.append({"labels": labels[0], "pooled": pooled, "fc6": fc6, "fc7": fc7, "embedding": emb})
     labels = torch.cat([r["labels"] for r in recs])
     assert torch.equal(st.tensors["rois"], torch.bincount(labels, minlength=n_base + 1))
     for layer in st.layers:
