@@ -40,10 +40,10 @@ from ovd.modeling.roi_heads import ExtraRoIs, OVRoIHeads
 from ovd.modeling.semantic_regression import SemanticBoxRegressor
 from ovd.modeling.zero_shot_classifier import ZeroShotClassifier
 
-# torchvision's Mask R-CNN mask branch: 14 x 14 RoI pooling, four 3 x 3 convolutions, a 2x deconvolution
+# torchvision's Mask R-CNN mask branch: 14 x 14 RoI pooling, four 3 x 3 convolutions and a 2x
+# deconvolution (256 channels in torchvision: model.mask_channels), one output channel here
 MASK_POOL_SIZE = 14
-MASK_LAYERS = (256, 256, 256, 256)
-MASK_DIM_REDUCED = 256
+MASK_CONVS = 4
 
 
 @dataclass
@@ -67,6 +67,7 @@ class OVFasterRCNN(GeneralizedRCNN):
         semantic_regression: bool = True,
         distill_weight: float = 1.0,
         mask_head: bool = False,
+        mask_channels: int = 256,
         min_size: int = 800,
         max_size: int = 1333,
         image_mean: list[float] | None = None,
@@ -115,8 +116,8 @@ class OVFasterRCNN(GeneralizedRCNN):
         if mask_head:  # class-agnostic: one mask channel whatever the class (novel classes get masks too)
             mask = {
                 "mask_roi_pool": MultiScaleRoIAlign(["0", "1", "2", "3"], MASK_POOL_SIZE, sampling_ratio=2),
-                "mask_head": MaskRCNNHeads(backbone.out_channels, list(MASK_LAYERS), 1),
-                "mask_predictor": MaskRCNNPredictor(MASK_LAYERS[-1], MASK_DIM_REDUCED, 1),
+                "mask_head": MaskRCNNHeads(backbone.out_channels, [mask_channels] * MASK_CONVS, 1),
+                "mask_predictor": MaskRCNNPredictor(mask_channels, mask_channels, 1),
             }
         roi_heads = OVRoIHeads(
             MultiScaleRoIAlign(["0", "1", "2", "3"], 7, sampling_ratio=2),
