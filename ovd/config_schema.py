@@ -154,7 +154,8 @@ class ExtractConfig:
 @dataclass
 class ModelConfig:
     # Open-vocabulary Faster R-CNN (ovd/modeling). Each card component can be switched off for ablations.
-    backbone: str = "resnet50_fpn"  # resnet50_fpn | resnet18_fpn_small
+    # resnet50_fpn | resnet18_fpn_small | resnet18_fpn_narrow | mobilenet_v3_large_fpn (ovd/modeling/backbones.py)
+    backbone: str = "resnet50_fpn"
     # "imagenet": torchvision's ImageNet weights (hub cache / download); or a local file
     # (.safetensors / .pth state dict); "" = random init
     backbone_weights: str = ""

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from ovd.errors import OvdError
-from ovd.modeling.detector import OVFasterRCNN, build_backbone
+from ovd.modeling.backbones import build_backbone
+from ovd.modeling.detector import OVFasterRCNN
 from ovd.modeling.distillation import DISTILL_BOXES, DISTILL_KEYS, distill_loss, has_distill_targets
 from ovd.modeling.semantic_regression import SemanticBoxRegressor
 from ovd.modeling.zero_shot_classifier import ZeroShotClassifier

@@ -17,8 +17,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from ovd.config import load_config
 from ovd.data.coco import load_detection_dataset
 from ovd.errors import OvdError
+from ovd.modeling.backbones import build_backbone
 from ovd.modeling.build import build_detector
-from ovd.modeling.detector import build_backbone
 from ovd.vlm.clip import clip_from_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -268,7 +268,7 @@ def test_imagenet_backbone_weights_come_from_torchvision(monkeypatch):
     # "imagenet" asks torchvision's weight enum (hub cache / download) for the state dict
     import torchvision
 
-    from ovd.modeling.detector import build_backbone
+    from ovd.modeling.backbones import build_backbone
 
     ref = torchvision.models.resnet18(weights=None).state_dict()
     ref = {k: v + 1.0 if v.is_floating_point() else v for k, v in ref.items()}
@@ -289,7 +289,7 @@ def test_imagenet_backbone_weights_offline_is_one_clear_error(monkeypatch):
 
     import torchvision
 
-    from ovd.modeling.detector import build_backbone
+    from ovd.modeling.backbones import build_backbone
 
     def offline(self, *a, **k):
         raise urllib.error.URLError("no network")

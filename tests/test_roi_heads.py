@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, Matcher
 
 from ovd.errors import OvdError
-from ovd.modeling.detector import OVFasterRCNN, build_backbone
+from ovd.modeling.backbones import build_backbone
+from ovd.modeling.detector import OVFasterRCNN
 from ovd.modeling.roi_heads import ExtraRoIs, RoIBatch
 
 D = 32

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import fields
 
 from ovd.config_schema import ModelConfig
-from ovd.modeling.detector import OVFasterRCNN, build_backbone
+from ovd.modeling.backbones import build_backbone
+from ovd.modeling.detector import OVFasterRCNN
 
 
 def build_detector(m, embed_dim: int) -> OVFasterRCNN:

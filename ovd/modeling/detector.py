@@ -13,102 +13,14 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models import resnet
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
-from torchvision.ops.misc import FrozenBatchNorm2d
 
-from ovd.errors import OvdError
 from ovd.modeling.distillation import rescale_distill_boxes
 from ovd.modeling.roi_heads import ExtraRoIs, OVRoIHeads
 from ovd.modeling.semantic_regression import SemanticBoxRegressor
 from ovd.modeling.zero_shot_classifier import ZeroShotClassifier
-from ovd.utils.safe_load import load_state_dict_file
-
-BACKBONES = {
-    # name: (torchvision ResNet constructor args, returned layers, anchor sizes per FPN level)
-    "resnet50_fpn": ("resnet50", [1, 2, 3, 4], ((32,), (64,), (128,), (256,), (512,))),
-    # the mini-world's scenes are 160 px with 14-48 px objects: a small ResNet, strides 8-32 (+ pool)
-    "resnet18_fpn_small": ("resnet18", [2, 3, 4], ((16,), (32,), (64,), (128,))),
-}
-NORMS = {
-    # ImageNet-initialised backbones keep torchvision's frozen statistics; a backbone trained from
-    # scratch (the mini-world: no ImageNet weights here) needs real normalisation to learn at all.
-    "frozen_bn": FrozenBatchNorm2d,
-    "bn": nn.BatchNorm2d,
-}
-
-
-def build_backbone(
-    name: str,
-    trainable_layers: int = 3,
-    weights: str | None = None,
-    norm: str = "frozen_bn",
-    fpn_channels: int = 256,
-) -> tuple[nn.Module, tuple]:
-    """torchvision ResNet + FPN (``BackboneWithFPN``) with a configurable FPN width and norm layer.
-
-    torchvision's ``resnet_fpn_backbone`` fixes the FPN at 256 channels; on CPU the RoI pooling of
-    256-channel maps dominates a training step, so the width is an argument here.
-    """
-    if name not in BACKBONES:
-        raise OvdError(f"unknown backbone '{name}' (choose from {', '.join(BACKBONES)})")
-    if norm not in NORMS:
-        raise OvdError(f"unknown model.norm '{norm}' (choose from {', '.join(NORMS)})")
-    if not 0 <= trainable_layers <= 5:
-        raise OvdError(f"model.trainable_layers must be 0-5, got {trainable_layers}")
-    arch, layers, anchors = BACKBONES[name]
-    body = getattr(resnet, arch)(weights=None, norm_layer=NORMS[norm])
-    if weights:
-        state = _imagenet_state(arch) if weights == "imagenet" else _file_state(weights)
-        own = body.state_dict()
-        wrong = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-        if wrong:
-            raise OvdError(
-                f"backbone weights {weights} do not fit {arch}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, "
-                f"expected {tuple(own[wrong[0]].shape)} (weights of another network?)"
-            )
-        missing, _ = body.load_state_dict(state, strict=False)
-        if len(missing) == len(own):
-            raise OvdError(f"backbone weights {weights} match none of {arch}'s parameters")
-    # freeze the stem and the first stages like torchvision's _resnet_fpn_extractor
-    trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
-    if trainable_layers == 5:
-        trainable.append("bn1")
-    for pname, p in body.named_parameters():
-        if all(not pname.startswith(layer) for layer in trainable):
-            p.requires_grad_(False)
-    stage_channels = [body.inplanes // 8 * 2**i for i in range(4)]  # 64..512 (basic) / 256..2048 (bottleneck)
-    backbone = BackboneWithFPN(
-        body,
-        return_layers={f"layer{k}": str(i) for i, k in enumerate(layers)},
-        in_channels_list=[stage_channels[k - 1] for k in layers],
-        out_channels=fpn_channels,
-        extra_blocks=LastLevelMaxPool(),
-    )
-    return backbone, anchors
-
-
-def _file_state(path: str) -> dict:
-    return load_state_dict_file(path)
-
-
-def _imagenet_state(arch: str) -> dict:
-    """torchvision's ImageNet weights (IMAGENET1K_V1) from the torch hub cache, downloaded if needed."""
-    from torchvision.models import get_model_weights
-
-    w = get_model_weights(arch).IMAGENET1K_V1
-    try:
-        return w.get_state_dict(progress=True, check_hash=True)
-    except Exception as e:  # offline: URLError / OSError; a bad cache file: RuntimeError
-        raise OvdError(
-            f"cannot get torchvision's ImageNet {arch} weights ({e.__class__.__name__}: {str(e)[:120]}); "
-            f"offline, save them elsewhere (torchvision.models.{arch}(weights='IMAGENET1K_V1').state_dict()) "
-            f"and set model.backbone_weights=FILE"
-        ) from None
 
 
 class OVFasterRCNN(FasterRCNN):
