@@ -253,7 +253,7 @@ class StudentConfig:
     # model.* key, e.g. {backbone: ..., fpn_channels: 32}); its schedule: the `train` section.
     out: str = "${work_dir}/student"
     teacher: str = ""  # the teacher checkpoint (--teacher)
-    model: dict = field(default_factory=dict)
+    model: dict = field(default_factory=lambda: {"backbone": "mobilenet_v3_large_fpn"})
     # losses (docs/student.md): FPN feature imitation (mean squared error, 1x1 adapters where the
     # channels differ); L1 of the region embeddings to the teacher's on the student's sampled RoIs;
     # optionally the teacher's logits and box deltas on the same RoIs (0 = off). Not tuned.

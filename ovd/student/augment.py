@@ -91,7 +91,7 @@ class FrequencyAug:
             out[key] = b[keep]
             # the rows that travel with the boxes: labels with GT boxes, embeddings / weights with
             # the cached distillation boxes
-            for other in (("labels",) if key == "boxes" else DISTILL_KEYS[1:]):
+            for other in ("labels",) if key == "boxes" else DISTILL_KEYS[1:]:
                 if other in target:
                     out[other] = target[other][keep]
         return image[:, top : top + ch, left : left + cw], out

@@ -152,3 +152,29 @@ def region_terms(student_rois, teacher_rois, weights: dict[str, float]) -> dict[
 
 def _field(term: str) -> str:
     return {"embedding": "embeddings", "logits": "logits", "deltas": "deltas"}[term]
+
+
+def region_embeddings(model: nn.Module, images: list, boxes: list) -> torch.Tensor:
+    """Unit region embeddings (N, D) of a detector for given xyxy boxes (per image, in the input
+    pixels of ``images``), in eval mode and without gradient: what a student and its teacher are
+    compared on (:func:`embedding_gap`)."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            images_t, _ = model.transform(images)
+            feats = model.backbone(images_t.tensors)
+            src = [tuple(x.shape[-2:]) for x in images]
+            rois = to_frame(boxes, src, images_t.image_sizes)
+            heads = model.roi_heads
+            pooled = heads.box_roi_pool(feats, rois, images_t.image_sizes)
+            return heads.classifier.embed(heads.box_head(pooled))
+    finally:
+        model.train(was)
+
+
+def embedding_gap(student: nn.Module, teacher: nn.Module, images: list, boxes: list) -> float:
+    """Mean over boxes of the L1 distance between the student's and the teacher's unit region embeddings
+    (the region-embedding distillation's metric)."""
+    s, t = region_embeddings(student, images, boxes), region_embeddings(teacher, images, boxes)
+    return float((s - t).abs().sum(dim=1).mean())

@@ -19,7 +19,6 @@ images use the student's backbone outside the DDP forward.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
