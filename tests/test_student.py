@@ -11,6 +11,7 @@ import torch
 from _fixtures import subset_json, tiny_clip_dir
 
 from ovd.config import load_config
+from ovd.engine.export import run_export
 from ovd.engine.trainer import run_train
 from ovd.errors import OvdError
 from ovd.modeling.checkpoint import load_checkpoint, model_from_checkpoint
@@ -61,6 +62,7 @@ def _model(path):
     return model_from_checkpoint(load_checkpoint(path), path)
 
 
+@pytest.mark.slow
 def test_student_region_embeddings_move_toward_the_teachers(teacher, mini_world, tmp_path):
     """A tiny narrow student (32-channel FPN, adapters to the teacher's 64) trained 12 steps: its region
     embeddings of GT boxes end closer to the teacher's than after its first step, and closer than those
@@ -131,21 +133,31 @@ def test_student_checkpoint_is_a_plain_detector_that_takes_new_names(teacher, tr
                  "--out", str(out)]) == 0  # fmt: skip
     names = {d["category_name"] for d in json.loads((out / "img.json").read_text())["detections"]}
     assert names and names <= set(novel)
+    # and it exports like any detector (onnxruntime agrees with PyTorch)
+    rep_x = run_export(rep["out"], tmp_path / "student.onnx", classes=novel)
+    assert rep_x["names"] == novel and (tmp_path / "student.onnx").is_file()
 
 
-def test_bad_teacher_is_one_error_and_writes_nothing(teacher, mini_world, tmp_path):
+def test_bad_teacher_is_one_error_and_writes_nothing(teacher, mini_world, tmp_path, capsys):
+    from ovd.cli import main
+
     setup, _, ckpt = teacher
     cfg = student_cfg(teacher, mini_world, tmp_path / "w")
     out = Path(cfg.student.out)
 
     def refused(match, path, c=cfg):
         with pytest.raises(OvdError, match=match):
-            run_student(c, str(path), progress=False)
+            run_student(c, None if path is None else str(path), progress=False)
         assert not out.exists()
 
-    refused(r"checkpoint not found: .*missing.pt", tmp_path / "missing.pt")
-    with pytest.raises(OvdError, match="no teacher: give --teacher"):
-        run_student(cfg, None, progress=False)
+    refused(r"teacher checkpoint not found: .*missing.pt", tmp_path / "missing.pt")
+    argv = ["student", CONFIG, "--teacher", str(tmp_path / "missing.pt"), *overrides(setup, mini_world, tmp_path / "w")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ovd: error: teacher checkpoint not found") and err.count("\n") == 1
+    refused(r"teacher checkpoint not found: .*train/final.pt", None)  # student.teacher: the config's default
+    cfg.student.teacher = ""
+    refused("no teacher: give --teacher", None)
     state = torch.load(ckpt, weights_only=True)
     meta = json.loads(state["meta_json"])
     other = dict(state, meta_json=json.dumps({**meta, "base_names": meta["base_names"][::-1]}))

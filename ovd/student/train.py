@@ -69,6 +69,8 @@ def load_teacher(path: str, text: TextSource, base_names: list[str]) -> tuple[di
     another CLIP (embedding width or text-embedding weights) or another base vocabulary."""
     if not path:
         raise OvdError("no teacher: give --teacher CKPT (or student.teacher=CKPT), a trained ovd detector")
+    if not Path(path).is_file():
+        raise OvdError(f"teacher checkpoint not found: {path} (--teacher / student.teacher: a trained ovd detector)")
     state = load_checkpoint(path)
     meta = state["meta"]
     text.check_dim(int(meta["embed_dim"]), f"teacher {path}")
