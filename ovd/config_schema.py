@@ -254,8 +254,9 @@ class StudentConfig:
     out: str = "${work_dir}/student"
     teacher: str = ""  # the teacher checkpoint (--teacher)
     model: dict = field(default_factory=lambda: {"backbone": "mobilenet_v3_large_fpn"})
-    # losses (docs/student.md): FPN feature imitation (mean squared error, 1x1 adapters where the
-    # channels differ); L1 of the region embeddings to the teacher's on the student's sampled RoIs;
+    # losses (docs/student.md): FPN feature imitation (mean squared error relative to the teacher
+    # level's mean square, 1x1 adapters where the channels differ); L1 of the region embeddings to the
+    # teacher's on the student's sampled RoIs (summed over the dims, like model.distill_weight's);
     # optionally the teacher's logits and box deltas on the same RoIs (0 = off). Not tuned.
     feature_weight: float = lim(1.0, ge=0)
     embedding_weight: float = lim(1.0, ge=0)

@@ -268,3 +268,7 @@ def test_feature_imitation_aligns_levels_by_stride_and_adapts_channels(teacher):
     same = FeatureImitation([("0", "0", 4, 4)])
     f = {"0": torch.randn(2, 4, 5, 5)}
     assert float(same(f, f)) == 0.0
+    # relative to the teacher's scale: a zero student scores 1, and scaling both changes nothing
+    g = {"0": torch.randn(2, 4, 5, 5)}
+    assert float(same({"0": torch.zeros(2, 4, 5, 5)}, g)) == pytest.approx(1.0)
+    assert float(same({"0": 100 * f["0"]}, {"0": 100 * g["0"]})) == pytest.approx(float(same(f, g)), rel=1e-5)

@@ -1,7 +1,7 @@
 """What a student learns from its frozen teacher, per training step.
 
 * FPN feature imitation: every student FPN level that has a teacher level of the same stride is
-  pulled towards it by a mean squared error, through a 1x1 convolution where the channel counts
+  pulled towards it by a mean squared error divided by the teacher level's mean square, through a 1x1 convolution where the channel counts
   differ (the adapter is trained with the student and dropped from its checkpoint); a teacher map of
   another size (the two resize images differently) is resized to the student's map first.
 * Region-embedding distillation: the teacher's RoI head is run on the *student's* sampled RoIs (the
@@ -68,7 +68,8 @@ def match_levels(student: nn.Module, teacher: nn.Module, image_hw: tuple[int, in
 
 class FeatureImitation(nn.Module):
     """Mean squared error between student FPN levels (through 1x1 adapters where the channels differ)
-    and the teacher's levels of the same stride, averaged over the matched levels."""
+    and the teacher's levels of the same stride, each divided by the teacher level's mean square
+    (1.0 for a student that outputs zeros), averaged over the matched levels."""
 
     def __init__(self, pairs: list[tuple]):
         super().__init__()
@@ -84,7 +85,9 @@ class FeatureImitation(nn.Module):
             b = ft[t].detach().to(a.dtype)
             if b.shape[-2:] != a.shape[-2:]:
                 b = F.interpolate(b, size=a.shape[-2:], mode="bilinear", align_corners=False)
-            total = total + F.mse_loss(a, b)
+            # relative to the teacher level's mean square: FPN activations of different networks
+            # (and levels) differ in scale by orders of magnitude, a raw MSE weight would not carry over
+            total = total + F.mse_loss(a, b) / b.pow(2).mean().clamp(min=1e-6)
         return total / len(self.pairs)
 
 
