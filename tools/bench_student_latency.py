@@ -16,7 +16,6 @@ the parameter counts. Timings are only meaningful on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -93,9 +92,10 @@ def main(argv=None) -> dict:
             export_onnx(models[r], names[r], Path(tmp) / f"{r}.onnx")
             sessions[r] = {n: onnx_session(Path(tmp) / f"{r}.onnx", threads=n) for n in args.threads}
     params = {r: sum(p.numel() for p in models[r].parameters()) for r in ROLES}
-    print(f"{len(images)} images {sorted({tuple(x.shape[-2:]) for x in images})}, {len(names['teacher'])} classes, "
-          f"parameters teacher {params['teacher']:,} student {params['student']:,} "
-          f"({params['student'] / params['teacher']:.2f}), load average {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
+    sizes = sorted({tuple(x.shape[-2:]) for x in images})
+    print(f"{len(images)} images {sizes}, {len(names['teacher'])} classes, parameters teacher "
+          f"{params['teacher']:,} student {params['student']:,} ({params['student'] / params['teacher']:.2f}), "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
     results = []
     for n in args.threads:
         res = bench(models, {r: sessions[r][n] for r in ROLES}, images, n, args.rounds, args.warmup)
