@@ -272,3 +272,57 @@ def test_feature_imitation_aligns_levels_by_stride_and_adapts_channels(teacher):
     g = {"0": torch.randn(2, 4, 5, 5)}
     assert float(same({"0": torch.zeros(2, 4, 5, 5)}, g)) == pytest.approx(1.0)
     assert float(same({"0": 100 * f["0"]}, {"0": 100 * g["0"]})) == pytest.approx(float(same(f, g)), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_stopped_student_run_resumes_exactly(teacher, mini_world, tmp_path):
+    """Stopped after 2 of 4 steps and resumed, with both IKD augmentations on (their random draws and
+    the teacher's RoI sampling during the attack): the same weights as an uninterrupted run."""
+    extra = ("train.epochs=1", "student.frequency_aug=true", "student.frequency_prob=1.0",
+             "student.adversarial_aug=true", "student.adversarial_steps=1")  # fmt: skip
+    whole = student_cfg(teacher, mini_world, tmp_path / "a", *extra)
+    ref = run_student(whole, teacher[2], progress=False)
+    parts = student_cfg(teacher, mini_world, tmp_path / "b", *extra)
+    parts.train.max_iters = 2
+    assert run_student(parts, teacher[2], progress=False)["iterations"] == 2
+    parts.train.max_iters = 0
+    got = run_student(parts, teacher[2], progress=False)
+    assert ref["complete"] and got["complete"]
+    a, b = load_checkpoint(ref["out"])["model"], load_checkpoint(got["out"])["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # another student setting is refused on resume, naming it
+    changed = student_cfg(teacher, mini_world, tmp_path / "b", *extra, "student.noise_sigma=0.2")
+    with pytest.raises(OvdError, match=r"student.noise_sigma: 0.08 -> 0.2"):
+        run_student(changed, teacher[2], progress=False)
+
+
+@pytest.mark.slow
+def test_table_driver_and_latency_bench_on_a_tiny_run(teacher, mini_world, tmp_path, capsys):
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1] / "tools"
+    mods = {}
+    for name in ("run_student", "bench_student_latency"):
+        spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")
+        mods[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mods[name])
+    setup, _, ckpt = teacher
+    args = [CONFIG, "--seeds", "0", "--teacher", ckpt, "--rows", "alone", "kd", "--no-latency",
+            *overrides(setup, mini_world, tmp_path / "w")]  # fmt: skip
+    assert mods["run_student"].main(args) == 0
+    table = json.loads((tmp_path / "w" / "student_table" / "table.json").read_text())
+    assert list(table["rows"]) == ["teacher", "alone", "kd"]
+    assert all(isinstance(table["rows"]["kd"][m][0], float) for m in ("AP50_base", "AP50_novel"))
+    capsys.readouterr()
+    assert mods["run_student"].main(args) == 0  # finished runs are reused
+    assert capsys.readouterr().out.count("reused") == 2
+    with pytest.raises(SystemExit, match="holds a kd run with other settings"):
+        mods["run_student"].main(args + ["student.feature_weight=0.5"])
+    # the latency bench: both detectors, both runtimes, side by side
+    img = mini_world / "det" / "images" / "val"
+    rec = mods["bench_student_latency"].main([str(img), "--teacher", ckpt, "--student",
+                                              table["per_seed"]["0"]["kd"]["ckpt"], "--limit", "1", "--rounds",
+                                              "1", "--warmup", "0", "--threads", "1"])  # fmt: skip
+    r = rec["results"][0]
+    assert rec["parameters"]["student"] < rec["parameters"]["teacher"]
+    assert r["pytorch"]["student_over_teacher"] > 0 and r["onnxruntime"]["student_over_teacher"] > 0

@@ -122,9 +122,11 @@ def latency(cfg, teacher: str, student: str, n_images: int) -> dict:
     spec = importlib.util.spec_from_file_location("bench_student_latency", ROOT / "tools" / "bench_student_latency.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    val_root = cfg.data.val_image_root or cfg.data.image_root
+    # the first val images of the annotation file (its file names are relative to the image root)
+    root = Path(cfg.data.val_image_root or cfg.data.image_root or Path(cfg.data.val_json).parent)
+    paths = [str(root / im["file_name"]) for im in read_json(cfg.data.val_json, "val annotations")["images"]]
     out = Path(cfg.work_dir) / "student_table" / "latency.json"
-    return mod.main([str(val_root), "--teacher", teacher, "--student", student, "--limit", str(n_images),
+    return mod.main([*paths[:n_images], "--teacher", teacher, "--student", student, "--limit", str(n_images),
                      "--out", str(out)])  # fmt: skip
 
 
