@@ -1,9 +1,10 @@
 """What a student learns from its frozen teacher, per training step.
 
 * FPN feature imitation: every student FPN level that has a teacher level of the same stride is
-  pulled towards it by a mean squared error divided by the teacher level's mean square, through a 1x1 convolution where the channel counts
-  differ (the adapter is trained with the student and dropped from its checkpoint); a teacher map of
-  another size (the two resize images differently) is resized to the student's map first.
+  pulled towards it by a mean squared error divided by the teacher level's mean square, through a
+  1x1 convolution where the channel counts differ (the adapter is trained with the student and
+  dropped from its checkpoint); a teacher map of another size (the two resize images differently) is
+  resized to the student's map first.
 * Region-embedding distillation: the teacher's RoI head is run on the *student's* sampled RoIs (the
   same boxes, mapped into the teacher's image frame) and the student's unit region embeddings are
   pulled towards the teacher's by the L1 of :func:`~ovd.modeling.distillation.teacher_losses` (summed
