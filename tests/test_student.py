@@ -174,6 +174,8 @@ def test_bad_teacher_is_one_error_and_writes_nothing(teacher, mini_world, tmp_pa
     refused(r"teacher .* has 32-d embeddings but the text embeddings .* are 64-d", ckpt, wide)
     bad = student_cfg(teacher, mini_world, tmp_path / "w", "student.model={backbone: resnet18_fpn_narrow, fpn: 3}")
     refused(r"student.model has unknown key\(s\) \['fpn'\]", ckpt, bad)
+    bad = student_cfg(teacher, mini_world, tmp_path / "w", "student.model={backbone: resnet9}")
+    refused(r"unknown backbone model.backbone='resnet9'", ckpt, bad)
 
 
 def test_frequency_aug_noises_all_small_images_and_crops_the_others():

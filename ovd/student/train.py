@@ -29,6 +29,7 @@ from ovd.config_schema import ModelConfig, check_values
 from ovd.data.loading import load_split_dataset
 from ovd.engine.trainer import resolve_device, setup_trainer
 from ovd.errors import OvdError
+from ovd.modeling.backbones import backbone_spec
 from ovd.modeling.checkpoint import load_checkpoint, model_from_checkpoint
 from ovd.student.augment import FrequencyAug, difgsm
 from ovd.student.distill import (
@@ -61,7 +62,9 @@ def student_model_config(cfg) -> dict:
     if unknown:
         raise OvdError(f"student.model has unknown key(s) {unknown} (model keys: {', '.join(sorted(known))})")
     check_values(over, ModelConfig, "student.model", types=True)
-    return {**OmegaConf.to_container(cfg.model, resolve=True), **over}
+    merged = {**OmegaConf.to_container(cfg.model, resolve=True), **over}
+    backbone_spec(merged["backbone"])  # an unknown name is refused before anything is written
+    return merged
 
 
 def load_teacher(path: str, text: TextSource, base_names: list[str]) -> tuple[dict, torch.nn.Module]:
