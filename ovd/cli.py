@@ -248,6 +248,13 @@ def _cmd_fewshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_student(args: argparse.Namespace) -> int:
+    from ovd.student.train import run_student
+
+    _print_report(run_student(_load(args), args.teacher))
+    return 0
+
+
 def _config_command(sub, name: str, func, **kwargs) -> argparse.ArgumentParser:
     """A subcommand that reads a config (CONFIG [key=value ...]) and runs ``func``."""
     p = sub.add_parser(name, **kwargs)
@@ -282,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_vlm_commands(sub)
     _add_stage_commands(sub)
     _add_replay_commands(sub)
+    _add_student_commands(sub)
     _add_inference_commands(sub)
     return p
 
@@ -409,6 +417,14 @@ def _add_replay_commands(sub) -> None:
     fs.add_argument("--generator", default=None, help="generator file for --mode replay (default: replay.generator)")
     fs.add_argument("--out", default=None, help="run folder (default: replay.fewshot_out/<mode>_<K>shot_seed<S>)")
     fs.add_argument("--no-eval", action="store_true", help="skip the base / few-shot / held-out evaluation")
+
+
+def _add_student_commands(sub) -> None:
+    """``ovd student``: distil a trained detector into a smaller one (IKD options)."""
+    st = _config_command(
+        sub, "student", _cmd_student, help="distil a trained detector into a smaller one (resumes from student.out)"
+    )
+    st.add_argument("--teacher", default=None, help="the teacher checkpoint (default: student.teacher)")
 
 
 def _add_inference_commands(sub) -> None:

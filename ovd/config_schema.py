@@ -253,6 +253,39 @@ class ReplayConfig:
 
 
 @dataclass
+class StudentConfig:
+    # A smaller detector distilled from a trained one (`ovd student CONFIG --teacher CKPT`,
+    # docs/student.md). Its architecture: the `model` section with these keys replaced (any
+    # model.* key, e.g. {backbone: ..., fpn_channels: 32}); its schedule: the `train` section.
+    out: str = "${work_dir}/student"
+    teacher: str = ""  # the teacher checkpoint (--teacher)
+    model: dict = field(default_factory=lambda: {"backbone": "mobilenet_v3_large_fpn"})
+    # losses (docs/student.md): FPN feature imitation (mean squared error relative to the teacher
+    # level's mean square, 1x1 adapters where the channels differ); L1 of the region embeddings to the
+    # teacher's on the student's sampled RoIs (summed over the dims, like model.distill_weight's);
+    # optionally the teacher's logits and box deltas on the same RoIs (0 = off). Not tuned.
+    feature_weight: float = lim(1.0, ge=0)
+    embedding_weight: float = lim(1.0, ge=0)
+    logits_weight: float = lim(0.0, ge=0)
+    deltas_weight: float = lim(0.0, ge=0)
+    # IKD sample-specific (frequency) augmentation; the numbers are the released code's
+    frequency_aug: bool = False
+    frequency_prob: float = lim(0.3, ge=0, le=1)  # noise copy of an image whose GT boxes are all small
+    small_side: float = lim(32.0, gt=0)  # "small": box area below small_side ** 2 pixels
+    noise_sigma: float = lim(0.08, ge=0)  # on the [0, 1] pixel scale (imagecorruptions severity 1)
+    crop_min: float = lim(0.8, gt=0, le=1)  # adaptive crop: 0.8-1.0 of each side
+    # IKD adversarial feature augmentation: DI-FGSM images against the teacher, made on the fly
+    adversarial_aug: bool = False
+    adversarial_eps: float = lim(8.0, gt=0)  # in 1/255 of the [0, 1] pixel range
+    adversarial_step: float = lim(2.0, gt=0)  # in 1/255
+    adversarial_steps: int = lim(5, ge=1)
+    adversarial_decay: float = lim(1.0, ge=0)  # momentum of the L1-normalised gradient
+    adversarial_resize_rate: float = lim(0.9, gt=0, le=1)  # input diversity: shrink to 0.9-1.0
+    adversarial_diversity_prob: float = lim(0.5, ge=0, le=1)
+    adversarial_weight: float = lim(0.1, ge=0)  # feature imitation on the adversarial images
+
+
+@dataclass
 class Config:
     name: str = "ovd"
     work_dir: str = "work_dirs/${name}"
@@ -267,6 +300,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
 
 
 # --- validation -----------------------------------------------------------------------------------

@@ -423,8 +423,11 @@ def _run_train(cfg, progress: bool) -> dict:
             dist.destroy_process_group()
 
 
-def setup_trainer(cfg, rank: int, world: int, device: torch.device, progress: bool = True) -> Trainer:
-    """Data, text, model (``init_from`` / ``freeze`` applied) and the :class:`Trainer` of a config."""
+def setup_trainer(cfg, rank: int, world: int, device: torch.device, progress: bool = True,
+                  on_model: Callable | None = None) -> Trainer:  # fmt: skip
+    """Data, text, model (``init_from`` / ``freeze`` applied) and the :class:`Trainer` of a config.
+    ``on_model(model)``, if given, runs before the optimizer is made: modules it attaches to the
+    model (e.g. a distillation run's feature adapters) are trained and checkpointed with it."""
     t = cfg.train
     train, split = load_split_dataset(cfg.data, need_split="train", why="the detector is trained on its base classes")
     text_source = TextSource(cfg.clip)
@@ -440,6 +443,8 @@ def setup_trainer(cfg, rank: int, world: int, device: torch.device, progress: bo
         model.set_vocabulary(text)
     if t.freeze:
         notes["frozen_tensors"] = freeze_parameters(model, list(t.freeze))
+    if on_model is not None:
+        on_model(model)
     evaluator = PeriodicEval(cfg, text_source, device) if t.eval_every > 0 and rank == 0 else None
     meta = {"base_names": list(split.base_names), "embed_dim": text_source.embed_dim, "clip": text_source.source,
             "clip_spec": clip_spec(cfg.clip), "model": _plain(cfg.model), "templates": list(cfg.clip.templates),
