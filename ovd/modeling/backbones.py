@@ -96,7 +96,7 @@ def _resnet_wrap(layers: list[int]) -> Callable[[nn.Module, int, int], BackboneW
 
 
 def _mobilenet_wrap(body: nn.Module, trainable_layers: int, fpn_channels: int) -> BackboneWithFPN:
-    """torchvision's ``_mobilenet_extractor`` (the last two strided stages, strides 16 and 32, + pool);
+    """torchvision's ``_mobilenet_extractor`` (the last two strided stages, both at stride 32 in torchvision's MobileNetV3-Large, + pool);
     its FPN is 256 wide, so another ``model.fpn_channels`` replaces the FPN by one of that width."""
     bb = _mobilenet_extractor(body, True, trainable_layers)
     if fpn_channels != bb.out_channels:
@@ -125,7 +125,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     "mobilenet_v3_large_fpn": BackboneSpec(
         lambda norm: mobilenet_v3_large(weights=None, norm_layer=norm), _mobilenet_wrap,
         ((32, 64, 128, 256, 512),) * 3, "mobilenet_v3_large",
-        "torchvision's Faster R-CNN MobileNetV3-Large FPN backbone (strides 16, 32 + pool)",
+        "torchvision's Faster R-CNN MobileNetV3-Large FPN backbone (two levels at stride 32 + pool)",
     ),
 }  # fmt: skip
 
