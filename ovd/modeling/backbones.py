@@ -96,7 +96,8 @@ def _resnet_wrap(layers: list[int]) -> Callable[[nn.Module, int, int], BackboneW
 
 
 def _mobilenet_wrap(body: nn.Module, trainable_layers: int, fpn_channels: int) -> BackboneWithFPN:
-    """torchvision's ``_mobilenet_extractor`` (the last two strided stages, both at stride 32 in torchvision's MobileNetV3-Large, + pool);
+    """torchvision's ``_mobilenet_extractor`` (its last two stages, + pool; in MobileNetV3-Large both are at
+    stride 32);
     its FPN is 256 wide, so another ``model.fpn_channels`` replaces the FPN by one of that width."""
     bb = _mobilenet_extractor(body, True, trainable_layers)
     if fpn_channels != bb.out_channels:
