@@ -1,4 +1,4 @@
-"""README: the pipeline is deterministic — for a fixed thread count on one machine (float sums
+"""docs/benchmarks.md: the pipeline is deterministic — for a fixed thread count on one machine (float sums
 are ordered differently with another number of threads or other CPU kernels, so results then
 differ in the last bits and the metrics a little).
 
