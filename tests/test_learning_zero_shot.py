@@ -30,6 +30,7 @@ from ovd.modeling.build import build_detector
 from ovd.vlm.text import TextSource
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mini" / "smoke_v2.yaml")
+pytestmark = pytest.mark.slow  # one whole smoke_v2 pipeline run, then adapter and few-shot runs on it
 REPLAY_MARGIN = 0.05  # base AP50 points (x100: 5); measured gaps in docs/replay.md
 
 
