@@ -120,6 +120,7 @@ def extract_setup(mini_world, base, tmp_path_factory):
     return d, argv, p_old, p_new, refs
 
 
+@pytest.mark.slow  # a kill sweep: one child process per crash point
 @pytest.mark.parametrize("start", ["empty", "rewrite"])
 def test_extract_killed_at_every_crash_point(extract_setup, start):
     """'rewrite' is the reported corruption: a complete cache, then other proposals (a cut to top-1)
@@ -250,6 +251,7 @@ def same_store_rows(a: dict, b: dict) -> bool:
     return a["records"] == b["records"] and same_rows(a["get"], b["get"])
 
 
+@pytest.mark.slow  # a kill sweep: one child process per crash point
 @pytest.mark.parametrize("start", ["empty", "rewrite"])
 def test_mine_killed_at_every_crash_point(mini_world, base, tmp_path, start):
     """`ovd mine` into an empty folder, and over a complete store of other settings (top-2 → top-5,
@@ -294,6 +296,7 @@ def test_mine_killed_at_every_crash_point(mini_world, base, tmp_path, start):
 
 
 # -- train ---------------------------------------------------------------------------------------------
+@pytest.mark.slow  # a kill sweep: one child process per crash point
 def test_train_killed_at_every_crash_point(mini_world, base, tmp_path):
     root = base[0]
     subset_json(mini_world / "det" / "train.json", root / "train4.json", 4)
