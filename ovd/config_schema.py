@@ -35,7 +35,7 @@ class WorldConfig:
     preset: str = "smoke"
     seed: int = lim(0, ge=0)
     # 3: 65 kinds with atomic invented names (the default); 2: the 36 "<colour> <shape>" classes
-    # the README's v2 numbers were measured on (docs/mini_world.md)
+    # the v2 numbers in docs/ were measured on (docs/mini_world.md)
     version: int = lim(3, ge=2, le=3)
     # shapes whose classes are all novel in a second split (split_heldout_<shapes>.json and
     # det/train_heldout_<shapes>.json, ``ovd data mini-split``); [] = only the standard split

@@ -10,9 +10,13 @@ import importlib.util
 import json
 import os
 import random
+import signal
+import socket
 import traceback
 from pathlib import Path
 from types import ModuleType
+
+from safetensors import safe_open
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -201,19 +205,33 @@ def run_err(capsys, *argv: str) -> str:
     return lines[0]
 
 
-def tiny_clip_dir(folder, embed_dim: int = 32, seed: int = 0):
-    """A randomly initialised 1-layer open_clip CLIP saved as a local-dir model (a real checkpoint)."""
+def tiny_clip_cfg(embed_dim: int = 32, layers: int = 1, width: int = 32, vision_layers: int | None = None) -> dict:
+    """The open_clip config of a tiny CLIP: 32-px images, ``layers`` transformer blocks per tower
+    (``vision_layers`` overrides the image tower's), image-tower ``width``."""
+    return {
+        "embed_dim": embed_dim,
+        "vision_cfg": {
+            "image_size": 32, "layers": layers if vision_layers is None else vision_layers, "width": width,
+            "head_width": 32, "patch_size": 8,
+        },
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": layers},
+    }  # fmt: skip
+
+
+#: the tiny CLIP of the CLIP, adapter, miner and feature-cache tests: two blocks per tower, a 64-wide image tower
+TWO_BLOCK_CLIP = {"layers": 2, "width": 64}
+
+
+def tiny_clip_dir(folder, embed_dim: int = 32, seed: int = 0, **size):
+    """A randomly initialised tiny open_clip CLIP saved as a local-dir model (a real checkpoint).
+    ``size``: :func:`tiny_clip_cfg`'s ``layers`` / ``width`` / ``vision_layers`` (default 1 layer, width 32)."""
     import open_clip
     import torch
 
     from ovd.vlm.clip import save_local_dir
 
     torch.manual_seed(seed)
-    cfg = {
-        "embed_dim": embed_dim,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 32, "patch_size": 8},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
+    cfg = tiny_clip_cfg(embed_dim, **size)
     return save_local_dir(
         open_clip.model.CLIP(**cfg), folder, cfg, 32, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
     )
@@ -366,3 +384,42 @@ def tiny_targets(distill: bool = False, masks: bool = False, size: int = 128) ->
                 distill_weights=torch.tensor([1.0, 0.5]),
             )
     return out
+
+
+KILLED = -signal.SIGKILL  # run_child's status of a command killed at a crash point
+
+
+def temp_files(folder: Path) -> list[str]:
+    """Temporary files a writer left anywhere under ``folder``."""
+    return sorted(p.name for p in folder.rglob("*.tmp"))
+
+
+def folder_state(folder: Path) -> dict:
+    """Every file of a cache folder as content: JSON parsed; safetensors as (metadata, tensors as
+    bytes) — safetensors writes its metadata map in an order that changes from process to process."""
+    out = {}
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.suffix == ".safetensors":
+            with safe_open(str(p), framework="pt") as f:
+                out[p.name] = (f.metadata(), {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()})
+        else:
+            out[p.name] = json.loads(p.read_text())
+    return out
+
+
+# --- child processes (torchrun) ------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env() -> dict:
+    """The environment of a child ``ovd`` process: one thread, this checkout first on the path, and
+    none of an enclosing torchrun's variables."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env

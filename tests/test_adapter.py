@@ -8,9 +8,9 @@ import json
 import re
 
 import numpy as np
-import open_clip
 import pytest
 import torch
+from _fixtures import TWO_BLOCK_CLIP, tiny_clip_dir
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -21,23 +21,7 @@ from ovd.data.images import load_image
 from ovd.errors import OvdError
 from ovd.vlm.adapter import collect_gt_crops, train_adapter
 from ovd.vlm.adapter_file import ADAPTER_FORMAT, apply_adapter, layernorm_parameters, load_adapter, save_adapter
-from ovd.vlm.clip import ClipModel, save_local_dir
-
-
-def tiny_cfg(embed_dim: int = 32, vision_layers: int = 2) -> dict:
-    return {
-        "embed_dim": embed_dim,
-        "vision_cfg": {"image_size": 32, "layers": vision_layers, "width": 64, "head_width": 32, "patch_size": 8},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-    }
-
-
-def make_tiny_dir(folder, embed_dim: int = 32, vision_layers: int = 2, seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = tiny_cfg(embed_dim, vision_layers)
-    return save_local_dir(
-        open_clip.model.CLIP(**cfg), folder, cfg, 32, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
-    )
+from ovd.vlm.clip import ClipModel
 
 
 def b32_ln_names() -> set[str]:
@@ -57,7 +41,7 @@ NAMES = ["red star", "blue ring", "green cross", "yellow circle"]
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    return make_tiny_dir(tmp_path_factory.mktemp("tiny") / "tiny_clip")
+    return tiny_clip_dir(tmp_path_factory.mktemp("tiny") / "tiny_clip", **TWO_BLOCK_CLIP)
 
 
 @pytest.fixture
@@ -180,7 +164,7 @@ def test_apply_clears_the_text_cache(tiny, data, tmp_path):
 
 def test_apply_to_clip_of_other_embed_dim(tiny, data, tmp_path):
     path = save_adapter(tmp_path / "a.safetensors", tiny, layernorm_parameters(tiny.model))
-    other = ClipModel.load(str(make_tiny_dir(tmp_path / "dim16", embed_dim=16)))
+    other = ClipModel.load(str(tiny_clip_dir(tmp_path / "dim16", embed_dim=16, **TWO_BLOCK_CLIP)))
     before = state(other)
     with pytest.raises(OvdError) as e:
         apply_adapter(other, path)
@@ -192,7 +176,7 @@ def test_apply_to_clip_of_other_embed_dim(tiny, data, tmp_path):
 
 def test_apply_to_clip_of_other_architecture(tiny, tmp_path):
     path = save_adapter(tmp_path / "a.safetensors", tiny, layernorm_parameters(tiny.model))
-    other = ClipModel.load(str(make_tiny_dir(tmp_path / "deeper", vision_layers=3)))
+    other = ClipModel.load(str(tiny_clip_dir(tmp_path / "deeper", **TWO_BLOCK_CLIP, vision_layers=3)))
     with pytest.raises(OvdError, match="different CLIP architecture"):
         apply_adapter(other, path)
 

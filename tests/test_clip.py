@@ -14,16 +14,13 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from _fixtures import TWO_BLOCK_CLIP, tiny_clip_cfg
 from safetensors.torch import save_file
 
 from ovd.errors import OvdError
 from ovd.vlm.clip import ClipModel, crop_boxes_square, fill_template, save_local_dir
 
-TINY_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-}
+TINY_CFG = tiny_clip_cfg(**TWO_BLOCK_CLIP)
 # Deliberately not OpenAI's statistics, so the test sees that the saved preprocess config is used.
 TINY_MEAN = (0.5, 0.4, 0.3)
 TINY_STD = (0.2, 0.25, 0.3)

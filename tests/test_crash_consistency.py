@@ -23,8 +23,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from _fixtures import crash_points, flip_last_bytes, run_child, run_err, subset_json, tiny_clip_dir
-from safetensors import safe_open
+from _fixtures import (
+    KILLED,
+    crash_points,
+    flip_last_bytes,
+    folder_state,
+    run_child,
+    run_err,
+    subset_json,
+    temp_files,
+    tiny_clip_dir,
+)
 
 from ovd.cli import main
 from ovd.errors import OvdError
@@ -34,7 +43,6 @@ from ovd.modeling.checkpoint import load_checkpoint
 from ovd.utils.lock import OutputLock
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mini" / "smoke.yaml")
-KILLED = -signal.SIGKILL
 
 
 def restore(snapshot: Path, work: Path) -> None:
@@ -43,10 +51,6 @@ def restore(snapshot: Path, work: Path) -> None:
         shutil.copytree(snapshot, work)
     else:
         work.mkdir(parents=True)
-
-
-def temp_files(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.rglob("*.tmp"))
 
 
 @pytest.fixture(scope="module")
@@ -96,21 +100,6 @@ def same_rows(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i])
 
 
-def folder_state(folder: Path) -> dict:
-    """Every file of a cache folder as content: JSON parsed; safetensors as (metadata, tensors as
-    bytes) — safetensors writes its metadata map in an order that changes from process to process."""
-    out = {}
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith("."):
-            continue
-        if p.suffix == ".safetensors":
-            with safe_open(str(p), framework="pt") as f:
-                out[p.name] = (f.metadata(), {k: f.get_tensor(k).numpy().tobytes() for k in f.keys()})
-        else:
-            out[p.name] = json.loads(p.read_text())
-    return out
-
-
 @pytest.fixture(scope="module")
 def extract_setup(mini_world, base, tmp_path_factory):
     root, _, train = base
@@ -131,6 +120,7 @@ def extract_setup(mini_world, base, tmp_path_factory):
     return d, argv, p_old, p_new, refs
 
 
+@pytest.mark.slow  # a kill sweep: one child process per crash point
 @pytest.mark.parametrize("start", ["empty", "rewrite"])
 def test_extract_killed_at_every_crash_point(extract_setup, start):
     """'rewrite' is the reported corruption: a complete cache, then other proposals (a cut to top-1)
@@ -261,6 +251,7 @@ def same_store_rows(a: dict, b: dict) -> bool:
     return a["records"] == b["records"] and same_rows(a["get"], b["get"])
 
 
+@pytest.mark.slow  # a kill sweep: one child process per crash point
 @pytest.mark.parametrize("start", ["empty", "rewrite"])
 def test_mine_killed_at_every_crash_point(mini_world, base, tmp_path, start):
     """`ovd mine` into an empty folder, and over a complete store of other settings (top-2 → top-5,
@@ -305,6 +296,7 @@ def test_mine_killed_at_every_crash_point(mini_world, base, tmp_path, start):
 
 
 # -- train ---------------------------------------------------------------------------------------------
+@pytest.mark.slow  # a kill sweep: one child process per crash point
 def test_train_killed_at_every_crash_point(mini_world, base, tmp_path):
     root = base[0]
     subset_json(mini_world / "det" / "train.json", root / "train4.json", 4)

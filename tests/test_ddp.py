@@ -4,15 +4,13 @@ settings, periodic evaluation during training, and the random-box (no miner) fea
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from _fixtures import run_until, subset_json, tiny_clip_dir
+from _fixtures import child_env, free_port, run_until, subset_json, tiny_clip_dir
 
 from ovd.config import load_config
 from ovd.data.coco import load_detection_dataset
@@ -57,19 +55,6 @@ def overrides(setup, mini_world, work: Path, *extra: str) -> list[str]:
         "train.checkpoint_every=1",
         *extra,
     ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def child_env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
 
 
 def json_objects(text: str) -> list[dict]:

@@ -1,14 +1,13 @@
 """Prompting a trained detector with class names: the Detector API and ``ovd detect``.
 
-One tiny checkpoint is trained per module (4 images, batch 2, 4 iterations, 96 px) with a tiny
-random open_clip CLIP given by a *relative* local-dir path, so that loading the checkpoint from
-another working directory checks that the CLIP path was recorded absolute.
+The tiny checkpoint is conftest's ``trained`` (4 images, batch 2, 4 iterations, 96 px, once per
+module), whose tiny random open_clip CLIP is given by a *relative* local-dir path, so that loading
+the checkpoint from another working directory checks that the CLIP path was recorded absolute.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -19,9 +18,7 @@ from _fixtures import run_err, subset_json, tiny_clip_dir
 from PIL import Image
 
 from ovd.cli import main
-from ovd.config import load_config
 from ovd.engine.predictor import Detector, as_image_tensor, parse_classes
-from ovd.engine.trainer import run_train
 from ovd.errors import OvdError
 from ovd.modeling.checkpoint import load_checkpoint
 from ovd.vlm.clip import ClipModel
@@ -30,53 +27,6 @@ CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mini" / "smoke.y
 
 # a vocabulary of mini-world class names, base and novel mixed
 VOCAB = ["red circle", "blue star", "green square", "yellow ring", "purple circle", "cyan cross"]
-
-
-def tiny_clip(folder: Path, embed_dim: int, seed: int = 0) -> Path:
-    return tiny_clip_dir(folder, embed_dim, seed)
-
-
-@pytest.fixture(scope="module")
-def trained(mini_world, tmp_path_factory):
-    root = tmp_path_factory.mktemp("detect")
-    tiny_clip(root / "clip", 32)
-    train = json.loads((mini_world / "det" / "train.json").read_text())
-    keep = {im["id"] for im in train["images"][:4]}
-    train["images"] = [im for im in train["images"] if im["id"] in keep]
-    train["annotations"] = [a for a in train["annotations"] if a["image_id"] in keep]
-    (root / "train4.json").write_text(json.dumps(train))
-    old = os.getcwd()
-    os.chdir(root)  # the CLIP is named relative to this folder at training time
-    overrides = [
-        f"world.dir={mini_world}",
-        f"work_dir={root / 'work'}",
-        "clip.model=local-dir:clip",
-        f"data.train_json={root / 'train4.json'}",
-        "model.distill=false",
-        "model.min_size=96",
-        "model.max_size=96",
-        "model.box_batch_size_per_image=32",
-        "model.box_score_thresh=0.0",
-        "model.rpn_post_nms_top_n_test=100",
-        "train.batch_size=2",
-        "train.epochs=2",
-        "train.lr_steps=[1]",
-        "train.warmup_iters=2",
-        "train.checkpoint_every=100",
-        "train.device=cpu",
-    ]
-    try:
-        cfg = load_config(CONFIG, overrides)
-        res = run_train(cfg, progress=False)
-    finally:
-        os.chdir(old)
-    assert res["iterations"] == 4
-    val = json.loads((mini_world / "det" / "val.json").read_text())
-    image = mini_world / "det" / "images" / val["images"][0]["file_name"]
-    # the same settings from any working directory (ovd test, ovd vocab embed): the CLIP path made absolute
-    overrides = [f"clip.model=local-dir:{root / 'clip'}" if o == "clip.model=local-dir:clip" else o for o in overrides]
-    return {"root": root, "ckpt": Path(res["out"]), "clip": root / "clip", "image": image, "world": mini_world,
-            "overrides": overrides}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +139,7 @@ def test_from_checkpoint_with_explicit_clip(trained, detector):
 
 
 def test_clip_of_another_dimension_is_refused(trained, tmp_path):
-    clip = ClipModel.load(f"local-dir:{tiny_clip(tmp_path / 'clip16', 16)}")
+    clip = ClipModel.load(f"local-dir:{tiny_clip_dir(tmp_path / 'clip16', 16)}")
     assert clip.embed_dim == 16
     with pytest.raises(OvdError, match="dimension 32") as e:
         Detector.from_checkpoint(trained["ckpt"], clip=clip)
@@ -367,7 +317,7 @@ def test_stored_vocabulary_of_another_clip_is_refused(trained, tmp_path, capsys)
     from ovd.vlm.vocab import embed_vocabulary
 
     for name, dim, seed, message in (("dim16", 16, 0, "16-d"), ("other", 32, 1, "another CLIP")):
-        clip = ClipModel.load(f"local-dir:{tiny_clip(tmp_path / name, dim, seed)}")
+        clip = ClipModel.load(f"local-dir:{tiny_clip_dir(tmp_path / name, dim, seed)}")
         path = tmp_path / f"{name}.safetensors"
         embed_vocabulary(clip, VOCAB, path, ["a photo of a {}."])
         with pytest.raises(OvdError, match=message):

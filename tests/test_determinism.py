@@ -1,4 +1,4 @@
-"""README: the pipeline is deterministic — for a fixed thread count on one machine (float sums
+"""docs/benchmarks.md: the pipeline is deterministic — for a fixed thread count on one machine (float sums
 are ordered differently with another number of threads or other CPU kernels, so results then
 differ in the last bits and the metrics a little).
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from _fixtures import SMALL as PIPELINE_SMALL
 from safetensors.torch import load_file
@@ -21,6 +22,7 @@ from ovd.mining.proposal_store import ProposalStore
 from ovd.modeling.checkpoint import load_checkpoint
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mini" / "smoke.yaml")
+pytestmark = pytest.mark.slow  # two whole pipeline runs from nothing
 
 # the pipeline tests' small run, keeping every box: the detections (and AP) are not trivially empty
 SMALL = [*PIPELINE_SMALL, "model.box_score_thresh=0.0"]

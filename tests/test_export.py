@@ -1,10 +1,10 @@
 """``ovd export``: a trained detector with a baked-in vocabulary → ONNX, run by onnxruntime.
 
-The tiny detector of test_detect.py (trained once for this module: 4 images, 96 px) is exported
-with a 3-name vocabulary; onnxruntime's detections must equal PyTorch's (``Detector.predict``)
-after matching, within ovd.engine.export's tolerances (boxes 1e-3 px in the detector's frame,
-scores 1e-4; same count, same labels) on smoke-world val images at their own size and at other
-sizes (the export is dynamic in H and W).
+The tiny detector of conftest's ``trained`` fixture (trained once for this module: 4 images,
+96 px) is exported with a 3-name vocabulary; onnxruntime's detections must equal PyTorch's
+(``Detector.predict``) after matching, within ovd.engine.export's tolerances (boxes 1e-3 px in the
+detector's frame, scores 1e-4; same count, same labels) on smoke-world val images at their own
+size and at other sizes (the export is dynamic in H and W).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _fixtures import run_err
-from test_detect import trained as _detect_trained  # noqa: F401 - a fixture (registered under this name)
 
 from ovd.cli import main
 from ovd.data.images import load_image
@@ -38,11 +37,6 @@ def _export(capsys, ckpt, out, *vocab_args) -> str:
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     return cap.out
-
-
-@pytest.fixture(scope="module")
-def trained(_detect_trained):  # noqa: F811 - test_detect's tiny detector, trained once for this module
-    return _detect_trained
 
 
 @pytest.fixture(scope="module")

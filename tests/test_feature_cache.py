@@ -15,10 +15,9 @@ import shutil
 import warnings
 from pathlib import Path
 
-import open_clip
 import pytest
 import torch
-from _fixtures import run_err, subset_json
+from _fixtures import TWO_BLOCK_CLIP, run_err, subset_json, tiny_clip_dir
 from safetensors import safe_open
 
 from ovd.cli import main
@@ -35,27 +34,12 @@ from ovd.mining.feature_cache import (
     run_extract,
 )
 from ovd.mining.proposal_store import load_proposals
-from ovd.vlm.clip import ClipModel, save_local_dir
+from ovd.vlm.clip import ClipModel
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mini" / "smoke.yaml")
 CHUNK = 16
 BATCH = 256  # clip.batch_size default: run_extract encodes each chunk in batches of this size
 TRAIN100 = "train100.json"
-
-
-def tiny_cfg(embed_dim: int = 32) -> dict:
-    return {
-        "embed_dim": embed_dim,
-        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-    }
-
-
-def save_tiny(folder: Path, seed: int, embed_dim: int = 32) -> Path:
-    torch.manual_seed(seed)
-    cfg = tiny_cfg(embed_dim)
-    net = open_clip.model.CLIP(**cfg).eval()
-    return save_local_dir(net, folder, cfg, 32, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
 
 
 # -- fixtures ------------------------------------------------------------------------------------
@@ -66,7 +50,7 @@ def tmp_mod(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_mod) -> Path:
-    return save_tiny(tmp_mod / "tiny_clip", seed=0)
+    return tiny_clip_dir(tmp_mod / "tiny_clip", **TWO_BLOCK_CLIP)
 
 
 @pytest.fixture(scope="module")
@@ -379,11 +363,11 @@ def test_a_different_clip_is_refused_or_recomputed_with_overwrite(single, train,
     shutil.copytree(single, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    clip16 = ClipModel.load(str(save_tiny(tmp_path / "clip16", seed=0, embed_dim=16)))
+    clip16 = ClipModel.load(str(tiny_clip_dir(tmp_path / "clip16", embed_dim=16, **TWO_BLOCK_CLIP)))
     with pytest.raises(OvdError, match="32-d embeddings .* gives 16-d"):
         extract_features(clip16, train, proposals, out, CHUNK, progress=False)
 
-    other = ClipModel.load(str(save_tiny(tmp_path / "other", seed=1)))
+    other = ClipModel.load(str(tiny_clip_dir(tmp_path / "other", seed=1, **TWO_BLOCK_CLIP)))
     assert other.embed_dim == 32
     with pytest.raises(OvdError, match="another CLIP or adapter"):
         extract_features(other, train, proposals, out, CHUNK, progress=False)
@@ -403,7 +387,7 @@ def test_a_different_clip_is_refused_or_recomputed_with_overwrite(single, train,
 def test_overwrite_recomputes_a_cache_of_another_embedding_dim(single, train, proposals, tmp_path):
     out = tmp_path / "cache"
     shutil.copytree(single, out)
-    clip16 = ClipModel.load(str(save_tiny(tmp_path / "clip16", seed=0, embed_dim=16)))
+    clip16 = ClipModel.load(str(tiny_clip_dir(tmp_path / "clip16", embed_dim=16, **TWO_BLOCK_CLIP)))
     report = extract_features(clip16, train, proposals, out, CHUNK, overwrite=True, progress=False)
     assert report["chunks_written"] == 7
 
@@ -411,9 +395,9 @@ def test_overwrite_recomputes_a_cache_of_another_embedding_dim(single, train, pr
 def test_new_weights_in_the_same_clip_folder_are_not_mistaken_for_the_old(mini_world, proposals, tmp_path):
     ds = load_detection_dataset(mini_world / "det" / "train.json", mini_world / "det" / "images")
     ds.data["images"] = ds.data["images"][:4]
-    folder = save_tiny(tmp_path / "clip", seed=0)
+    folder = tiny_clip_dir(tmp_path / "clip", **TWO_BLOCK_CLIP)
     extract_features(ClipModel.load(str(folder)), ds, proposals, tmp_path / "cache", CHUNK, progress=False)
-    save_tiny(folder, seed=1)  # e.g. `ovd vlm pretrain-mini` run again with other settings
+    tiny_clip_dir(folder, seed=1, **TWO_BLOCK_CLIP)  # e.g. `ovd vlm pretrain-mini` run again with other settings
     try:
         report = extract_features(ClipModel.load(str(folder)), ds, proposals, tmp_path / "cache", CHUNK, progress=False)
     except OvdError:

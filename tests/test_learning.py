@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from ovd.config import load_config
@@ -22,6 +23,7 @@ from ovd.vlm.clip import write_text_embeddings
 from ovd.vlm.text import TextSource
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mini" / "smoke.yaml")
+pytestmark = pytest.mark.slow  # a smoke-preset training run
 
 
 def test_a_short_smoke_training_run_learns(mini_world, tmp_path):

@@ -18,9 +18,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from _fixtures import flip_last_bytes, run_err, subset_json, tiny_clip_dir
-from test_crash_consistency import KILLED, folder_state, run_child, temp_files
-from test_ddp import child_env, free_port
+from _fixtures import (
+    KILLED,
+    child_env,
+    flip_last_bytes,
+    folder_state,
+    free_port,
+    run_child,
+    run_err,
+    subset_json,
+    temp_files,
+    tiny_clip_dir,
+)
 
 from ovd.cli import main
 from ovd.config import load_config

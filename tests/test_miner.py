@@ -13,10 +13,9 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
-import open_clip
 import pytest
 import torch
-from _fixtures import run_err
+from _fixtures import TWO_BLOCK_CLIP, run_err, tiny_clip_dir
 from torchvision.ops import box_iou
 
 import ovd.mining.miner as miner_mod
@@ -34,14 +33,9 @@ from ovd.mining.miner import (
     select,
 )
 from ovd.mining.proposal_store import ProposalStore, load_proposals
-from ovd.vlm.clip import ClipModel, save_local_dir
+from ovd.vlm.clip import ClipModel
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mini" / "smoke.yaml")
-TINY_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-}
 NUM_IMAGES = 6  # train images mined end to end (a prefix of the smoke world's train.json)
 TOPK = 5
 
@@ -296,11 +290,7 @@ def test_select_background_prompts_push_stuff_down():
 # -- tiny CLIP and the smoke world -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    net = open_clip.model.CLIP(**TINY_CFG).eval()
-    folder = tmp_path_factory.mktemp("miner_clip") / "tiny_clip"
-    save_local_dir(net, folder, TINY_CFG, 32, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
-    return folder
+    return tiny_clip_dir(tmp_path_factory.mktemp("miner_clip") / "tiny_clip", **TWO_BLOCK_CLIP)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Data-free few-shot replay (issue 12): data watchers, the feature generator, few-shot fine-tuning."""
+"""Data-free few-shot replay: data watchers, the feature generator, few-shot fine-tuning."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from ovd.errors import OvdError
 from ovd.modeling.checkpoint import load_checkpoint, model_from_checkpoint
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mini" / "smoke.yaml")
+# every test needs the module's trained base model and fitted generator (over 20 s to make)
+pytestmark = pytest.mark.slow
 
 
 def cfg_for(base, mini_world, work: Path, *extra: str):

@@ -70,7 +70,7 @@ def _assert_equal_tensors(a, b, where: str = "") -> None:
 
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(setup, mini_world, tmp_path):
-    """README: a run killed and resumed ends with the same weights as an uninterrupted one — bit for
+    """docs/detector.md: a run killed and resumed ends with the same weights as an uninterrupted one — bit for
     bit (model, optimizer, schedule, RNG), over several iterations after the resume."""
     full = run_train(cfg_for(setup, mini_world, tmp_path / "a", "train.epochs=3"), progress=False)
     assert full["iterations"] == 6  # 4 images / batch 2 x 3 epochs
@@ -106,7 +106,7 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(setup, mini_world
 
 
 def test_resume_refuses_other_inputs_naming_every_changed_key(setup, mini_world, tmp_path):
-    """README: resuming a run made from other inputs is refused. Every input that shapes the result
+    """docs/detector.md: resuming a run made from other inputs is refused. Every input that shapes the result
     is recorded and compared: seed, train annotations (path + content), image folder, split, CLIP."""
     import shutil
 

@@ -1,7 +1,7 @@
 """Prompting a trained detector with any class names: the ``Detector`` API behind ``ovd detect``.
 
     det = Detector.from_checkpoint("work_dirs/mini-smoke/train/final.pt")
-    out = det.predict("scene.png", classes=["red circle", "blue star"])
+    out = det.predict("scene.png", classes=["bekfol", "kriskum"])
     out["boxes"], out["scores"], out["names"]
 
 The vocabulary is data: ``classes`` are turned into CLIP text embeddings (cached per vocabulary by
@@ -44,7 +44,7 @@ def parse_classes(classes: str | Sequence[str], clean=None) -> list[str]:
     names = [c.strip() for c in names]
     names = [c for c in names if c]
     if not names:
-        raise OvdError("empty class list: give at least one class name, e.g. --classes 'red circle,blue star'")
+        raise OvdError("empty class list: give at least one class name, e.g. --classes 'bekfol,kriskum'")
     clash = vocabulary_clash(names, clean)
     if clash:
         raise OvdError(f"duplicate class names: {describe_clash(clash)}")

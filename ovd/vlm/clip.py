@@ -36,7 +36,7 @@ from ovd.vlm.adapter_file import apply_adapter, layernorm_parameters
 # EZSD/ViLD prompt. Ensembles can be passed per call; the default keeps the paper's single prompt.
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 # clip.precision: the image tower's autocast dtype when embedding crops. bf16 halves the tiny CLIP's
-# forward time on a CPU with AVX512-BF16 (README, bench speed); embeddings come back as float32.
+# forward time on a CPU with AVX512-BF16 (docs/benchmarks.md, bench speed); embeddings come back as float32.
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 CROP_ENLARGE = 1.2  # EZSD: GT boxes enlarged 1.2x before cropping, to include a little context
 

@@ -27,7 +27,7 @@ class MiniPreset:
     fewshot_seeds: tuple[int, ...] = (0, 1, 2)
 
 
-#: World v2 (36 colour x shape classes): the counts its README numbers were measured with.
+#: World v2 (36 colour x shape classes): the counts its numbers in docs/ were measured with.
 PRESETS_V2: dict[str, MiniPreset] = {
     "smoke": MiniPreset("smoke", web_train_per_class=20, web_val_per_class=5, det_train_images=100, det_val_images=30),
     "bench": MiniPreset(
