@@ -15,7 +15,6 @@ import torch
 from _fixtures import run_err
 from starlette.testclient import TestClient
 from test_detect import CONFIG
-from test_detect import trained as _detect_trained  # noqa: F401 - a fixture (registered under this name)
 
 from ovd.cli import main
 from ovd.data.images import load_image

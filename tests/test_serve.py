@@ -23,7 +23,6 @@ from _fixtures import run_err
 from _serving import running
 from PIL import Image
 from starlette.testclient import TestClient
-from test_detect import trained as _detect_trained  # noqa: F401 - a fixture (registered under this name)
 
 from ovd.engine.predictor import Detector
 from ovd.serve.app import Limits, create_app

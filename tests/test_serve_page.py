@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 from _serving import running
 from PIL import Image
-from test_detect import trained as _detect_trained  # noqa: F401 - a fixture (registered under this name)
 
 from ovd.engine.draw import PALETTE
 from ovd.serve.app import STATIC, create_app
