@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ovd.data.images import load_image
+from ovd.errors import OvdError
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -73,16 +74,51 @@ def as_list(batch: list) -> list:
     return batch
 
 
+class _WorkerError:
+    """An :class:`OvdError` raised in a worker, carried back as data: torch would re-raise it with
+    the worker's traceback pasted into its message; the main process raises it again as one line."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+class _Guarded(torch.utils.data.Dataset):
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        try:
+            return self.dataset[key]
+        except OvdError as e:
+            if torch.utils.data.get_worker_info() is None:
+                raise
+            return _WorkerError(str(e))
+
+
+class Loader(torch.utils.data.DataLoader):
+    """A ``DataLoader`` whose workers' :class:`OvdError` reach the caller as the same one-line error."""
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            for sample in batch if isinstance(batch, list) else [batch]:
+                if isinstance(sample, _WorkerError):
+                    raise OvdError(sample.message)
+            yield batch
+
+
 def make_loader(dataset, *, workers: int = 0, batch_size: int | None = 1, batch_sampler=None,
-                device: torch.device | str = "cpu", collate_fn=as_list) -> torch.utils.data.DataLoader:  # fmt: skip
+                device: torch.device | str = "cpu", collate_fn=as_list) -> Loader:  # fmt: skip
     """A ``DataLoader`` in dataset (or sampler) order with ``workers`` processes (0: in the calling
     process, exactly as a plain loop), pinned memory when the batches go to a CUDA device.
     ``batch_size=None`` yields single samples."""
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
     kwargs = {"batch_sampler": batch_sampler} if batch_sampler is not None else {"batch_size": batch_size}
-    return torch.utils.data.DataLoader(
-        dataset,
+    return Loader(
+        _Guarded(dataset),
         shuffle=False,
         num_workers=workers,
         collate_fn=collate_fn,
