@@ -69,6 +69,19 @@ class ImageSet(torch.utils.data.Dataset):
         return load_image(rec["path"]), rec["image_id"]
 
 
+class ImageFiles(torch.utils.data.Dataset):
+    """Map-style list of image files for inference: ``(image, position in the list)``."""
+
+    def __init__(self, paths):
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return load_image(self.paths[i]), i
+
+
 def as_list(batch: list) -> list:
     """Collate that keeps samples apart: detection images differ in size and targets are dicts."""
     return batch

@@ -30,7 +30,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -293,14 +293,22 @@ class MineSet(torch.utils.data.Dataset):
         return rec["image_id"], cand, self.cropper(image, cand)
 
 
-def _mine_chunk(job, items, c: int, text: torch.Tensor, bg: torch.Tensor | None, bar) -> list[tuple[int, dict]]:
-    """Chunk ``c``'s proposals from the next ``MineSet`` items of ``items``."""
+def mine_stream(clip, inputs: MineSet, text: torch.Tensor, m, bg_text: torch.Tensor | None = None,
+                workers: int = 0) -> Iterator[tuple[int, dict]]:  # fmt: skip
+    """``(image_id, proposals)`` of every :class:`MineSet` item, in order: ``workers`` loader
+    processes decode and crop, this process runs the CLIP forward (each image's crops in batches of
+    ``m.batch_size``, as :func:`mine_image`) and the selection — the same proposals at any ``workers``."""
+    scale = clip.model.logit_scale.exp().item()
+    for image_id, cand, crops in make_loader(inputs, workers=workers, batch_size=None):
+        emb = clip.encode_normalized(crops, m.batch_size) if len(cand) else None
+        yield image_id, select(cand, emb, text, scale, m, bg_text)
+
+
+def _mine_chunk(job, stream: Iterator, c: int, bar) -> list[tuple[int, dict]]:
+    """Chunk ``c``'s proposals: the next images of ``stream`` (:func:`mine_stream`)."""
     per_image = []
-    scale = job.clip.model.logit_scale.exp().item()
     for _ in _chunk_range(job, c):
-        image_id, cand, crops = next(items)
-        emb = job.clip.encode_normalized(crops, job.m.batch_size) if len(cand) else None
-        per_image.append((image_id, select(cand, emb, text, scale, job.m, bg)))
+        per_image.append(next(stream))
         bar.update(1)
     return per_image
 
@@ -328,9 +336,9 @@ def _mine_shard(cfg, shard: tuple[int, int], overwrite: bool, progress: bool) ->
         bar = tqdm(total=sum(len(_chunk_range(job, c)) for c in todo), desc=desc, disable=not progress)
         indices = [i for c in todo for i in _chunk_range(job, c)]
         inputs = MineSet(job.train, indices, m, job.base_ids, job.extra, job.clip.cropper)
-        items = iter(make_loader(inputs, workers=int(m.workers), batch_size=None))
+        stream = mine_stream(job.clip, inputs, text, m, bg, int(m.workers))
         for c in todo:
-            per_image = _mine_chunk(job, items, c, text, bg, bar)
+            per_image = _mine_chunk(job, stream, c, bar)
             tensors = proposal_tensors(per_image)
             write_chunk(folder, c, tensors, {
                 "format": PROPOSALS_FORMAT,
