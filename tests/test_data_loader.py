@@ -132,3 +132,14 @@ def test_a_bad_image_met_by_a_worker_is_one_clear_error(setup, mini_world, tmp_p
         with pytest.raises(OvdError) as e:
             list(make_loader(ImageSet(val), workers=workers, batch_size=2))
         assert str(e.value).startswith("image not found:") and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_loader_draws_nothing_from_the_global_rng(workers):
+    """torchvision's RPN / RoI samplers draw from the global RNG; a loader that drew its workers'
+    seed from it (DataLoader's default) would shift those draws and change a run's numbers."""
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    keys = list(make_loader(list(range(5)), workers=workers, batch_size=2))
+    assert keys == [[0, 1], [2, 3], [4]]
+    assert torch.equal(torch.get_rng_state(), state)

@@ -136,5 +136,8 @@ def make_loader(dataset, *, workers: int = 0, batch_size: int | None = 1, batch_
         num_workers=workers,
         collate_fn=collate_fn,
         pin_memory=torch.device(device).type == "cuda",
+        # the loader draws its workers' base seed at every iter(); from the global RNG by default, which
+        # would shift the RoI samplers' draws (and change a run's numbers): its own generator instead
+        generator=torch.Generator().manual_seed(0),
         **kwargs,
     )
