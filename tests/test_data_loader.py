@@ -11,8 +11,11 @@ from _fixtures import subset_json, tiny_clip_dir
 
 from ovd.config import load_config
 from ovd.data.coco import load_detection_dataset
+from ovd.data.images import load_image
 from ovd.data.loader import ImageSet, TrainBatchSampler, batch_keys, epoch_order, make_loader
 from ovd.engine.evaluator import predict_dataset
+from ovd.engine.pipeline import Pipeline
+from ovd.engine.predictor import Detector
 from ovd.engine.trainer import run_train
 from ovd.errors import OvdError
 from ovd.mining.feature_cache import FeatureCache, run_extract
@@ -20,6 +23,7 @@ from ovd.mining.miner import run_mine
 from ovd.mining.proposal_store import ProposalStore
 from ovd.modeling.build import build_detector
 from ovd.modeling.checkpoint import load_checkpoint
+from ovd.vlm.clip import ClipModel
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mini" / "smoke.yaml")
 
@@ -143,3 +147,34 @@ def test_the_loader_draws_nothing_from_the_global_rng(workers):
     keys = list(make_loader(list(range(5)), workers=workers, batch_size=2))
     assert keys == [[0, 1], [2, 3], [4]]
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_workers_do_not_enter_the_pipeline_stamps(setup, mini_world, tmp_path):
+    """miner.workers / extract.workers change speed only: `ovd run` must not redo mining for them."""
+    a = Pipeline(cfg_for(setup, mini_world, tmp_path / "w", 0))
+    b = Pipeline(cfg_for(setup, mini_world, tmp_path / "w", 2))
+    assert a.stamp("mine") == b.stamp("mine")
+    b.fresh["mine"] = a.fresh["mine"] = a.stamp("mine")
+    assert a.stamp("extract") == b.stamp("extract")
+    c = Pipeline(cfg_for(setup, mini_world, tmp_path / "w", 0))
+    c.cfg.miner.topk = 6
+    assert c.stamp("mine") != a.stamp("mine")
+
+
+def test_predict_batch_matches_one_image_predictions(setup, mini_world, tmp_path):
+    """Detector.predict is predict_batch of one image; a batch of two gives each image's detections."""
+    _, clip_dir, _ = setup
+    cfg = cfg_for(setup, mini_world, tmp_path / "w", 0)
+    val = load_detection_dataset(cfg.data.train_json, cfg.data.image_root)
+    torch.manual_seed(0)
+    det = Detector(build_detector(cfg.model, 32), ClipModel.load(str(clip_dir)), ["a photo of a {}."])
+    det.set_classes([c["name"] for c in val.categories])
+    images = [load_image(val.image_path(im)) for im in val.images[:2]]
+    one = [det.predict(im, score_thr=0.0) for im in images]
+    assert len(one[0]["boxes"]) > 0
+    again = det.predict_batch(images[:1], score_thr=0.0)[0]
+    assert all(torch.equal(one[0][k], again[k]) for k in ("boxes", "scores", "labels"))
+    both = det.predict_batch(images, score_thr=0.0)
+    for a, b in zip(one, both):
+        assert a["names"][:5] == b["names"][:5] and torch.allclose(a["scores"], b["scores"], atol=1e-4)
+        assert torch.allclose(a["boxes"], b["boxes"], atol=0.05)
