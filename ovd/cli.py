@@ -129,12 +129,13 @@ def _cmd_test(args: argparse.Namespace) -> int:
 
 
 def _cmd_detect(args: argparse.Namespace) -> int:
-    from ovd.engine.predictor import run_detect
+    from ovd.detect_cli import run_detect
 
     res = run_detect(
         args.images, args.ckpt, args.classes, score_thr=args.score_thr, out=args.out,
         classes_file=args.classes_file, text_embeddings=args.text_embeddings, results=args.results,
-        gt=args.gt, save_png=args.save_png, progress=args.results is not None,
+        gt=args.gt, save_png=args.save_png, progress=args.results is not None, batch_size=args.batch_size,
+        workers=args.workers,
     )  # fmt: skip
     if args.results is None:
         for rec in res["per_image"]:
@@ -149,7 +150,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
 
 
 def _cmd_vocab_embed(args: argparse.Namespace) -> int:
-    from ovd.engine.predictor import resolve_vocabulary
+    from ovd.detect_cli import resolve_vocabulary
     from ovd.vlm.clip import clip_from_config
     from ovd.vlm.text import clip_source
     from ovd.vlm.vocab import check_templates, embed_vocabulary
@@ -445,6 +446,8 @@ def _add_inference_commands(sub) -> None:
     )
     dt.add_argument("--gt", default=None, help="COCO GT JSON giving --results its image / category ids (by name)")
     dt.add_argument("--save-png", action="store_true", help="with --results: also draw <image>.png into --out")
+    dt.add_argument("--batch-size", type=int, default=1, help="images per detector forward (default 1)")
+    dt.add_argument("--workers", type=int, default=0, help="loader processes decoding images (default 0)")
     dt.set_defaults(func=_cmd_detect)
 
     vo = sub.add_parser("vocab", help="vocabularies: class-name files -> stored text embeddings").add_subparsers(

@@ -137,6 +137,9 @@ class MinerConfig:
     # Names of "stuff" that is not an object (e.g. "striped pattern"): scored with the class names,
     # a crop that looks most like one of them gets low objectness. Empty: EZSD's class names only.
     background_prompts: list[str] = field(default_factory=list)
+    # DataLoader worker processes decoding images and cutting their candidate crops; 0 = in the
+    # main process, as the CLIP forward. Affects speed only, never a result (docs/data_loading.md).
+    workers: int = lim(0, ge=0)
 
 
 @dataclass
@@ -149,6 +152,9 @@ class ExtractConfig:
     # with miner.enabled=false: this many random dense-anchor boxes per image instead (ViLD-style
     # base-biased targets for the ablation); 0 = GT boxes only
     random_boxes: int = lim(0, ge=0)
+    # DataLoader worker processes decoding images and cutting their box crops; 0 = in the main
+    # process, as the CLIP forward. Affects speed only, never a result (docs/data_loading.md).
+    workers: int = lim(0, ge=0)
 
 
 @dataclass
@@ -211,6 +217,20 @@ class TrainConfig:
     # Parameter-name prefixes to freeze (requires_grad off), e.g. ["backbone.", "rpn."]. An unmatched
     # prefix is an error. BatchNorm statistics of trained-BN layers still update (use model.norm).
     freeze: list[str] = field(default_factory=list)
+    # DataLoader worker processes decoding images and reading their cached distillation rows;
+    # 0 = in the main process. Affects speed only, never a result (docs/data_loading.md).
+    workers: int = lim(0, ge=0)
+
+
+@dataclass
+class TestConfig:
+    # Evaluation (`ovd test`, the periodic evaluation during training, the few-shot measurements).
+    # DataLoader worker processes decoding and preparing images; 0 = in the main process.
+    # Affects speed only, never a result (docs/data_loading.md).
+    workers: int = lim(0, ge=0)
+    # images per detector forward; 1 gives the numbers of one-image inference, larger batches are
+    # padded together (torchvision's batching) and may move scores in their last digits
+    batch_size: int = lim(1, ge=1)
 
 
 @dataclass
@@ -299,6 +319,7 @@ class Config:
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    test: TestConfig = field(default_factory=TestConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
 

@@ -537,13 +537,13 @@ def test_mine_passes_external_proposals_to_each_image(mini_world, clip_dir, smal
         {"image_id": first, "bbox": [100, 100, 80, 80]},
     ]))  # fmt: skip
     got = {}
-    real = miner_mod.mine_image
+    real = miner_mod.candidate_boxes
 
-    def spy(clip, image, text, m, base_gt=None, extra_boxes=None, encode=None, bg_text=None):
+    def spy(height, width, m, base_gt=None, extra_boxes=None):
         got[len(got)] = None if extra_boxes is None else extra_boxes.tolist()
-        return real(clip, image, text, m, base_gt, extra_boxes, encode, bg_text)
+        return real(height, width, m, base_gt, extra_boxes)
 
-    monkeypatch.setattr(miner_mod, "mine_image", spy)
+    monkeypatch.setattr(miner_mod, "candidate_boxes", spy)  # each image's candidates (MineSet, 0 workers)
     cfg = load_config(
         CONFIG,
         mine_args(mini_world, tmp_path, clip_dir, small_train, f"miner.external_proposals={ext}", "miner.stride=64"),

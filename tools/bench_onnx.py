@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ovd.data.images import load_image  # noqa: E402
+from ovd.detect_cli import expand_images  # noqa: E402
 from ovd.engine.export import box_tolerance, compare_detections, onnx_session, read_onnx_classes  # noqa: E402
-from ovd.engine.predictor import expand_images  # noqa: E402
 from ovd.modeling.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 
 TEXT_INIT = "model.roi_heads.classifier.text"

@@ -5,12 +5,22 @@ from __future__ import annotations
 import torch
 
 from ovd.data.images import load_image
-from ovd.modeling.distillation import DISTILL_BOXES, DISTILL_EMBEDDINGS, DISTILL_WEIGHTS
+
+# target keys of the cached distillation rows, read by the detector's distillation loss: the data
+# side defines the format it produces (the model side imports it), so data never imports modeling
+DISTILL_BOXES = "distill_boxes"  # (K, 4) xyxy cached boxes, in the image's pixel frame
+DISTILL_EMBEDDINGS = "distill_embeddings"  # (K, D) their CLIP embeddings (normalised in the loss)
+DISTILL_WEIGHTS = "distill_weights"  # (K,) per-box loss weights
+DISTILL_KEYS = (DISTILL_BOXES, DISTILL_EMBEDDINGS, DISTILL_WEIGHTS)
 
 
 class DetectionTrainSet(torch.utils.data.Dataset):
     """Images + GT of the vocabulary's classes (labels 1..C in vocabulary order) + cached distillation
-    boxes/embeddings/weights from a :class:`~ovd.mining.feature_cache.FeatureCache`."""
+    boxes/embeddings/weights from a :class:`~ovd.mining.feature_cache.FeatureCache`.
+
+    Map-style: ``data[i]`` or ``data[(i, flip)]`` is ``(image, target)``; the flip is drawn by the
+    sampler (:class:`~ovd.data.loader.TrainBatchSampler`), not here, so a sample does not depend on
+    which loader worker reads it."""
 
     def __init__(self, dataset, class_ids: list[int], cache=None):
         self.dataset = dataset
@@ -19,6 +29,10 @@ class DetectionTrainSet(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def __getitem__(self, key: int | tuple[int, bool]) -> tuple[torch.Tensor, dict]:
+        i, flip = key if isinstance(key, tuple) else (key, False)
+        return self.get(int(i), bool(flip))
 
     def get(self, i: int, flip: bool = False) -> tuple[torch.Tensor, dict]:
         rec = self.dataset.record(i)

@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm
 
 from ovd.data.boxes import coco_bbox
-from ovd.data.images import load_image
+from ovd.data.loader import ImageSet, make_loader
 from ovd.data.loading import load_split_dataset
 from ovd.evaluation import evaluate_detections
 from ovd.modeling.checkpoint import load_checkpoint, model_from_checkpoint
@@ -25,23 +25,30 @@ def load_val(cfg):
 
 
 @torch.no_grad()
-def predict_dataset(model, dataset, class_ids: list[int], progress: bool = True) -> list[dict]:
-    """COCO result list of ``model`` on every image; labels 1..C map back to ``class_ids``."""
+def predict_dataset(model, dataset, class_ids: list[int], progress: bool = True, *, batch_size: int = 1,
+                    workers: int = 0) -> list[dict]:  # fmt: skip
+    """COCO result list of ``model`` on every image (dataset order); labels 1..C map back to
+    ``class_ids``. Images are read by a ``DataLoader`` (``workers`` processes) and go through the
+    detector ``batch_size`` at a time (``test.batch_size`` / ``test.workers``)."""
     model.eval()
     device = next(model.parameters()).device
     results = []
-    for i in tqdm(range(len(dataset)), desc="test", disable=not progress):
-        rec = dataset.record(i)
-        out = model([load_image(rec["path"]).to(device)])[0]
-        for b, s, lab in zip(out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist()):
-            results.append(
-                {
-                    "image_id": rec["image_id"],
-                    "category_id": class_ids[lab - 1],
-                    "bbox": coco_bbox(b),
-                    "score": round(s, 5),
-                }
-            )
+    loader = make_loader(ImageSet(dataset), workers=workers, batch_size=batch_size, device=device)
+    bar = tqdm(total=len(dataset), desc="test", disable=not progress)
+    for batch in loader:
+        outs = model([im.to(device, non_blocking=True) for im, _ in batch])
+        for (_, image_id), out in zip(batch, outs):
+            for b, s, lab in zip(out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist()):
+                results.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": class_ids[lab - 1],
+                        "bbox": coco_bbox(b),
+                        "score": round(s, 5),
+                    }
+                )
+        bar.update(len(batch))
+    bar.close()
     return results
 
 
@@ -53,11 +60,13 @@ class PeriodicEval:
         names = list(self.split.base_names) + list(self.split.novel_names)
         self.text = text.encode(names).to(device)
         self.ids = list(self.split.base_ids) + list(self.split.novel_ids)
+        self.batch_size, self.workers = int(cfg.test.batch_size), int(cfg.test.workers)
 
     def __call__(self, model, train_text) -> dict:
         model.set_vocabulary(self.text)
         try:
-            dets = predict_dataset(model, self.val, self.ids, progress=False)
+            dets = predict_dataset(model, self.val, self.ids, progress=False, batch_size=self.batch_size,
+                                   workers=self.workers)  # fmt: skip
         finally:
             model.set_vocabulary(train_text)
         m = evaluate_detections(self.val, dets, split=self.split)
@@ -73,7 +82,8 @@ def run_test(cfg, ckpt: str, out: str | None = None, progress: bool = True) -> d
     model = model_from_checkpoint(state, ckpt)
     text.check_dim(int(state["meta"]["embed_dim"]), f"detector {ckpt}")
     model.set_vocabulary(text.encode(names))
-    dets = predict_dataset(model, val, list(split.base_ids) + list(split.novel_ids), progress)
+    dets = predict_dataset(model, val, list(split.base_ids) + list(split.novel_ids), progress,
+                           batch_size=int(cfg.test.batch_size), workers=int(cfg.test.workers))  # fmt: skip
     out_dir = Path(out) if out else Path(ckpt).parent
     # metrics.json describes detections.json: the old one goes first, so that a run killed between
     # the two writes leaves new detections without metrics, never beside the old metrics

@@ -44,6 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
+from ovd.detect_cli import resolve_vocabulary
+from ovd.engine.predictor import Detector
 from ovd.errors import OvdError, describe
 from ovd.utils.io import atomic_path
 
@@ -339,8 +341,6 @@ def run_export(
     """``ovd export``: the checkpoint's detector with exactly one vocabulary (class names, a classes
     file, or a stored text-embeddings file) → ``out`` (.onnx). Arguments are checked before any
     model is loaded; on any error nothing is written."""
-    from ovd.engine.predictor import Detector, resolve_vocabulary
-
     out = check_out_path(out)
     opset = check_opset(opset)
     size = check_size(size)

@@ -45,6 +45,8 @@ _READS = {
               "data.split", "seed"],
     "test": ["data.val_json", "data.image_root", "data.val_image_root", "data.lvis", "data.split", "clip"],
 }  # fmt: skip
+# keys inside a section a stage reads that change its speed only, never its output: not stamped
+_SPEED_ONLY = ("miner.workers", "extract.workers")
 _UPSTREAM = {
     "world": [],
     "pretrain": ["world"],
@@ -60,7 +62,10 @@ def _get(cfg, dotted: str):
     node = cfg
     for part in dotted.split("."):
         node = node[part]
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    if isinstance(value, dict):
+        value = {k: v for k, v in value.items() if f"{dotted}.{k}" not in _SPEED_ONLY}
+    return value
 
 
 _UNSET = object()

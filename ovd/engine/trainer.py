@@ -13,7 +13,9 @@ Exact resume: a checkpoint holds model, optimizer, scheduler, the iteration coun
 state (torchvision's RPN/RoI samplers draw from it); the image order of epoch e is a permutation
 seeded by (seed, e) and the flip of sample i in epoch e by (seed, e, i). A run resumed from a
 checkpoint therefore replays exactly the batches and random draws of an uninterrupted run, and a
-resume is refused when any setting or input that shapes the result differs.
+resume is refused when any setting or input that shapes the result differs. The images are read by
+a ``DataLoader`` (``train.workers`` processes) driven by :class:`~ovd.data.loader.TrainBatchSampler`,
+which makes those draws in this process: the result does not depend on the number of workers.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from ovd.data.loader import TrainBatchSampler, batch_keys, make_loader
 from ovd.data.loading import load_split_dataset
 from ovd.data.train_set import DetectionTrainSet
 from ovd.engine.evaluator import PeriodicEval
@@ -150,7 +153,8 @@ def _plain(section) -> dict:
 
 
 def _to(t: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+    # non_blocking: a copy from the loader's pinned memory overlaps with the step (CUDA); no-op on CPU
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
 
 
 def run_inputs(cfg, train, split, text: TextSource, cache) -> dict:
@@ -284,25 +288,25 @@ class Trainer:
         return int(state["iteration"])
 
     def batch(self, it: int) -> tuple[list, list]:
-        """This process's images and targets of iteration ``it`` (a function of seed and ``it``)."""
-        t, data = self.t, self.data
-        epoch, k = divmod(it, self.iters_per_epoch)
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
-        # the last batch of an epoch is filled up from the epoch's start: every batch is full,
-        # so every process always has its share (DDP) and the gradient scale never jumps
-        idx = [int(order[j % len(data)]) for j in range(k * t.batch_size, (k + 1) * t.batch_size)]
-        images, targets = [], []
-        for i in idx[self.rank :: self.world]:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 100_003 + i)
-            flip = t.hflip and bool(torch.rand(1, generator=g) < 0.5)
-            image, target = data.get(i, flip)
-            images.append(image.to(self.device))
-            targets.append(_to(target, self.device))
-        return images, targets
+        """This process's images and targets of iteration ``it`` (a function of seed and ``it``), read
+        here; :meth:`loader` reads the same batches in worker processes."""
+        keys = batch_keys(it, len(self.data), self.t.batch_size, self.iters_per_epoch, self.seed, bool(self.t.hflip),
+                          self.rank, self.world)  # fmt: skip
+        return self._on_device([self.data[k] for k in keys])
 
-    def step(self, it: int) -> tuple[dict, torch.Tensor]:
-        """One optimisation step; the loss dict and the (all-process mean) [total, *terms] values."""
-        images, targets = self.batch(it)
+    def loader(self, start: int, stop: int) -> torch.utils.data.DataLoader:
+        """The batches of iterations ``start`` … ``stop - 1`` (``train.workers`` processes)."""
+        sampler = TrainBatchSampler(len(self.data), self.t.batch_size, self.iters_per_epoch, self.seed,
+                                    bool(self.t.hflip), start, stop, self.rank, self.world)  # fmt: skip
+        return make_loader(self.data, workers=int(self.t.workers), batch_sampler=sampler, device=self.device)
+
+    def _on_device(self, samples: list) -> tuple[list, list]:
+        return [im.to(self.device, non_blocking=True) for im, _ in samples], [_to(t, self.device) for _, t in samples]
+
+    def step(self, it: int, samples: list | None = None) -> tuple[dict, torch.Tensor]:
+        """One optimisation step; the loss dict and the (all-process mean) [total, *terms] values.
+        ``samples``: iteration ``it``'s ``(image, target)`` pairs from :meth:`loader` (default: read now)."""
+        images, targets = self.batch(it) if samples is None else self._on_device(samples)
         kwargs: dict = {}
         for fn in self._input_hooks:
             extra = fn(it, images, targets)
@@ -361,10 +365,11 @@ class Trainer:
         eval_log = _JsonlLog(self.out / "eval.jsonl", start) if self.evaluator else None
         bar = tqdm(total=self.total, initial=start, desc="train", disable=not self.progress or self.rank != 0)
         t0, it = time.time(), start
+        batches = iter(self.loader(start, stop))
         try:
             while it < stop:
                 epoch = it // self.iters_per_epoch
-                losses, values = self.step(it)
+                losses, values = self.step(it, next(batches))
                 it += 1
                 if log:
                     rec = {"iter": it, "epoch": epoch, "lr": self.opt.param_groups[0]["lr"], "loss": float(values[0])}

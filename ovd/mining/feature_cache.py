@@ -21,7 +21,9 @@ A chunk's content hash covers what it holds besides the embeddings (image ids, b
 GT flags, storage dtype), so a rerun with other proposals recomputes it. Proposals are read per
 image (a :class:`~ovd.mining.proposal_store.ProposalStore` loads one chunk of them at a time), and
 the chunks are planned and written one after the other: memory is bounded by a chunk, not by the
-train set.
+train set. The images are decoded and cut into crops by a ``DataLoader`` (:class:`ExtractSet`,
+``extract.workers`` processes) while this process runs the CLIP forward; a chunk's crops are
+encoded together whatever the number of workers, so the cache does not depend on it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 from ovd.data.images import load_image
+from ovd.data.loader import make_loader
 from ovd.data.loading import load_split_dataset
 from ovd.errors import OvdError
 from ovd.mining.chunk_store import (  # INDEX, PLAN, chunk_path, parse_shard: also importable from here
@@ -59,7 +62,7 @@ from ovd.mining.chunk_store import (  # INDEX, PLAN, chunk_path, parse_shard: al
 from ovd.mining.miner import candidate_boxes
 from ovd.mining.proposal_store import open_proposals
 from ovd.utils.io import remove_stale_temps
-from ovd.vlm.clip import clip_from_config
+from ovd.vlm.clip import CropSampler, clip_from_config
 
 CACHE_FORMAT = "ovd-feature-cache/2"
 KIND = StoreKind(format=CACHE_FORMAT, what="feature cache", noun="cache", verb="extract")
@@ -111,8 +114,9 @@ def _content_hash(items: list[dict], dtype: str) -> str:
 
 
 def encode_chunk(clip, items: list[dict], dtype: torch.dtype, batch_size: int) -> dict[str, torch.Tensor]:
-    """items: per image {image_id, image (3,H,W), boxes (N,4), weights (N,), is_gt (N,)} → chunk tensors."""
-    crops = [clip.crop(it["image"], it["boxes"]) for it in items]
+    """items: per image {image_id, image (3,H,W) or crops (N,3,S,S) cut already, boxes (N,4), weights
+    (N,), is_gt (N,)} → chunk tensors."""
+    crops = [it["crops"] if "crops" in it else clip.crop(it["image"], it["boxes"]) for it in items]
     emb = clip.encode_normalized(torch.cat(crops), batch_size) if crops else torch.zeros((0, clip.embed_dim))
     return {
         "boxes": torch.cat([it["boxes"] for it in items]).float().contiguous(),
@@ -151,6 +155,25 @@ def chunk_items(dataset, proposals, c: int, chunk_size: int, include_gt: bool, g
     ]
 
 
+class ExtractSet(torch.utils.data.Dataset):
+    """The train images ``indices`` as extraction inputs: :func:`chunk_items`'s item with the EZSD
+    ``crops`` of its boxes in place of the image path (decoded and cut in loader workers)."""
+
+    def __init__(self, dataset, proposals, indices: list[int], include_gt: bool, gt_cat_ids, cropper: CropSampler):
+        self.dataset, self.proposals, self.indices = dataset, proposals, indices
+        self.include_gt, self.gt_cat_ids, self.cropper = include_gt, gt_cat_ids, cropper
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> dict:
+        it = _chunk_item(self.dataset.record(self.indices[k]), self.proposals, self.include_gt, self.gt_cat_ids)
+        path = it.pop("path")
+        image = load_image(path) if len(it["boxes"]) else torch.zeros(3, 1, 1)  # no boxes: nothing to read
+        it["crops"] = self.cropper(image, it["boxes"])
+        return it
+
+
 def extract_features(
     clip,
     dataset,
@@ -165,13 +188,15 @@ def extract_features(
     batch_size: int = 256,
     progress: bool = True,
     max_chunks: int | None = None,
+    workers: int = 0,
 ) -> dict:
     """Encode this shard's chunks that are not on disk yet (at most ``max_chunks`` of them in this
     call: bounded work per job, e.g. on a preemptible queue; the next call goes on).
 
     ``proposals``: anything with ``.get(image_id)`` → {"boxes", "weights"} or None — a dict from
     :func:`~ovd.mining.proposal_store.load_proposals` or a :class:`~ovd.mining.proposal_store.ProposalStore`.
-    It is read one chunk of images at a time, in dataset order (twice: to plan, then to encode)."""
+    It is read one chunk of images at a time, in dataset order (twice: to plan, then to encode).
+    ``workers``: loader processes decoding the images and cutting the crops (see :class:`ExtractSet`)."""
     if dtype not in DTYPES:
         raise OvdError(f"extract.dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     if chunk_size < 1:
@@ -196,10 +221,12 @@ def extract_features(
                             "num_chunks": n_chunks, "contents": contents}, KIND)  # fmt: skip
         t0 = time.time()
         n_boxes = done = 0
-        for c in tqdm(todo[:max_chunks], desc=f"extract shard {shard[0]}/{shard[1]}", disable=not progress):
-            items = chunk_items(dataset, proposals, c, chunk_size, include_gt, gt_cat_ids)
-            for it in items:
-                it["image"] = load_image(it.pop("path")) if len(it["boxes"]) else torch.zeros(3, 1, 1)
+        chunks = todo[:max_chunks]
+        ranges = [range(c * chunk_size, min(len(dataset), (c + 1) * chunk_size)) for c in chunks]
+        inputs = ExtractSet(dataset, proposals, [i for r in ranges for i in r], include_gt, gt_cat_ids, clip.cropper)
+        loaded = iter(make_loader(inputs, workers=workers, batch_size=None))
+        for c, r in tqdm(list(zip(chunks, ranges)), desc=f"extract shard {shard[0]}/{shard[1]}", disable=not progress):
+            items = [next(loaded) for _ in r]
             tensors = encode_chunk(clip, items, DTYPES[dtype], batch_size)
             del items  # free the chunk's pixels before the next one is loaded
             n_boxes += len(tensors["boxes"])
@@ -315,6 +342,7 @@ def run_extract(
             overwrite,
             cfg.clip.batch_size,
             progress,
+            workers=int(e.workers),
         )
     folder = Path(e.out)
     if merge_only or plan_complete(folder, KIND):

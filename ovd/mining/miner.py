@@ -16,6 +16,11 @@ Objectness choices:
 (:mod:`ovd.mining.proposal_store`): chunks of ``miner.chunk_size`` images, written atomically,
 shardable (``--shard i/N`` or torchrun) and resumable, committed by an index written last — the
 feature cache's protocol (:mod:`ovd.mining.chunk_store`). Memory is bounded by a chunk.
+
+The images reach the CLIP through a ``DataLoader`` (:class:`MineSet`): its ``miner.workers``
+processes decode each image and cut its candidate crops while this process runs the CLIP forward
+on the previous ones. Every image's crops are encoded in batches of their own, as
+:func:`mine_image` does, so the proposals do not depend on the number of workers.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,6 +40,7 @@ from tqdm import tqdm
 
 from ovd.data.boxes import xywh_to_xyxy
 from ovd.data.images import load_image
+from ovd.data.loader import make_loader
 from ovd.data.loading import load_split_dataset
 from ovd.data.validate import is_box, is_int
 from ovd.errors import OvdError
@@ -58,7 +64,7 @@ from ovd.mining.proposal_store import (
     write_proposals_json,
 )
 from ovd.utils.io import read_json, remove_stale_temps
-from ovd.vlm.clip import clip_from_config
+from ovd.vlm.clip import CropSampler, clip_from_config
 
 OBJECTNESS = ("entropy", "max_prob")
 
@@ -267,15 +273,42 @@ def _chunk_range(job, c: int) -> range:
     return range(c * job.size, min(len(job.train), (c + 1) * job.size))
 
 
-def _mine_chunk(job, c: int, text: torch.Tensor, bg: torch.Tensor | None, bar) -> list[tuple[int, dict]]:
-    per_image = []
-    for i in _chunk_range(job, c):
-        rec = job.train.record(i)
-        extra = job.extra.get(rec["image_id"])
-        res = mine_image(
-            job.clip, load_image(rec["path"]), text, job.m, gt_boxes_of(rec, job.base_ids), extra, bg_text=bg
+class MineSet(torch.utils.data.Dataset):
+    """The train images ``indices`` as mining inputs: ``(image_id, candidate boxes, their EZSD crops)``,
+    the part of :func:`mine_image` before the CLIP forward (decoded and cut in loader workers)."""
+
+    def __init__(self, train, indices: list[int], m, base_ids: set[int], extra: dict, cropper: CropSampler):
+        self.train, self.indices, self.m, self.base_ids, self.extra = train, indices, m, base_ids, extra
+        self.cropper = cropper
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        rec = self.train.record(self.indices[k])
+        image = load_image(rec["path"])
+        cand = candidate_boxes(
+            image.shape[-2], image.shape[-1], self.m, gt_boxes_of(rec, self.base_ids), self.extra.get(rec["image_id"])
         )
-        per_image.append((rec["image_id"], res))
+        return rec["image_id"], cand, self.cropper(image, cand)
+
+
+def mine_stream(clip, inputs: MineSet, text: torch.Tensor, m, bg_text: torch.Tensor | None = None,
+                workers: int = 0) -> Iterator[tuple[int, dict]]:  # fmt: skip
+    """``(image_id, proposals)`` of every :class:`MineSet` item, in order: ``workers`` loader
+    processes decode and crop, this process runs the CLIP forward (each image's crops in batches of
+    ``m.batch_size``, as :func:`mine_image`) and the selection — the same proposals at any ``workers``."""
+    scale = clip.model.logit_scale.exp().item()
+    for image_id, cand, crops in make_loader(inputs, workers=workers, batch_size=None):
+        emb = clip.encode_normalized(crops, m.batch_size) if len(cand) else None
+        yield image_id, select(cand, emb, text, scale, m, bg_text)
+
+
+def _mine_chunk(job, stream: Iterator, c: int, bar) -> list[tuple[int, dict]]:
+    """Chunk ``c``'s proposals: the next images of ``stream`` (:func:`mine_stream`)."""
+    per_image = []
+    for _ in _chunk_range(job, c):
+        per_image.append(next(stream))
         bar.update(1)
     return per_image
 
@@ -301,8 +334,11 @@ def _mine_shard(cfg, shard: tuple[int, int], overwrite: bool, progress: bool) ->
             bg = job.clip.encode_text(list(m.background_prompts), job.templates) if m.background_prompts else None
         desc = f"mine shard {shard[0]}/{shard[1]}"
         bar = tqdm(total=sum(len(_chunk_range(job, c)) for c in todo), desc=desc, disable=not progress)
+        indices = [i for c in todo for i in _chunk_range(job, c)]
+        inputs = MineSet(job.train, indices, m, job.base_ids, job.extra, job.clip.cropper)
+        stream = mine_stream(job.clip, inputs, text, m, bg, int(m.workers))
         for c in todo:
-            per_image = _mine_chunk(job, c, text, bg, bar)
+            per_image = _mine_chunk(job, stream, c, bar)
             tensors = proposal_tensors(per_image)
             write_chunk(folder, c, tensors, {
                 "format": PROPOSALS_FORMAT,

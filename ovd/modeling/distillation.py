@@ -17,12 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ovd.data.train_set import DISTILL_BOXES, DISTILL_EMBEDDINGS, DISTILL_KEYS, DISTILL_WEIGHTS  # noqa: F401
 from ovd.errors import OvdError
-
-DISTILL_BOXES = "distill_boxes"  # (K, 4) xyxy cached boxes, in the image's pixel frame
-DISTILL_EMBEDDINGS = "distill_embeddings"  # (K, D) their CLIP embeddings (normalised in the loss)
-DISTILL_WEIGHTS = "distill_weights"  # (K,) per-box loss weights
-DISTILL_KEYS = (DISTILL_BOXES, DISTILL_EMBEDDINGS, DISTILL_WEIGHTS)
 
 
 def has_distill_targets(targets: list[dict] | None) -> bool:

@@ -179,6 +179,35 @@ def crop_boxes_square(boxes: torch.Tensor, enlarge: float = CROP_ENLARGE) -> tor
     return torch.stack([cx - half, cy - half, cx + half, cy + half], dim=1)
 
 
+class CropSampler:
+    """EZSD crops at a CLIP's input size and normalisation, without the model: small and picklable,
+    so loader workers (mining, extraction) cut crops while the main process runs the CLIP forward."""
+
+    def __init__(self, image_size: int, mean: torch.Tensor, std: torch.Tensor):
+        self.image_size, self.mean, self.std = int(image_size), mean, std
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """(…, 3, H, W) floats in [0, 1] → CLIP-normalised."""
+        return (images - self.mean.to(images.device)) / self.std.to(images.device)
+
+    def __call__(self, image: torch.Tensor, boxes: torch.Tensor, enlarge: float = CROP_ENLARGE) -> torch.Tensor:
+        """EZSD crops of ``boxes`` (N, 4 xyxy, pixels) from ``image`` (3, H, W, [0, 1]) → (N, 3, S, S).
+
+        One ``roi_align`` call samples every square crop at the model's input size: vectorised,
+        bilinear, and averaging over several samples per output pixel when shrinking (adaptive
+        ``sampling_ratio``), i.e. an anti-aliased resize. Sampling happens on the normalised image,
+        so the zero padding outside the image is the CLIP mean colour.
+        """
+        if boxes.numel() == 0:
+            return image.new_zeros((0, 3, self.image_size, self.image_size))
+        sq = crop_boxes_square(boxes.to(torch.float32), enlarge) + 1.0  # +1: the padding ring below
+        rois = torch.cat([sq.new_zeros((len(sq), 1)), sq], dim=1)
+        # roi_align clamps samples within one pixel outside the image to the edge pixel; a ring of
+        # zeros (= the mean colour once normalised) makes all outside samples padding.
+        norm = F.pad(self.normalize(image.to(torch.float32)), (1, 1, 1, 1))[None]
+        return roi_align(norm, rois, output_size=self.image_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
 def _resolve_spec(model: str, pretrained: str | None) -> tuple[str, str | None, str]:
     """(model, pretrained, source) of a model name / folder and weights, checked before any loading:
     a folder becomes ``local-dir:``; unknown names, missing folders and unknown tags are errors."""
@@ -358,26 +387,19 @@ class ClipModel:
             )
 
     # -- images -----------------------------------------------------------------------------------
+    @property
+    def cropper(self) -> CropSampler:
+        """This model's crop geometry and normalisation, for loader workers (see :class:`CropSampler`)."""
+        return CropSampler(self.image_size, self.mean, self.std)
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """(…, 3, H, W) floats in [0, 1] → CLIP-normalised."""
-        return (images - self.mean.to(images.device)) / self.std.to(images.device)
+        return self.cropper.normalize(images)
 
     def crop(self, image: torch.Tensor, boxes: torch.Tensor, enlarge: float = CROP_ENLARGE) -> torch.Tensor:
-        """EZSD crops of ``boxes`` (N, 4 xyxy, pixels) from ``image`` (3, H, W, [0, 1]) → (N, 3, S, S).
-
-        One ``roi_align`` call samples every square crop at the model's input size: vectorised,
-        bilinear, and averaging over several samples per output pixel when shrinking (adaptive
-        ``sampling_ratio``), i.e. an anti-aliased resize. Sampling happens on the normalised image,
-        so the zero padding outside the image is the CLIP mean colour.
-        """
-        if boxes.numel() == 0:
-            return image.new_zeros((0, 3, self.image_size, self.image_size))
-        sq = crop_boxes_square(boxes.to(torch.float32), enlarge) + 1.0  # +1: the padding ring below
-        rois = torch.cat([sq.new_zeros((len(sq), 1)), sq], dim=1)
-        # roi_align clamps samples within one pixel outside the image to the edge pixel; a ring of
-        # zeros (= the mean colour once normalised) makes all outside samples padding.
-        norm = F.pad(self.normalize(image.to(torch.float32)), (1, 1, 1, 1))[None]
-        return roi_align(norm, rois, output_size=self.image_size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        """EZSD crops of ``boxes`` (N, 4 xyxy, pixels) from ``image`` (3, H, W, [0, 1]) → (N, 3, S, S);
+        see :class:`CropSampler`."""
+        return self.cropper(image, boxes, enlarge)
 
     @torch.no_grad()
     def encode_normalized(self, crops: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
