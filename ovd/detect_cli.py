@@ -26,7 +26,6 @@ from ovd.utils.io import atomic_path, read_json, write_json
 from ovd.vlm.clip import default_text_clean
 from ovd.vlm.vocab import load_vocabulary, read_classes_file
 
-
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _GLOB_CHARS = set("*?[")
 

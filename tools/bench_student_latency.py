@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ovd.data.images import load_image  # noqa: E402
-from ovd.engine.export import export_onnx, onnx_session  # noqa: E402
 from ovd.detect_cli import expand_images  # noqa: E402
+from ovd.engine.export import export_onnx, onnx_session  # noqa: E402
 from ovd.errors import OvdError  # noqa: E402
 from ovd.modeling.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 
