@@ -34,11 +34,6 @@ VOCAB7 = ["yellow ring", "purple circle", "cyan cross", "red square", "blue circ
 
 
 @pytest.fixture(scope="module")
-def trained(_detect_trained):  # noqa: F811 - test_detect's tiny detector, trained once for this module
-    return _detect_trained
-
-
-@pytest.fixture(scope="module")
 def opened(trained, tmp_path_factory):
     root = tmp_path_factory.mktemp("export_open")
     out = root / "open.onnx"

@@ -34,11 +34,6 @@ VOCAB_B = ["yellow ring", "purple circle", "cyan cross", "red square", "blue cir
 
 
 @pytest.fixture(scope="module")
-def trained(_detect_trained):  # noqa: F811 - test_detect's tiny detector, trained once for this module
-    return _detect_trained
-
-
-@pytest.fixture(scope="module")
 def backend(trained):
     return TorchBackend.from_checkpoint(trained["ckpt"])
 

@@ -40,11 +40,6 @@ else:
 
 
 @pytest.fixture(scope="module")
-def trained(_detect_trained):  # noqa: F811 - test_detect's tiny detector, trained once for this module
-    return _detect_trained
-
-
-@pytest.fixture(scope="module")
 def browser():
     assert CHROMIUM and DRIVER, "chromium and chromedriver are needed in CI (apt-get install chromium chromium-driver)"
     from selenium.webdriver.chrome.service import Service
