@@ -40,6 +40,15 @@ class WorldConfig:
     # shapes whose classes are all novel in a second split (split_heldout_<shapes>.json and
     # det/train_heldout_<shapes>.json, ``ovd data mini-split``); [] = only the standard split
     heldout_shapes: list[str] = field(default_factory=list)
+    # World knobs (v3; docs/mini_world.md "World knobs"); the defaults give the v3 world unchanged.
+    # shared: novel kinds reuse base kinds' colours, patterns, silhouette families | own: their own
+    novel_attributes: str = "shared"
+    # square: instances near each kind's outline | coco: each kind a characteristic box aspect 1:3-3:1
+    kind_aspect: str = "square"
+    # web train images per kind, 0: the preset's (more teacher data; pretraining time grows with it)
+    web_per_class: int = lim(0, ge=0)
+    # clean: centred objects on clean backgrounds | scene: web images that look like detection crops
+    web_style: str = "clean"
 
 
 @dataclass
