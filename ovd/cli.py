@@ -151,7 +151,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
 def _cmd_vocab_embed(args: argparse.Namespace) -> int:
     from ovd.engine.predictor import resolve_vocabulary
     from ovd.vlm.clip import clip_from_config
-    from ovd.vlm.text import clip_source
+    from ovd.vlm.text import clip_source, text_adapter_of
     from ovd.vlm.vocab import check_templates, embed_vocabulary
 
     cfg = _load(args)
@@ -159,7 +159,8 @@ def _cmd_vocab_embed(args: argparse.Namespace) -> int:
     if (args.classes is None) == (args.classes_file is None):
         raise OvdError("ovd vocab embed: give exactly one of --classes-file and --classes")
     _, names = resolve_vocabulary(args.classes, args.classes_file, None)
-    _print_report(embed_vocabulary(clip_from_config(cfg.clip), names, args.out, templates, clip_source(cfg.clip)))
+    clip = clip_from_config(cfg.clip, text_adapter_of(cfg))  # a text-tower adapter changes the embeddings
+    _print_report(embed_vocabulary(clip, names, args.out, templates, clip_source(cfg.clip)))
     return 0
 
 

@@ -121,6 +121,11 @@ class AdapterConfig:
     weight_decay: float = lim(0.0, ge=0)
     max_crops: int = lim(0, ge=0)  # 0: every base GT box of the train split
     hflip: bool = True
+    # EZSD-faithful options (docs/mini_world.md "EZSD-faithful options"): also tune the text tower's
+    # LayerNorms (every later text embedding then comes from the adapted tower), and EZSD's loss:
+    # softmax: cross-entropy at the CLIP's logit scale | sigmoid: per-class BCE on 100 * cos
+    text_tower: bool = False
+    loss: str = "softmax"
 
 
 @dataclass
@@ -146,6 +151,9 @@ class MinerConfig:
     # Names of "stuff" that is not an object (e.g. "striped pattern"): scored with the class names,
     # a crop that looks most like one of them gets low objectness. Empty: EZSD's class names only.
     background_prompts: list[str] = field(default_factory=list)
+    # EZSD: after the NMS, drop the proposals whose best class is a base class (its miner keeps
+    # only likely-novel regions); needs miner.vocabulary=all
+    drop_base_argmax: bool = False
 
 
 @dataclass
@@ -182,6 +190,10 @@ class ModelConfig:
     box_batch_size_per_image: int = lim(512, ge=1)  # sampled RoIs per image in training
     rpn_post_nms_top_n_train: int = lim(2000, ge=1)
     rpn_post_nms_top_n_test: int = lim(1000, ge=1)
+    # Classifier (EZSD's code: an unnormalised learned background vector, temperature from 100):
+    # true: the background vector is scored as a unit vector | false: by its learnt length too
+    background_unit: bool = True
+    init_logit_scale: float = lim(1 / 0.07, gt=0, le=100)  # the classifier's temperature at start
 
 
 @dataclass

@@ -26,8 +26,13 @@ from ovd.data.mini_world import PRESETS_V3, MiniPreset, generate_mini_world
 #: Small enough for a test (seconds), big enough to use every renderer: class and non-class web
 #: images of every kind, and scenes with several objects.
 GOLDEN = MiniPreset(
-    "golden", web_train_per_class=1, web_val_per_class=1, det_train_images=16, det_val_images=6,
-    fewshot_shots=(1,), fewshot_seeds=(0,),
+    "golden",
+    web_train_per_class=1,
+    web_val_per_class=1,
+    det_train_images=16,
+    det_val_images=6,
+    fewshot_shots=(1,),
+    fewshot_seeds=(0,),
 )
 GOLDEN_SEED = 1
 

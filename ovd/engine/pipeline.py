@@ -31,6 +31,7 @@ from ovd.mining.miner import run_mine
 from ovd.utils.io import read_json, write_json
 from ovd.vlm.adapter import run_adapt
 from ovd.vlm.pretrain import pretrain_tiny_clip
+from ovd.vlm.text import text_adapter_of
 
 STAGES = ("world", "pretrain", "adapt", "mine", "extract", "train", "test")
 
@@ -110,7 +111,11 @@ class Pipeline:
             value, default = _get(self.cfg, k), _get(defaults, k)
             if value != default:
                 reads[k] = _changed(value, default)
-        up = {u: self.fresh.get(u, "") for u in _UPSTREAM[stage]}
+        upstream = list(_UPSTREAM[stage])
+        if stage in ("train", "test") and text_adapter_of(self.cfg):  # class embeddings from the adapted text tower
+            reads["adapter.text_tower"] = True
+            upstream.append("adapt")
+        up = {u: self.fresh.get(u, "") for u in upstream}
         return hashlib.sha1(json.dumps([reads, up], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def output(self, stage: str) -> Path:

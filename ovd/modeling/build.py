@@ -21,6 +21,8 @@ def build_detector(m, embed_dim: int) -> OVFasterRCNN:
         semantic_regression=m.semantic_regression,
         distill_weight=m.distill_weight if m.distill else 0.0,
         representation_size=m.representation_size,
+        background_unit=m.background_unit,
+        init_logit_scale=m.init_logit_scale,
         **torchvision_kwargs(m),
     )
 

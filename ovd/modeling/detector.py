@@ -129,6 +129,8 @@ class OVFasterRCNN(FasterRCNN):
         box_batch_size_per_image: int = 512,
         box_positive_fraction: float = 0.25,
         representation_size: int = 1024,
+        background_unit: bool = True,
+        init_logit_scale: float = 1 / 0.07,
         **kwargs,
     ):
         anchor_gen = AnchorGenerator(anchor_sizes, ((0.5, 1.0, 2.0),) * len(anchor_sizes))
@@ -148,7 +150,7 @@ class OVFasterRCNN(FasterRCNN):
         self.roi_heads = OVRoIHeads(
             stock.box_roi_pool,
             stock.box_head,
-            ZeroShotClassifier(rep, embed_dim),
+            ZeroShotClassifier(rep, embed_dim, init_scale=init_logit_scale, unit_background=background_unit),
             SemanticBoxRegressor(rep, embed_dim, semantic=semantic_regression),
             distill_weight=distill_weight,
             fg_iou_thresh=box_fg_iou_thresh,
