@@ -67,7 +67,8 @@ def test_plot_aggregates_seeds(tmp_path):
         d.mkdir(parents=True)
         (d / "result.json").write_text(json.dumps(r))
     out = tmp_path / "fig" / "sweep.png"
-    assert plot_world_sweep.main(["--work-root", str(tmp_path / "runs"), "--out", str(out), "--variants", "a", "e"]) == 0
+    argv = ["--work-root", str(tmp_path / "runs"), "--out", str(out), "--variants", "a", "e"]
+    assert plot_world_sweep.main(argv) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = out.with_suffix(".md").read_text()
     sd = 100 * statistics.stdev([0.2, 0.3, 0.4])
