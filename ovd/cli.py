@@ -52,8 +52,14 @@ def _print_report(report: dict) -> None:
 def _cmd_data_mini(args: argparse.Namespace) -> int:
     from ovd.data.mini_world import generate_mini_world
 
+    knobs = {}
+    for item in args.knob:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise OvdError(f"--knob {item!r}: expected KEY=VALUE, e.g. kind_aspect=coco")
+        knobs[key.strip()] = int(value) if value.strip().isdigit() else value.strip()
     summary = generate_mini_world(
-        args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite, version=args.version
+        args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite, version=args.version, knobs=knobs
     )
     _print_report(summary)
     return 0
@@ -283,6 +289,13 @@ def _add_data_commands(sub) -> None:
     m.add_argument("--version", type=int, default=3, help="world version: 3 (65 kinds) | 2 (36 colour x shape)")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--overwrite", action="store_true", help="replace an existing, different world in --out")
+    m.add_argument(
+        "--knob",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a world knob, e.g. kind_aspect=coco (repeatable; docs/mini_world.md, World knobs)",
+    )
     m.set_defaults(func=_cmd_data_mini)
     ms = d.add_parser("mini-split", help="a second split of a mini-world: every class of some shapes is novel")
     ms.add_argument("--world", required=True, help="an existing mini-world folder")

@@ -128,3 +128,12 @@ def test_bad_knobs_are_one_clear_error(tmp_path, knobs, version, match):
     with pytest.raises(OvdError, match=match):
         generate_mini_world(tmp_path / "w", preset="smoke", seed=0, progress=False, version=version, knobs=knobs)
     assert not (tmp_path / "w").exists()
+
+
+def test_cli_knob_errors_are_one_line(tmp_path, capsys):
+    from _fixtures import run_err
+
+    line = run_err(capsys, "data", "mini", "--out", str(tmp_path / "w"), "--knob", "kind_aspect=tall")
+    assert "world.kind_aspect: expected one of square, coco" in line
+    assert "expected KEY=VALUE" in run_err(capsys, "data", "mini", "--out", str(tmp_path / "w"), "--knob", "coco")
+    assert not (tmp_path / "w").exists()
