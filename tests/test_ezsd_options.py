@@ -4,6 +4,7 @@ adapted tower), the classifier's unnormalised background vector and initial temp
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,12 +12,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from _fixtures import tiny_clip_dir
+from _fixtures import subset_json, tiny_clip_dir
 
 from ovd.config import load_config
 from ovd.config_schema import AdapterConfig, ModelConfig
 from ovd.engine.pipeline import Pipeline
-from ovd.mining.miner import select
+from ovd.errors import OvdError
+from ovd.mining.miner import run_mine, select
 from ovd.modeling.build import build_detector
 from ovd.modeling.zero_shot_classifier import ZeroShotClassifier
 from ovd.vlm.adapter import EZSD_SCALE, adapter_loss, adapter_parameters, train_adapter
@@ -61,6 +63,27 @@ def test_drop_base_argmax_runs_after_nms_and_before_topk():
     assert select(cand, emb, text, 10.0, _m(topk=1), n_base=1)["boxes"].tolist() == cand[[2]].tolist()
     same = select(cand, emb, text, 10.0, _m(), n_base=0)
     assert all(torch.equal(same[k], plain[k]) for k in plain)
+
+
+def test_ovd_mine_with_drop_base_argmax_keeps_novel_classed_boxes_only(mini_world, tmp_path):
+    train = subset_json(mini_world / "det" / "train.json", tmp_path / "train.json", 3)
+    clip_dir = tiny_clip_dir(tmp_path / "clip")
+    args = [f"world.dir={mini_world}", f"work_dir={tmp_path}/w", f"clip.model=local-dir:{clip_dir}",
+            "adapter.enabled=false", f"data.train_json={train}", "miner.stride=32", "miner.topk=8"]  # fmt: skip
+    smoke = str(ROOT / "configs" / "mini" / "smoke.yaml")
+    novel = set(json.loads((mini_world / "split.json").read_text())["novel"])
+    on = run_mine(load_config(smoke, [*args, "miner.drop_base_argmax=true"]), merge_json=tmp_path / "on.json",
+                  progress=False)  # fmt: skip
+    props = json.loads((tmp_path / "on.json").read_text())
+    assert props and on["index"]["num_proposals"] == len(props)
+    assert {d["category_name"] for d in props} <= novel
+    # the default miner names base classes too (the random tiny CLIP's argmax falls on any name)
+    run_mine(load_config(smoke, [*args, "miner.out=" + str(tmp_path / "off")]), merge_json=tmp_path / "off.json",
+             progress=False)  # fmt: skip
+    assert {d["category_name"] for d in json.loads((tmp_path / "off.json").read_text())} - novel
+    with pytest.raises(OvdError, match="drop_base_argmax needs miner.vocabulary=all"):
+        run_mine(load_config(smoke, [*args, "miner.drop_base_argmax=true", "miner.vocabulary=base",
+                                     "miner.out=" + str(tmp_path / "bad")]), progress=False)  # fmt: skip
 
 
 # -- adapter: text tower and EZSD's loss ------------------------------------------------------------

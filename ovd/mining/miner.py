@@ -285,15 +285,9 @@ def _mine_chunk(job, c: int, text: torch.Tensor, bg: torch.Tensor | None, bar) -
     for i in _chunk_range(job, c):
         rec = job.train.record(i)
         extra = job.extra.get(rec["image_id"])
+        drop = {"n_base": job.n_base} if job.n_base else {}  # the default call is unchanged
         res = mine_image(
-            job.clip,
-            load_image(rec["path"]),
-            text,
-            job.m,
-            gt_boxes_of(rec, job.base_ids),
-            extra,
-            bg_text=bg,
-            n_base=job.n_base,
+            job.clip, load_image(rec["path"]), text, job.m, gt_boxes_of(rec, job.base_ids), extra, bg_text=bg, **drop
         )
         per_image.append((rec["image_id"], res))
         bar.update(1)
