@@ -52,8 +52,14 @@ def _print_report(report: dict) -> None:
 def _cmd_data_mini(args: argparse.Namespace) -> int:
     from ovd.data.mini_world import generate_mini_world
 
+    knobs = {}
+    for item in args.knob:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise OvdError(f"--knob {item!r}: expected KEY=VALUE, e.g. kind_aspect=coco")
+        knobs[key.strip()] = int(value) if value.strip().isdigit() else value.strip()
     summary = generate_mini_world(
-        args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite, version=args.version
+        args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite, version=args.version, knobs=knobs
     )
     _print_report(summary)
     return 0
@@ -152,7 +158,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
 def _cmd_vocab_embed(args: argparse.Namespace) -> int:
     from ovd.detect_cli import resolve_vocabulary
     from ovd.vlm.clip import clip_from_config
-    from ovd.vlm.text import clip_source
+    from ovd.vlm.text import clip_source, text_adapter_of
     from ovd.vlm.vocab import check_templates, embed_vocabulary
 
     cfg = _load(args)
@@ -160,7 +166,8 @@ def _cmd_vocab_embed(args: argparse.Namespace) -> int:
     if (args.classes is None) == (args.classes_file is None):
         raise OvdError("ovd vocab embed: give exactly one of --classes-file and --classes")
     _, names = resolve_vocabulary(args.classes, args.classes_file, None)
-    _print_report(embed_vocabulary(clip_from_config(cfg.clip), names, args.out, templates, clip_source(cfg.clip)))
+    clip = clip_from_config(cfg.clip, text_adapter_of(cfg))  # a text-tower adapter changes the embeddings
+    _print_report(embed_vocabulary(clip, names, args.out, templates, clip_source(cfg.clip)))
     return 0
 
 
@@ -326,6 +333,13 @@ def _add_data_commands(sub) -> None:
     m.add_argument("--version", type=int, default=3, help="world version: 3 (65 kinds) | 2 (36 colour x shape)")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--overwrite", action="store_true", help="replace an existing, different world in --out")
+    m.add_argument(
+        "--knob",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a world knob, e.g. kind_aspect=coco (repeatable; docs/mini_world.md, World knobs)",
+    )
     m.set_defaults(func=_cmd_data_mini)
     ms = d.add_parser("mini-split", help="a second split of a v2 mini-world: every class of some shapes is novel")
     ms.add_argument("--world", required=True, help="an existing mini-world folder")

@@ -40,6 +40,15 @@ class WorldConfig:
     # shapes whose classes are all novel in a second split (split_heldout_<shapes>.json and
     # det/train_heldout_<shapes>.json, ``ovd data mini-split``); [] = only the standard split
     heldout_shapes: list[str] = field(default_factory=list)
+    # World knobs (v3; docs/mini_world.md "World knobs"); the defaults give the v3 world unchanged.
+    # shared: novel kinds reuse base kinds' colours, patterns, silhouette families | own: their own
+    novel_attributes: str = "shared"
+    # square: instances near each kind's outline | coco: each kind a characteristic box aspect 1:3-3:1
+    kind_aspect: str = "square"
+    # web train images per kind, 0: the preset's (more teacher data; pretraining time grows with it)
+    web_per_class: int = lim(0, ge=0)
+    # clean: centred objects on clean backgrounds | scene: web images that look like detection crops
+    web_style: str = "clean"
 
 
 @dataclass
@@ -112,6 +121,11 @@ class AdapterConfig:
     weight_decay: float = lim(0.0, ge=0)
     max_crops: int = lim(0, ge=0)  # 0: every base GT box of the train split
     hflip: bool = True
+    # EZSD-faithful options (docs/mini_world.md "EZSD-faithful options"): also tune the text tower's
+    # LayerNorms (every later text embedding then comes from the adapted tower), and EZSD's loss:
+    # softmax: cross-entropy at the CLIP's logit scale | sigmoid: per-class BCE on 100 * cos
+    text_tower: bool = False
+    loss: str = "softmax"
 
 
 @dataclass
@@ -140,6 +154,9 @@ class MinerConfig:
     # DataLoader worker processes decoding images and cutting their candidate crops; 0 = in the
     # main process, as the CLIP forward. Affects speed only, never a result (docs/data_loading.md).
     workers: int = lim(0, ge=0)
+    # EZSD: after the NMS, drop the proposals whose best class is a base class (its miner keeps
+    # only likely-novel regions); needs miner.vocabulary=all
+    drop_base_argmax: bool = False
 
 
 @dataclass
@@ -186,6 +203,10 @@ class ModelConfig:
     # width of the mask head's four 3 x 3 convolutions and its deconvolution (torchvision's: 256); the
     # head runs on every detection at inference, so on CPU its width is most of the mask branch's cost
     mask_channels: int = lim(256, ge=1)
+    # Classifier (EZSD's code: an unnormalised learned background vector, temperature from 100):
+    # true: the background vector is scored as a unit vector | false: by its learnt length too
+    background_unit: bool = True
+    init_logit_scale: float = lim(1 / 0.07, gt=0, le=100)  # the classifier's temperature at start
 
 
 @dataclass

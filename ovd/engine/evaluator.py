@@ -14,7 +14,7 @@ from ovd.data.loading import load_split_dataset
 from ovd.evaluation import evaluate_detections
 from ovd.modeling.checkpoint import load_checkpoint, model_from_checkpoint
 from ovd.utils.io import write_json
-from ovd.vlm.text import TextSource
+from ovd.vlm.text import TextSource, text_adapter_of
 
 SUMMARY_KEYS = ("AP", "AP50", "AP_base", "AP50_base", "AP_novel", "AP50_novel")
 
@@ -77,7 +77,7 @@ def run_test(cfg, ckpt: str, out: str | None = None, progress: bool = True) -> d
     """``ovd test``: detections of the val set over base + novel names, then ``ovd eval`` metrics."""
     state = load_checkpoint(ckpt)
     val, split = load_val(cfg)
-    text = TextSource(cfg.clip)
+    text = TextSource(cfg.clip, text_adapter_of(cfg))
     names = list(split.base_names) + list(split.novel_names)
     model = model_from_checkpoint(state, ckpt)
     text.check_dim(int(state["meta"]["embed_dim"]), f"detector {ckpt}")

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 from ovd.config_schema import Config
 from ovd.data.mini_world import derive_shape_split, generate_mini_world
+from ovd.data.mini_world.knobs import WORLD_KNOBS
 from ovd.engine.evaluator import run_test
 from ovd.engine.trainer import TRAIN_RUN_KEYS, run_train
 from ovd.errors import OvdError
@@ -30,12 +31,13 @@ from ovd.mining.miner import run_mine
 from ovd.utils.io import read_json, write_json
 from ovd.vlm.adapter import run_adapt
 from ovd.vlm.pretrain import pretrain_tiny_clip
+from ovd.vlm.text import text_adapter_of
 
 STAGES = ("world", "pretrain", "adapt", "mine", "extract", "train", "test")
 
 # config keys each stage reads (sections or section.key), besides its upstream stages' stamps
 _READS = {
-    "world": ["world.dir", "world.preset", "world.seed", "world.version"],
+    "world": ["world.dir", "world.preset", "world.seed", "world.version", *(f"world.{k}" for k in WORLD_KNOBS)],
     "pretrain": ["pretrain", "data.web_train_json", "data.web_val_json", "data.web_image_root", "seed"],
     "adapt": ["adapter", "clip", "data.train_json", "data.image_root", "data.split", "seed"],
     "mine": ["miner", "clip", "adapter.enabled", "data.train_json", "data.image_root", "data.split"],
@@ -114,7 +116,11 @@ class Pipeline:
             value, default = _get(self.cfg, k), _get(defaults, k)
             if value != default:
                 reads[k] = _changed(value, default)
-        up = {u: self.fresh.get(u, "") for u in _UPSTREAM[stage]}
+        upstream = list(_UPSTREAM[stage])
+        if stage in ("train", "test") and text_adapter_of(self.cfg):  # class embeddings from the adapted text tower
+            reads["adapter.text_tower"] = True
+            upstream.append("adapt")
+        up = {u: self.fresh.get(u, "") for u in upstream}
         return hashlib.sha1(json.dumps([reads, up], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def output(self, stage: str) -> Path:
@@ -185,7 +191,10 @@ class Pipeline:
         # never overwrite: the world is a pure function of (preset, seed, world version), which
         # generate_mini_world checks; a different world in that folder is its error, not a rebuild
         w = self.cfg.world
-        report = generate_mini_world(w.dir, preset=w.preset, seed=w.seed, progress=self.progress, version=w.version)
+        knobs = {k: w[k] for k in WORLD_KNOBS}
+        report = generate_mini_world(
+            w.dir, preset=w.preset, seed=w.seed, progress=self.progress, version=w.version, knobs=knobs
+        )
         if w.heldout_shapes:
             report["heldout_split"] = derive_shape_split(w.dir, list(w.heldout_shapes))
         return report

@@ -22,6 +22,7 @@ from PIL import Image
 from ovd.data.images import load_image, pil_to_tensor
 from ovd.errors import OvdError
 from ovd.modeling.checkpoint import load_checkpoint, model_from_checkpoint
+from ovd.vlm.adapter_file import apply_adapter
 from ovd.vlm.clip import ClipModel, describe_clash, tokenizer_clean, vocabulary_clash
 from ovd.vlm.vocab import check_vocabulary_clip, load_vocabulary, text_fingerprint
 
@@ -128,6 +129,8 @@ class Detector:
                 raise OvdError(f"{path} records no CLIP model: pass clip= (a ClipModel) explicitly")
             c = ClipModel.load(spec["model"], spec["pretrained"] or None, device=device)
             c.check_dim(dim, f"detector {path}")
+            if spec.get("adapter"):  # trained on text embeddings of an adapted text tower
+                apply_adapter(c, spec["adapter"])
             return c
 
         if clip is not None:

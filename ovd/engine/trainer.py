@@ -43,7 +43,7 @@ from ovd.modeling.build import build_detector
 from ovd.modeling.checkpoint import load_checkpoint, save_checkpoint
 from ovd.utils.io import atomic_path, crash_point, file_sha1, remove_stale_temps
 from ovd.utils.lock import OutputLock
-from ovd.vlm.text import TextSource, clip_source, clip_spec
+from ovd.vlm.text import TextSource, clip_source, clip_spec, text_adapter_of
 
 # train settings that change what a run computes: a resume must match them, and `ovd run` reruns
 # training when one changes. Not: out, device, logging / eval / checkpoint cadence, max_iters.
@@ -435,7 +435,7 @@ def setup_trainer(cfg, rank: int, world: int, device: torch.device, progress: bo
     model (e.g. a distillation run's feature adapters) are trained and checkpointed with it."""
     t = cfg.train
     train, split = load_split_dataset(cfg.data, need_split="train", why="the detector is trained on its base classes")
-    text_source = TextSource(cfg.clip)
+    text_source = TextSource(cfg.clip, text_adapter_of(cfg))
     text = text_source.encode(list(split.base_names))
     cache = FeatureCache(cfg.extract.out, embed_dim=text_source.embed_dim) if cfg.model.distill else None
     data = DetectionTrainSet(train, list(split.base_ids), cache)
@@ -451,8 +451,9 @@ def setup_trainer(cfg, rank: int, world: int, device: torch.device, progress: bo
     if on_model is not None:
         on_model(model)
     evaluator = PeriodicEval(cfg, text_source, device) if t.eval_every > 0 and rank == 0 else None
+    spec = clip_spec(cfg.clip, text_adapter_of(cfg))
     meta = {"base_names": list(split.base_names), "embed_dim": text_source.embed_dim, "clip": text_source.source,
-            "clip_spec": clip_spec(cfg.clip), "model": _plain(cfg.model), "templates": list(cfg.clip.templates),
+            "clip_spec": spec, "model": _plain(cfg.model), "templates": list(cfg.clip.templates),
             "train_settings": {k: _plain(t)[k] for k in TRAIN_RUN_KEYS},
             "inputs": run_inputs(cfg, train, split, text_source, cache)}  # fmt: skip
     meta = json.loads(json.dumps(meta))  # plain lists / dicts, as they come back from a checkpoint

@@ -147,8 +147,12 @@ def select(
     logit_scale: float,
     m,
     bg_text: torch.Tensor | None = None,
+    n_base: int = 0,
 ) -> dict:
     """Class distribution over the vocabulary → objectness → NMS → top-K.
+
+    ``n_base`` > 0 (``miner.drop_base_argmax``, EZSD; the vocabulary's first ``n_base`` names are the
+    base classes): after the NMS, boxes whose best class is a base class are dropped before the top-K.
 
     With background prompts (``bg_text``, e.g. "a striped pattern"), the softmax runs over
     classes + background; objectness is taken on the renormalised class part and multiplied by
@@ -166,7 +170,10 @@ def select(
     else:
         probs = logits.softmax(dim=1)
         score = objectness(probs, m.objectness)
-    keep = nms(cand, score, m.nms_thr)[: m.topk]
+    keep = nms(cand, score, m.nms_thr)
+    if n_base:
+        keep = keep[probs[keep].argmax(dim=1) >= n_base]
+    keep = keep[: m.topk]
     return {"boxes": cand[keep], "scores": score[keep], "labels": probs[keep].argmax(dim=1)}
 
 
@@ -179,6 +186,7 @@ def mine_image(
     extra_boxes: torch.Tensor | None = None,
     encode=None,
     bg_text: torch.Tensor | None = None,
+    n_base: int = 0,
 ) -> dict:
     """Mine one image. ``text``: (C, D) unit text embeddings of the vocabulary; ``m``: miner config.
 
@@ -187,7 +195,7 @@ def mine_image(
     """
     cand = candidate_boxes(image.shape[-2], image.shape[-1], m, base_gt, extra_boxes)
     emb = (encode or (lambda im, b: clip.encode_boxes(im, b, m.batch_size)))(image, cand) if len(cand) else None
-    return select(cand, emb, text, clip.model.logit_scale.exp().item(), m, bg_text)
+    return select(cand, emb, text, clip.model.logit_scale.exp().item(), m, bg_text, n_base)
 
 
 # miner settings that change a proposal (batch_size included: a batch of other size may round an
@@ -244,13 +252,18 @@ def _mine_inputs(cfg) -> SimpleNamespace:
     vocab = {"all": list(split.base_names) + list(split.novel_names), "base": list(split.base_names)}.get(m.vocabulary)
     if vocab is None:
         raise OvdError(f"unknown miner.vocabulary '{m.vocabulary}' (all: base + novel names, base: base names only)")
+    if m.drop_base_argmax and m.vocabulary != "all":
+        raise OvdError("miner.drop_base_argmax needs miner.vocabulary=all (with base names only every box is dropped)")
     name_to_id = {c["name"]: c["id"] for c in train.categories}
     adapter = cfg.adapter.out if cfg.adapter.enabled else None
     clip = clip_from_config(cfg.clip, adapter)
     extra = _read_external_proposals(m.external_proposals, set(train.image_ids)) if m.external_proposals else {}
     job = SimpleNamespace(m=m, templates=list(cfg.clip.templates), train=train, vocab=vocab, clip=clip,
                           adapter=adapter, extra=extra, base_ids=set(split.base_ids), size=m.chunk_size)  # fmt: skip
+    job.n_base = len(split.base_names) if m.drop_base_argmax else 0  # base names come first in "all"
     settings = {k: _plain(getattr(m, k)) for k in SETTINGS_KEYS} | {"templates": job.templates}
+    if m.drop_base_argmax:  # only when on, so stores mined without the option stay valid
+        settings["drop_base_argmax"] = True
     job.plan = {
         "format": PROPOSALS_FORMAT,
         "fingerprint": clip.fingerprint(),
@@ -294,14 +307,14 @@ class MineSet(torch.utils.data.Dataset):
 
 
 def mine_stream(clip, inputs: MineSet, text: torch.Tensor, m, bg_text: torch.Tensor | None = None,
-                workers: int = 0) -> Iterator[tuple[int, dict]]:  # fmt: skip
+                workers: int = 0, n_base: int = 0) -> Iterator[tuple[int, dict]]:  # fmt: skip
     """``(image_id, proposals)`` of every :class:`MineSet` item, in order: ``workers`` loader
     processes decode and crop, this process runs the CLIP forward (each image's crops in batches of
     ``m.batch_size``, as :func:`mine_image`) and the selection — the same proposals at any ``workers``."""
     scale = clip.model.logit_scale.exp().item()
     for image_id, cand, crops in make_loader(inputs, workers=workers, batch_size=None):
         emb = clip.encode_normalized(crops, m.batch_size) if len(cand) else None
-        yield image_id, select(cand, emb, text, scale, m, bg_text)
+        yield image_id, select(cand, emb, text, scale, m, bg_text, n_base)
 
 
 def _mine_chunk(job, stream: Iterator, c: int, bar) -> list[tuple[int, dict]]:
@@ -336,7 +349,7 @@ def _mine_shard(cfg, shard: tuple[int, int], overwrite: bool, progress: bool) ->
         bar = tqdm(total=sum(len(_chunk_range(job, c)) for c in todo), desc=desc, disable=not progress)
         indices = [i for c in todo for i in _chunk_range(job, c)]
         inputs = MineSet(job.train, indices, m, job.base_ids, job.extra, job.clip.cropper)
-        stream = mine_stream(job.clip, inputs, text, m, bg, int(m.workers))
+        stream = mine_stream(job.clip, inputs, text, m, bg, int(m.workers), job.n_base)
         for c in todo:
             per_image = _mine_chunk(job, stream, c, bar)
             tensors = proposal_tensors(per_image)

@@ -24,6 +24,8 @@ def build_detector(m, embed_dim: int) -> OVFasterRCNN:
         mask_head=m.mask_head,
         mask_channels=m.mask_channels,
         representation_size=m.representation_size,
+        background_unit=m.background_unit,
+        init_logit_scale=m.init_logit_scale,
         **torchvision_kwargs(m),
     )
 

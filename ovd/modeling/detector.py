@@ -92,6 +92,8 @@ class OVFasterRCNN(GeneralizedRCNN):
         box_batch_size_per_image: int = 512,
         box_positive_fraction: float = 0.25,
         representation_size: int = 1024,
+        background_unit: bool = True,
+        init_logit_scale: float = 1 / 0.07,
         **transform_kwargs,
     ):
         # torchvision's FasterRCNN constructor, part by part, in its order (so a seed gives the weights
@@ -122,7 +124,9 @@ class OVFasterRCNN(GeneralizedRCNN):
         roi_heads = OVRoIHeads(
             MultiScaleRoIAlign(["0", "1", "2", "3"], 7, sampling_ratio=2),
             box_head,
-            ZeroShotClassifier(representation_size, embed_dim),
+            ZeroShotClassifier(
+                representation_size, embed_dim, init_scale=init_logit_scale, unit_background=background_unit
+            ),
             SemanticBoxRegressor(representation_size, embed_dim, semantic=semantic_regression),
             distill_weight=distill_weight,
             fg_iou_thresh=box_fg_iou_thresh,

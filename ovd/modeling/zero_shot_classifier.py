@@ -21,8 +21,18 @@ from ovd.errors import OvdError
 
 
 class ZeroShotClassifier(nn.Module):
-    def __init__(self, in_features: int, embed_dim: int, init_scale: float = 1 / 0.07, max_scale: float = 100.0):
+    def __init__(
+        self,
+        in_features: int,
+        embed_dim: int,
+        init_scale: float = 1 / 0.07,
+        max_scale: float = 100.0,
+        unit_background: bool = True,
+    ):
         super().__init__()
+        # unit_background=False (EZSD's code): the background vector is scored unnormalised, so its
+        # learnt length sets how readily a region is called background, independent of the classes
+        self.unit_background = unit_background
         self.embed_dim = embed_dim
         self.proj = nn.Linear(in_features, embed_dim)  # box-head feature → CLIP space
         self.background = nn.Parameter(torch.randn(embed_dim) / math.sqrt(embed_dim))
@@ -50,5 +60,6 @@ class ZeroShotClassifier(nn.Module):
         text = self.text if classifier is None else F.normalize(classifier.float(), dim=-1).to(emb.device)
         if text.shape[0] == 0:
             raise OvdError("the detector has no vocabulary: call set_vocabulary(text embeddings) first")
-        weights = torch.cat([F.normalize(self.background, dim=0)[None], text], dim=0)
+        bg = F.normalize(self.background, dim=0) if self.unit_background else self.background
+        weights = torch.cat([bg[None], text], dim=0)
         return self.logit_scale.exp().clamp(max=self.max_scale) * emb @ weights.T

@@ -43,7 +43,7 @@ from ovd.replay.generator import frozen_base, load_generator
 from ovd.replay.watchers import pooled_shape
 from ovd.utils.io import file_sha1, read_json, remove_stale_temps, write_json
 from ovd.utils.lock import OutputLock
-from ovd.vlm.text import TextSource
+from ovd.vlm.text import TextSource, text_adapter_of
 
 MODES = ("novel", "replay", "base")
 
@@ -103,7 +103,7 @@ def evaluate_groups(cfg, ckpt: str, progress: bool = False) -> dict:
     state = load_checkpoint(ckpt)
     val, split = load_val(cfg)
     fewshot, heldout = novel_groups(split, cfg.replay.heldout_every)
-    text = TextSource(cfg.clip)
+    text = TextSource(cfg.clip, text_adapter_of(cfg))
     text.check_dim(int(state["meta"]["embed_dim"]), f"detector {ckpt}")
     model = model_from_checkpoint(state, ckpt)
     model.set_vocabulary(text.encode(list(split.base_names) + list(split.novel_names)))

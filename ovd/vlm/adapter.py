@@ -8,6 +8,12 @@ them, without forgetting what the rest of the network knows (novel classes inclu
 
 The adapter file holds just those parameters (a few KB for the tiny CLIP, ~160 KB for ViT-B/32),
 as safetensors with metadata naming the CLIP it was made for.
+
+EZSD-faithful options (off by default): ``adapter.text_tower`` also tunes the text tower's
+LayerNorms (EZSD's COCO adapter; the text embeddings are then re-computed with gradients every
+step, and every later text embedding comes from the adapted tower), and ``adapter.loss=sigmoid``
+is EZSD's loss: per-class sigmoid cross-entropy on 100 * cos over the base names (ovd's default is
+the softmax cross-entropy at the CLIP's own logit scale).
 """
 
 from __future__ import annotations
@@ -23,8 +29,8 @@ from ovd.data.images import load_image
 from ovd.data.loading import load_split_dataset
 from ovd.errors import OvdError
 from ovd.utils.io import write_json
-from ovd.vlm.adapter_file import layernorm_parameters, save_adapter
-from ovd.vlm.clip import clip_from_config
+from ovd.vlm.adapter_file import layernorm_parameters, save_adapter, text_layernorm_parameters
+from ovd.vlm.clip import clip_from_config, fill_template
 
 
 def collect_gt_crops(clip, dataset, cat_ids, max_crops: int = 0, seed: int = 0, progress: bool = True):
@@ -49,12 +55,53 @@ def collect_gt_crops(clip, dataset, cat_ids, max_crops: int = 0, seed: int = 0, 
     return crops_t, labels_t
 
 
-def train_adapter(
-    clip, crops: torch.Tensor, labels: torch.Tensor, text: torch.Tensor, a, seed: int = 0, progress: bool = True
-) -> dict:
-    """Fine-tune only the image tower's LayerNorms so crops classify against frozen ``text``."""
-    model = clip.model
+ADAPTER_LOSSES = ("softmax", "sigmoid")
+EZSD_SCALE = 100.0  # EZSD's fixed logit scale for its sigmoid loss
+
+
+def adapter_loss(
+    kind: str, emb: torch.Tensor, text: torch.Tensor, labels: torch.Tensor, clip_scale: torch.Tensor
+) -> torch.Tensor:
+    """Loss of unit crop embeddings ``emb`` against unit class embeddings ``text``. ``softmax``:
+    cross-entropy of ``clip_scale * cos``; ``sigmoid`` (EZSD): per-class binary cross-entropy of
+    ``100 * cos`` against one-hot labels, the mean over crops x classes (mmdet's ``use_sigmoid``)."""
+    if kind == "softmax":
+        return F.cross_entropy(clip_scale * emb @ text.T, labels)  # this order: the pre-option numbers
+    if kind == "sigmoid":
+        target = F.one_hot(labels, text.shape[0]).float()
+        return F.binary_cross_entropy_with_logits(EZSD_SCALE * emb @ text.T, target)
+    raise OvdError(f"unknown adapter.loss '{kind}' (choose from {', '.join(ADAPTER_LOSSES)})")
+
+
+def adapter_parameters(model, text_tower: bool) -> dict:
+    """The parameters an adapter trains and stores: image-tower LayerNorms (+ the text tower's)."""
     ln = layernorm_parameters(model)
+    return {**ln, **text_layernorm_parameters(model)} if text_tower else ln
+
+
+def train_adapter(
+    clip,
+    crops: torch.Tensor,
+    labels: torch.Tensor,
+    text: torch.Tensor,
+    a,
+    seed: int = 0,
+    progress: bool = True,
+    text_tokens: tuple[torch.Tensor, int] | None = None,
+) -> dict:
+    """Fine-tune only the image tower's LayerNorms so crops classify against frozen ``text``.
+
+    ``text_tokens`` ((C * T, L) prompt tokens, T templates per class), with ``a.text_tower``: the
+    text tower's LayerNorms train too, and the class embeddings are re-encoded from these tokens
+    (mean over templates, as :meth:`ClipModel.encode_text`) at every step instead of ``text``."""
+    model = clip.model
+    text_tower = bool(getattr(a, "text_tower", False))
+    loss_kind = getattr(a, "loss", "softmax")
+    if loss_kind not in ADAPTER_LOSSES:
+        raise OvdError(f"unknown adapter.loss '{loss_kind}' (choose from {', '.join(ADAPTER_LOSSES)})")
+    if text_tower and text_tokens is None:
+        raise OvdError("adapter.text_tower needs the prompt tokens of the base names")
+    ln = adapter_parameters(model, text_tower)
     for p in model.parameters():
         p.requires_grad_(False)
     for p in ln.values():
@@ -78,7 +125,11 @@ def train_adapter(
                 flip = torch.rand(len(idx), generator=gen) < 0.5
                 x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(-1), x)
             emb = F.normalize(model.encode_image(x), dim=-1)
-            loss = F.cross_entropy(scale * emb @ text.T, labels[idx].to(clip.device))
+            if text_tower:
+                tokens, n_templates = text_tokens
+                t = F.normalize(model.encode_text(tokens.to(clip.device)).float(), dim=-1)
+                text = F.normalize(t.view(-1, n_templates, t.shape[-1]).mean(dim=1), dim=-1)
+            loss = adapter_loss(loss_kind, emb, text, labels[idx].to(clip.device), scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -109,11 +160,18 @@ def run_adapt(cfg, progress: bool = True) -> dict:
     t0 = time.time()
     crops, labels = collect_gt_crops(clip, train, list(split.base_ids), cfg.adapter.max_crops, cfg.seed, progress)
     crop_s = time.time() - t0
-    text = clip.encode_text(list(split.base_names), list(cfg.clip.templates))
-    report = train_adapter(clip, crops, labels, text, cfg.adapter, seed=cfg.seed, progress=progress)
+    templates = list(cfg.clip.templates)
+    text = clip.encode_text(list(split.base_names), templates)
+    tokens = None
+    if cfg.adapter.text_tower:
+        tokens = (clip.tokenizer([fill_template(t, n) for n in split.base_names for t in templates]), len(templates))
+    report = train_adapter(clip, crops, labels, text, cfg.adapter, seed=cfg.seed, progress=progress, text_tokens=tokens)
     report["crop_seconds"] = round(crop_s, 1)
     save_adapter(
-        cfg.adapter.out, clip, layernorm_parameters(clip.model), extra={"base_classes": list(split.base_names)}
+        cfg.adapter.out,
+        clip,
+        adapter_parameters(clip.model, cfg.adapter.text_tower),
+        extra={"base_classes": list(split.base_names)},
     )
     report["out"] = str(cfg.adapter.out)
     write_json(Path(cfg.adapter.out).with_suffix(".json"), report)

@@ -1,5 +1,6 @@
 """The CLIP adapter file: which parameters an adapter holds (the image tower's LayerNorm weights and
-biases), and saving, loading and applying them onto a CLIP. Training the adapter is
+biases, and with ``adapter.text_tower`` the text tower's too, as EZSD's COCO adapter), and saving,
+loading and applying them onto a CLIP. Training the adapter is
 :mod:`ovd.vlm.adapter`; this module is what every CLIP user needs to *use* one, and imports no CLIP
 code (the CLIP wrapper imports it to apply an adapter named in a config).
 
@@ -36,6 +37,20 @@ def layernorm_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
+def text_layernorm_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every LayerNorm weight/bias outside the image tower (the text tower's), by state-dict name."""
+    out = {}
+    for mname, mod in model.named_modules():
+        if mname == "visual" or mname.startswith("visual."):
+            continue
+        if isinstance(mod, nn.LayerNorm):
+            for pname, p in mod.named_parameters(recurse=False):
+                out[f"{mname}.{pname}"] = p
+    if not out:
+        raise OvdError("this CLIP has no text-tower LayerNorm layers: adapter.text_tower needs a transformer")
+    return out
+
+
 def save_adapter(path: str | os.PathLike, clip, params: dict[str, torch.Tensor], extra: dict | None = None) -> Path:
     meta = {
         "format": ADAPTER_FORMAT,
@@ -54,10 +69,16 @@ def load_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
 
 
 def apply_adapter(clip, path: str | os.PathLike) -> None:
-    """Load adapted LayerNorm parameters into ``clip`` (in place); checks the CLIP matches."""
+    """Load adapted LayerNorm parameters into ``clip`` (in place); checks the CLIP matches.
+
+    A file that also holds the text tower's LayerNorms (``adapter.text_tower``) adapts the text
+    tower too: every text embedding this CLIP makes afterwards comes from the adapted tower."""
     tensors, meta = load_adapter(path)
     clip.check_dim(int(meta.get("embed_dim", -1)), f"adapter {path}")
     own = layernorm_parameters(clip.model)
+    text_tower = any(k not in own for k in tensors)
+    if text_tower:
+        own = {**own, **text_layernorm_parameters(clip.model)}
     missing = sorted(set(tensors) - set(own))
     if missing or set(own) - set(tensors):
         raise OvdError(
@@ -72,4 +93,5 @@ def apply_adapter(clip, path: str | os.PathLike) -> None:
                 )
             own[k].copy_(v)
     clip.adapter = f"{path}:{os.path.getsize(path)}:{int(os.path.getmtime(path))}"
+    clip.adapter_text = text_tower
     clip.clear_text_cache()

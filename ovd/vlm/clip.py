@@ -31,7 +31,7 @@ from torchvision.ops import roi_align
 from ovd.errors import OvdError, describe
 from ovd.utils.io import atomic_dir, atomic_path
 from ovd.utils.safe_load import check_nonempty, read_safetensors
-from ovd.vlm.adapter_file import apply_adapter, layernorm_parameters
+from ovd.vlm.adapter_file import apply_adapter, layernorm_parameters, text_layernorm_parameters
 
 # EZSD/ViLD prompt. Ensembles can be passed per call; the default keeps the paper's single prompt.
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -302,6 +302,7 @@ class ClipModel:
         self.name = name
         self.source = source
         self.adapter: str | None = None  # set by ovd.vlm.adapter_file.apply_adapter (its file), if any
+        self.adapter_text = False  # ... and whether that file adapted the text tower too
         self.weights_files: list[Path] = []  # the files the weights came from (set by load)
         self.config_text = ""  # the model's open_clip config, canonical JSON (set by load)
         self._text_cache: dict[tuple, torch.Tensor] = {}
@@ -375,6 +376,8 @@ class ClipModel:
             h.update(_tensors_digest(self.model.state_dict()).encode())
         if self.adapter is not None:
             h.update(f"|adapter:{_tensors_digest(layernorm_parameters(self.model))}".encode())
+            if self.adapter_text:  # the text tower adapted too (adapter.text_tower)
+                h.update(f"|text_adapter:{_tensors_digest(text_layernorm_parameters(self.model))}".encode())
         if self.image_autocast is not None:  # other embeddings (to ~3 digits): another cache
             h.update(f"|image_autocast:{self.image_autocast}".encode())
         return h.hexdigest()[:16]

@@ -16,7 +16,10 @@ class TextSource:
     (``clip.text_embeddings``, made by :func:`ovd.vlm.clip.save_text_embeddings`; like Detic's
     zero-shot weight files, it spares loading CLIP just to embed a fixed vocabulary)."""
 
-    def __init__(self, c):
+    def __init__(self, c, adapter: str | None = None):
+        # adapter: an adapter file that adapted the text tower (adapter.text_tower; see
+        # text_adapter_of), applied so the class embeddings come from the adapted tower
+        self.adapter = adapter
         self.templates = list(c.templates)
         self.file = c.text_embeddings
         self._clip = None
@@ -34,7 +37,7 @@ class TextSource:
     @property
     def clip(self):
         if self._clip is None:
-            self._clip = clip_from_config(self.c)
+            self._clip = clip_from_config(self.c, self.adapter)
         return self._clip
 
     def encode(self, names: list[str]) -> torch.Tensor:
@@ -53,9 +56,17 @@ class TextSource:
             )
 
 
-def clip_spec(c) -> dict:
+def text_adapter_of(cfg) -> str | None:
+    """The adapter file whose text-tower LayerNorms every class text embedding must go through
+    (``adapter.text_tower`` on an enabled adapter), else None: the text tower as pre-trained."""
+    a = cfg.adapter
+    return str(a.out) if a.enabled and a.text_tower else None
+
+
+def clip_spec(c, adapter: str | None = None) -> dict:
     """The CLIP a detector's text embeddings come from, with local paths made absolute, so that
-    ``Detector.from_checkpoint`` can prompt it from any working directory."""
+    ``Detector.from_checkpoint`` can prompt it from any working directory. ``adapter``: the
+    text-adapting adapter file (:func:`text_adapter_of`), recorded only when there is one."""
     model, pretrained = c.model, c.pretrained
     if model.startswith("local-dir:"):
         model = "local-dir:" + str(Path(model[len("local-dir:") :]).resolve())
@@ -63,7 +74,8 @@ def clip_spec(c) -> dict:
         model = str(Path(model).resolve())
     if pretrained and Path(pretrained).is_file():
         pretrained = str(Path(pretrained).resolve())
-    return {"model": model, "pretrained": pretrained}
+    spec = {"model": model, "pretrained": pretrained}
+    return spec | {"adapter": str(Path(adapter).resolve())} if adapter else spec
 
 
 def clip_source(c) -> str:

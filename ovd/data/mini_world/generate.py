@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ovd.data.mini_world.annotations import _det_files, _lvis_val, fewshot_subset
+from ovd.data.mini_world.knobs import WorldKnobs, check_knobs
 from ovd.data.mini_world.presets import MiniPreset
 from ovd.data.mini_world.tasks import _det_layout, _run_tasks
 from ovd.data.mini_world.versions import (
@@ -48,7 +49,7 @@ def _check_args(preset: Any, seed: Any, version: Any) -> MiniPreset:
     return table[preset]
 
 
-def _existing_world(out: Path, p: MiniPreset, seed: int, version: int) -> dict | None:
+def _existing_world(out: Path, p: MiniPreset, seed: int, version: int, knobs: WorldKnobs) -> dict | None:
     """The summary of a complete matching world in ``out``, else None."""
     wj = out / "world.json"
     if not wj.is_file():
@@ -63,6 +64,8 @@ def _existing_world(out: Path, p: MiniPreset, seed: int, version: int) -> dict |
         int(seed),
     ):
         return None
+    if world.get("knobs", {}) != knobs.changed():
+        return None
     files = list(_WORLD_FILES) + [f"det/fewshot/{k}shot_seed{s}.json" for k in p.fewshot_shots for s in p.fewshot_seeds]
     if not all((out / f).is_file() for f in files):
         return None
@@ -76,6 +79,7 @@ def generate_mini_world(
     progress: bool = True,
     overwrite: bool = False,
     version: int = GENERATOR_VERSION,
+    knobs: WorldKnobs | dict | None = None,
 ) -> dict:
     """Generate the mini-world into ``out_dir`` and return its summary (counts).
 
@@ -83,23 +87,27 @@ def generate_mini_world(
     byte-identical to what generator v2 wrote. If ``out_dir`` already holds a complete world of the
     same preset, seed and version,
     it is reused as is (its summary is returned; nothing is rewritten) unless ``overwrite`` is set.
+    ``knobs`` (a :class:`WorldKnobs` or a dict of its fields; v3 only) change the world's properties
+    (knobs.py); the defaults give the v3 world unchanged, and a world made with other values
+    records them in ``world.json``, so it is reused only for the same knobs.
     A non-empty ``out_dir`` holding anything else is an error unless ``overwrite=True``, which
     replaces it. The world is written into a temporary sibling directory and renamed into place at
     the end, so an interrupted run never leaves a half-written world.
     """
     p = _check_args(preset, seed, version)
+    knobs = check_knobs(knobs, version)
     seed = int(seed)
     out = Path(os.path.abspath(out_dir))
     if out.exists() and not out.is_dir():
         raise OvdError(f"mini-world output {out} exists and is not a directory")
     if out.is_dir() and not overwrite:
-        summary = _existing_world(out, p, seed, version)
+        summary = _existing_world(out, p, seed, version, knobs)
         if summary is not None:
             return summary
         if any(out.iterdir()):
             raise OvdError(
                 f"mini-world output {out} is not empty and holds no complete '{preset}' world "
-                f"with seed {seed} (world version {version}); choose an empty directory "
+                f"with seed {seed} (world version {version}{_knobs_note(knobs)}); choose an empty directory "
                 f"or pass overwrite=True (--overwrite) to replace it"
             )
     token = f"{os.getpid()}-{secrets.token_hex(4)}"
@@ -107,7 +115,7 @@ def generate_mini_world(
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
-        summary = _generate_into(tmp, p, seed, progress, version)
+        summary = _generate_into(tmp, p, seed, progress, version, knobs)
         if out.exists():
             old = out.parent / f".{out.name}.old-{token}"
             os.replace(out, old)
@@ -123,16 +131,20 @@ def generate_mini_world(
     return summary
 
 
-def _generate_into(root: Path, p: MiniPreset, seed: int, progress: bool, version: int) -> dict:
+def _knobs_note(knobs: WorldKnobs) -> str:
+    return "".join(f", {k}={v}" for k, v in knobs.changed().items())
+
+
+def _generate_into(root: Path, p: MiniPreset, seed: int, progress: bool, version: int, knobs: WorldKnobs) -> dict:
     """Render every image into ``root``, write the JSON files, and return the summary."""
     split = mini_split(version)
-    vocab = mini_vocabulary(version)
+    vocab = mini_vocabulary(version, knobs)
     novel_names = set(split["novel"])
     novel_ids = [c["id"] for c in vocab if c["name"] in novel_names]
-    categories = coco_categories(version)
+    categories = coco_categories(version, knobs)
 
-    web_meta, web_tasks = _plan_web(root, p, seed, version)
-    det_meta, det_tasks = _plan_det(root, p, seed, version)
+    web_meta, web_tasks = _plan_web(root, p, seed, version, knobs)
+    det_meta, det_tasks = _plan_det(root, p, seed, version, knobs)
     results = _run_tasks(web_tasks + det_tasks, f"mini-world {p.name}", progress)
 
     _write_web(root, web_meta, results[: len(web_tasks)], categories)
@@ -154,6 +166,7 @@ def _generate_into(root: Path, p: MiniPreset, seed: int, progress: bool, version
         "lvis_frequency": _lvis_frequency(lvis),
         "fewshot": fewshot_summary,
     }
+    changed = knobs.changed()
     write_json(
         root / "world.json",
         {
@@ -161,6 +174,7 @@ def _generate_into(root: Path, p: MiniPreset, seed: int, progress: bool, version
             "preset": p.name,
             "seed": seed,
             "params": asdict(p),
+            **({"knobs": changed} if changed else {}),  # a default world's file stays as it was
             "classes": vocab,
             "split": split,
             "summary": summary,
@@ -169,16 +183,25 @@ def _generate_into(root: Path, p: MiniPreset, seed: int, progress: bool, version
     return summary
 
 
-def _plan_web(root: Path, p: MiniPreset, seed: int, version: int) -> tuple[dict[str, list[dict]], list[tuple]]:
+def _task_knobs(vocab: list[dict], knobs: WorldKnobs) -> dict | None:
+    """What a render task needs of the knobs: None for a default world (the renderers' defaults)."""
+    return {"vocab": vocab, "web_style": knobs.web_style} if knobs.changed() else None
+
+
+def _plan_web(
+    root: Path, p: MiniPreset, seed: int, version: int, knobs: WorldKnobs
+) -> tuple[dict[str, list[dict]], list[tuple]]:
     """Web image records per split (captions come from rendering) and their render tasks.
 
     Image i of a split shows class ``i mod n_classes``; the non-class images follow the class images.
     """
-    vocab = mini_vocabulary(version)
+    vocab = mini_vocabulary(version, knobs)
+    task_knobs = _task_knobs(vocab, knobs)
     n_cls = len(vocab)
     tasks: list[tuple] = []
     web_meta: dict[str, list[dict]] = {}
-    for sp, per_cls in (("train", p.web_train_per_class), ("val", p.web_val_per_class)):
+    n_train = knobs.web_per_class or p.web_train_per_class
+    for sp, per_cls in (("train", n_train), ("val", p.web_val_per_class)):
         (root / "web" / "images" / sp).mkdir(parents=True)
         recs = []
         for i in range(per_cls * n_cls):
@@ -193,19 +216,22 @@ def _plan_web(root: Path, p: MiniPreset, seed: int, version: int) -> tuple[dict[
                     "category_id": cls["id"],
                 }
             )
-            tasks.append(("web", seed, sp, i, cls, p, str(root / "web" / "images" / fn), version))
+            tasks.append(("web", seed, sp, i, cls, p, str(root / "web" / "images" / fn), version, task_knobs))
         n_class = per_cls * n_cls
         for j in range(round(p.web_background_frac * n_class)):
             i = n_class + j
             fn = f"{sp}/{i + 1:06d}.png"
             recs.append({"id": i + 1, "file_name": fn, "width": p.web_size, "height": p.web_size, "category_id": 0})
-            tasks.append(("web", seed, sp, i, None, p, str(root / "web" / "images" / fn), version))
+            tasks.append(("web", seed, sp, i, None, p, str(root / "web" / "images" / fn), version, task_knobs))
         web_meta[sp] = recs
     return web_meta, tasks
 
 
-def _plan_det(root: Path, p: MiniPreset, seed: int, version: int) -> tuple[dict[str, list[dict]], list[tuple]]:
+def _plan_det(
+    root: Path, p: MiniPreset, seed: int, version: int, knobs: WorldKnobs
+) -> tuple[dict[str, list[dict]], list[tuple]]:
     """Detection image records per split and their render tasks (each with its scene's class ids)."""
+    task_knobs = _task_knobs(mini_vocabulary(version, knobs), knobs)
     tasks: list[tuple] = []
     det_meta: dict[str, list[dict]] = {}
     for sp, n_img in (("train", p.det_train_images), ("val", p.det_val_images)):
@@ -215,7 +241,7 @@ def _plan_det(root: Path, p: MiniPreset, seed: int, version: int) -> tuple[dict[
         for i in range(n_img):
             fn = f"{sp}/{i + 1:06d}.png"
             recs.append({"id": i + 1, "file_name": fn, "width": p.det_size, "height": p.det_size})
-            tasks.append(("det", seed, sp, i, layout[i], p, str(root / "det" / "images" / fn), version))
+            tasks.append(("det", seed, sp, i, layout[i], p, str(root / "det" / "images" / fn), version, task_knobs))
         det_meta[sp] = recs
     return det_meta, tasks
 

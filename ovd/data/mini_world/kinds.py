@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ovd.data.mini_world.knobs import WorldKnobs, kind_aspect
+
 #: Invented names, 2-3 syllables. Chosen once from random consonant-vowel syllables, keeping a name
 #: only if the CLIP BPE splits it into 2-3 tokens (whole-word tokens are real words), none of them
 #: shared with another name or with a caption word (tests/test_mini_world.py checks this).
@@ -103,14 +105,36 @@ PALETTE: dict[str, tuple[int, int, int]] = {
 PATTERNS: tuple[str, ...] = ("plain", "striped", "spotted", "checkered", "ringed")
 SIZE_WORDS: tuple[str, ...] = ("small", "medium", "large")
 
+# ``novel_attributes=own``: colours, patterns and silhouette families (with their group words) that
+# only novel kinds have. Novel kind n (in vocabulary order) takes family n mod 3 with variant n // 3,
+# so every novel kind keeps its own outline.
+OWN_PALETTE: dict[str, tuple[int, int, int]] = {
+    "navy": (25, 35, 110),
+    "olive": (120, 120, 30),
+    "maroon": (120, 20, 50),
+    "cyan": (70, 215, 235),
+    "lavender": (185, 160, 240),
+}
+OWN_PATTERNS: tuple[str, ...] = ("zigzag", "hatched")
+_OWN_GROUPS: tuple[tuple[str, str, tuple], ...] = (
+    ("crystal", "facet", ((3, 0.0), (4, 0.35), (5, 0.0), (6, 0.4), (7, 0.0), (8, 0.3))),
+    ("badge", "plus", ((3, 0.35), (4, 0.3), (5, 0.25), (6, 0.22), (4, 0.5), (8, 0.2))),
+    ("berry", "berry", ((3, 0.5), (4, 0.45), (5, 0.4), (6, 0.35), (7, 0.3), (2, 0.55))),
+)
+
 
 def _is_novel(g: int, j: int) -> bool:
     """Kind j of group g is novel iff (j + g) mod 4 == 0: one in four, staggered over the groups."""
     return (j + g) % 4 == 0
 
 
-def kinds_vocabulary() -> list[dict]:
-    """All 65 kinds in fixed order (ids 1..65, group-major), with group, appearance and silhouette."""
+def kinds_vocabulary(knobs: WorldKnobs | None = None) -> list[dict]:
+    """All 65 kinds in fixed order (ids 1..65, group-major), with group, appearance and silhouette.
+
+    ``knobs`` (default: none changed) may give novel kinds their own attributes and every kind a
+    characteristic box aspect (``"aspect"``, only then present); see knobs.py.
+    """
+    knobs = knobs or WorldKnobs()
     colours = list(PALETTE)
     vocab, k = [], 0
     for g, (group, members) in enumerate(_GROUPS):
@@ -128,7 +152,27 @@ def kinds_vocabulary() -> list[dict]:
                 }
             )
             k += 1
+    if knobs.novel_attributes == "own":
+        _own_novel_attributes(vocab)
+    if knobs.kind_aspect == "coco":
+        for c in vocab:
+            c["aspect"] = kind_aspect(c["id"])
     return vocab
+
+
+def _own_novel_attributes(vocab: list[dict]) -> None:
+    """In place: novel kinds take colours, patterns, silhouettes and group words no base kind has."""
+    novel = set(kinds_split()["novel"])
+    own = list(OWN_PALETTE)
+    for n, c in enumerate(c for c in vocab if c["name"] in novel):
+        group, family, variants = _OWN_GROUPS[n % len(_OWN_GROUPS)]
+        c.update(
+            group=group,
+            colour=own[n % len(own)],
+            colour2=own[(n + 2) % len(own)],
+            pattern=OWN_PATTERNS[n % len(OWN_PATTERNS)],
+            silhouette=[family, _jsonable(variants[n // len(_OWN_GROUPS)])],
+        )
 
 
 def _jsonable(x):
@@ -156,11 +200,11 @@ def kinds_split() -> dict:
     return {"base": base, "novel": novel}
 
 
-def _kinds_categories() -> list[dict]:
+def _kinds_categories(knobs: WorldKnobs | None = None) -> list[dict]:
     """COCO categories: the group word is the supercategory (as "animal" is for "cow")."""
     return [
         {"id": c["id"], "name": c["name"], "supercategory": c["group"], "colour": c["colour"], "pattern": c["pattern"]}
-        for c in kinds_vocabulary()
+        for c in kinds_vocabulary(knobs)
     ]
 
 

@@ -9,7 +9,9 @@ import math
 import numpy as np
 
 from ovd.data.mini_world.draw import _jitter_colour
-from ovd.data.mini_world.kinds import PALETTE
+from ovd.data.mini_world.kinds import OWN_PALETTE, PALETTE
+
+_COLOURS = {**PALETTE, **OWN_PALETTE}  # the novel-only colours exist under novel_attributes=own
 
 
 def _soft(x: np.ndarray, sharpness: float = 1.6) -> np.ndarray:
@@ -37,6 +39,12 @@ def _pattern_mask(rng: np.random.Generator, pattern: str, u: np.ndarray, v: np.n
         du = (u / cell + ph / (2 * np.pi)) % 1.0 - 0.5
         dv = (v / cell + ph / (2 * np.pi)) % 1.0 - 0.5
         return _soft((0.3 - np.hypot(du, dv)) * cell)
+    # novel-only patterns (novel_attributes=own)
+    if pattern == "zigzag":  # stripes across v whose centre line zigzags along u
+        tri = np.abs((u / period + ph / (2 * np.pi)) % 1.0 - 0.5) * period
+        return _soft(np.sin(2 * np.pi * (v + tri) / period + ph) * 2)
+    if pattern == "hatched":  # thin lines both ways: a grid, not checks
+        return _soft((np.maximum(np.cos(2 * np.pi * u / period + ph), np.cos(2 * np.pi * v / period + ph)) - 0.8) * 4)
     return np.zeros_like(u)
 
 
@@ -62,8 +70,8 @@ def _kind_field(
     u = (xx - cx) * math.cos(a) + (yy - cy) * math.sin(a)  # object axes: the pattern turns with it
     v = -(xx - cx) * math.sin(a) + (yy - cy) * math.cos(a)
     val, desat = ((0.8, 1.05), 0.25) if det else ((0.92, 1.04), 0.05)
-    c1 = _jitter_colour(rng, PALETTE[cls["colour"]], hue_deg=6.0, val=val, desat=desat)
-    c2 = _jitter_colour(rng, PALETTE[cls["colour2"]], hue_deg=6.0, val=val, desat=desat)
+    c1 = _jitter_colour(rng, _COLOURS[cls["colour"]], hue_deg=6.0, val=val, desat=desat)
+    c2 = _jitter_colour(rng, _COLOURS[cls["colour2"]], hue_deg=6.0, val=val, desat=desat)
     t = _pattern_mask(rng, cls["pattern"], u, v, ext)[..., None]
     field = c1[None, None, :] * (1 - t) + c2[None, None, :] * t
     if not det:

@@ -81,17 +81,19 @@ def _render_det(
     p: MiniPreset,
     extents: list | None = None,
     version: int = GENERATOR_VERSION,
+    vocab: list[dict] | None = None,
 ):
     """One detection scene. Returns (uint8 image, [(category_id, [x, y, w, h])], n_dropped).
 
     If ``extents`` is a list, the polygon extent (x0, y0, x1, y1) of each returned object is
-    appended to it (for tests of box tightness).
+    appended to it (for tests of box tightness). ``vocab``: the class records (default: the
+    version's; a world with changed knobs passes its own).
     """
     # the steps draw from ``rng`` in this fixed order: reordering them changes every scene
     size = p.det_size
     img = _det_background(rng, size, size)
     _draw_back_clutter(rng, img, p)
-    placed, dropped = _place_objects(rng, img, cat_ids, p, version)
+    placed, dropped = _place_objects(rng, img, cat_ids, p, version, vocab)
     _draw_front_clutter(rng, img, placed)
     objects, empty = _visible_boxes(placed, extents)
     return _camera(rng, img), objects, dropped + empty
@@ -112,13 +114,18 @@ def _draw_back_clutter(rng: np.random.Generator, img: np.ndarray, p: MiniPreset)
 
 
 def _place_objects(
-    rng: np.random.Generator, img: np.ndarray, cat_ids: list[int], p: MiniPreset, version: int
+    rng: np.random.Generator,
+    img: np.ndarray,
+    cat_ids: list[int],
+    p: MiniPreset,
+    version: int,
+    vocab: list[dict] | None = None,
 ) -> tuple[list[_Placed], int]:
     """In place: draw the class objects in order, each where it hides too little of those before it.
 
     Returns the placed objects and how many could not be placed.
     """
-    vocab = {c["id"]: c for c in mini_vocabulary(version)}
+    vocab = {c["id"]: c for c in (vocab or mini_vocabulary(version))}
     placed: list[_Placed] = []
     dropped = 0
     for cid in cat_ids:
@@ -152,7 +159,7 @@ def _pose_fn(cls: dict, version: int):
 
         return v2
     family, args = kind_silhouette(cls)
-    return lambda rng, ext: instance_polys(rng, family, args, ext)
+    return lambda rng, ext: instance_polys(rng, family, args, ext, cls.get("aspect"))
 
 
 def _find_pose(rng: np.random.Generator, pose_fn, placed: list[_Placed], p: MiniPreset):

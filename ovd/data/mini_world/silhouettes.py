@@ -14,6 +14,8 @@ from functools import cache
 
 import numpy as np
 
+from ovd.data.mini_world.knobs import ASPECT_MAX_ROTATION
+
 Polys = list[tuple[np.ndarray, int]]
 
 _N_POLAR = 120  # vertices of a radial contour: smooth at 48 px x 4 supersampling
@@ -213,6 +215,31 @@ def _worm(path: str, width: float, taper: bool = False, knob: float = 0.0) -> Po
     return out
 
 
+# Families only novel kinds use under the ``novel_attributes=own`` knob (no base kind has them).
+def _facet(sides: int, hole: float = 0.0) -> Polys:
+    """A regular polygon with straight edges, optionally with a round hole."""
+    t = np.linspace(0, 2 * np.pi, sides, endpoint=False) - np.pi / 2
+    out: Polys = [(np.stack([np.cos(t), np.sin(t)], 1), 255)]
+    return out + [(_ellipse(0, 0, hole, hole), 0)] if hole else out
+
+
+def _plus(arms: int, width: float) -> Polys:
+    """``arms`` straight arms of ``width`` from a common centre, with a disc at the hub."""
+    out: Polys = [(_ellipse(0, 0, width * 0.9, width * 0.9), 255)]
+    for a in np.linspace(0, 2 * np.pi, arms, endpoint=False) - np.pi / 2:
+        out.append((_bar((0, 0), (math.cos(a), math.sin(a)), width), 255))
+    return out
+
+
+def _berry(n: int, radius: float) -> Polys:
+    """A cluster: ``n`` discs on a ring around a centre disc."""
+    ring = 1 - radius
+    out: Polys = [(_ellipse(0, 0, radius, radius), 255)]
+    for a in np.linspace(0, 2 * np.pi, n, endpoint=False) - np.pi / 2:
+        out.append((_ellipse(ring * math.cos(a), ring * math.sin(a), radius, radius), 255))
+    return out
+
+
 _FAMILIES = {
     "flower": _flower,
     "spiky": _spiky,
@@ -223,12 +250,16 @@ _FAMILIES = {
     "leaflets": _leaflets,
     "mushroom": _mushroom,
     "worm": _worm,
+    "facet": _facet,
+    "plus": _plus,
+    "berry": _berry,
 }
 
 #: Largest rotation (degrees, either way) of an instance: radial families turn freely; bugs, leaves,
 #: worms and (upright) mushrooms keep roughly their orientation, as most real objects do.
 MAX_ROTATION = {"flower": 180.0, "spiky": 180.0, "gear": 180.0, "pebble": 180.0,
-                "bug": 30.0, "leaf": 40.0, "leaflets": 30.0, "mushroom": 12.0, "worm": 25.0}  # fmt: skip
+                "bug": 30.0, "leaf": 40.0, "leaflets": 30.0, "mushroom": 12.0, "worm": 25.0,
+                "facet": 180.0, "plus": 180.0, "berry": 180.0}  # fmt: skip
 
 
 @cache
@@ -246,22 +277,33 @@ def unit_silhouette(family: str, args: tuple) -> tuple[tuple[np.ndarray, int], .
     return tuple(out)
 
 
-def instance_polys(rng: np.random.Generator, family: str, args: tuple, ext: float) -> tuple[Polys, float]:
+def instance_polys(
+    rng: np.random.Generator, family: str, args: tuple, ext: float, aspect: float | None = None
+) -> tuple[Polys, float]:
     """One instance's polygons centred at the origin with extent about ``ext``, and its rotation.
 
     Intra-class variation: aspect 0.85-1.15, rotation within the family's range, and a smooth warp
     (displacement up to 6% of the half-extent) that bends edges without changing the topology.
+    ``aspect`` (the kind's characteristic box w/h, ``kind_aspect=coco``): the outline is first
+    stretched to that box shape (longer side still ``ext``) and turns at most
+    ``ASPECT_MAX_ROTATION`` degrees, so that the box keeps the shape.
     """
     asp = rng.uniform(0.85, 1.15)
-    ang = rng.uniform(-MAX_ROTATION[family], MAX_ROTATION[family])
+    max_rot = MAX_ROTATION[family] if aspect is None else min(MAX_ROTATION[family], ASPECT_MAX_ROTATION)
+    ang = rng.uniform(-max_rot, max_rot)
     amp = rng.uniform(0.0, 0.06)
     freq = rng.uniform(1.5, 3.0, 2)
     phase = rng.uniform(0, 2 * np.pi, 2)
     a = math.radians(ang)
     rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
     scale = np.array([asp, 1 / asp]) * ext / 2
+    unit = unit_silhouette(family, args)
+    if aspect is not None:
+        pts = np.concatenate([p for p, f in unit if f])
+        half_w, half_h = (pts.max(0) - pts.min(0)) / 2
+        scale = scale * np.array([aspect * half_h / half_w, 1.0]) / (half_h * max(aspect, 1.0))
     out = []
-    for p, f in unit_silhouette(family, args):
+    for p, f in unit:
         warp = amp * np.stack([np.sin(freq[0] * p[:, 1] + phase[0]), np.sin(freq[1] * p[:, 0] + phase[1])], 1)
         out.append((((p + warp) * scale) @ rot.T, f))
     return out, ang

@@ -27,7 +27,8 @@ def _image_rng(seed: int, domain: int, split: str, index: int) -> np.random.Gene
 
 
 def _run_task(task: tuple) -> Any:
-    kind, seed, split, index, payload, preset, path, version = task
+    # knobs: None for a default world, else {"vocab": its class records, "web_style": ...}
+    kind, seed, split, index, payload, preset, path, version, knobs = task
     if kind == "web":
         rng = _image_rng(seed, _DOMAIN_WEB, split, index)
         if payload is None:  # no class in the picture
@@ -36,12 +37,13 @@ def _run_task(task: tuple) -> Any:
             arr = _render_web(rng, payload, preset.web_size)
             caption = _web_caption(rng, payload)
         else:
-            arr, size_frac = _render_web_kind(rng, payload, preset.web_size)
+            style = knobs["web_style"] if knobs else "clean"
+            arr, size_frac = _render_web_kind(rng, payload, preset.web_size, style)
             caption = _kind_caption(rng, payload, size_frac)
         _save_png(arr, path)
         return caption
     rng = _image_rng(seed, _DOMAIN_DET, split, index)
-    arr, objects, dropped = _render_det(rng, payload, preset, version=version)
+    arr, objects, dropped = _render_det(rng, payload, preset, version=version, vocab=knobs and knobs["vocab"])
     _save_png(arr, path)
     return objects, dropped
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ovd.data.mini_world.kinds import _kinds_categories, kinds_split, kinds_vocabulary
+from ovd.data.mini_world.knobs import WorldKnobs
 from ovd.data.mini_world.presets import PRESETS_V2, PRESETS_V3, MiniPreset
 from ovd.data.mini_world.vocabulary import _coco_categories, colour_shape_split, colour_shape_vocabulary
 from ovd.errors import OvdError
@@ -27,9 +28,9 @@ def check_version(version: Any) -> int:
     return version
 
 
-def mini_vocabulary(version: int = GENERATOR_VERSION) -> list[dict]:
-    """The class records of a world version, in id order (ids 1..n)."""
-    return colour_shape_vocabulary() if check_version(version) == 2 else kinds_vocabulary()
+def mini_vocabulary(version: int = GENERATOR_VERSION, knobs: WorldKnobs | None = None) -> list[dict]:
+    """The class records of a world version (and world knobs), in id order (ids 1..n)."""
+    return colour_shape_vocabulary() if check_version(version) == 2 else kinds_vocabulary(knobs)
 
 
 def mini_split(version: int = GENERATOR_VERSION) -> dict:
@@ -37,9 +38,9 @@ def mini_split(version: int = GENERATOR_VERSION) -> dict:
     return colour_shape_split() if check_version(version) == 2 else kinds_split()
 
 
-def coco_categories(version: int) -> list[dict]:
+def coco_categories(version: int, knobs: WorldKnobs | None = None) -> list[dict]:
     """The ``categories`` list every annotation file of a world version carries."""
-    return _coco_categories() if check_version(version) == 2 else _kinds_categories()
+    return _coco_categories() if check_version(version) == 2 else _kinds_categories(knobs)
 
 
 def presets(version: int) -> dict[str, MiniPreset]:

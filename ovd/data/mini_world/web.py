@@ -22,8 +22,9 @@ from ovd.data.mini_world.draw import (
 )
 from ovd.data.mini_world.kinds import kind_silhouette
 from ovd.data.mini_world.patterns import _kind_field
+from ovd.data.mini_world.scene import _camera
 from ovd.data.mini_world.silhouettes import instance_polys
-from ovd.data.mini_world.textures import _clutter_alpha, _clutter_colour, _det_background
+from ovd.data.mini_world.textures import _CLUTTER_KINDS, _clutter_alpha, _clutter_colour, _det_background
 from ovd.data.mini_world.vocabulary import COLOURS, SHAPES, _article
 
 
@@ -67,21 +68,44 @@ def _render_web(rng: np.random.Generator, cls: dict, size: int) -> np.ndarray:
     return _to_uint8(img)
 
 
-def _render_web_kind(rng: np.random.Generator, cls: dict, size: int) -> tuple[np.ndarray, float]:
+def _render_web_kind(rng: np.random.Generator, cls: dict, size: int, style: str = "clean") -> tuple[np.ndarray, float]:
     """A v3 web image: one large, near-centred object of kind ``cls`` in its clean palette and pattern.
 
     Returns the image and the object's extent as a fraction of the image side (for size words).
+    ``style="scene"`` (the ``web_style`` knob) draws a detection-like crop instead.
     """
+    if style == "scene":
+        return _render_web_kind_scene(rng, cls, size)
     img = _web_background(rng, size)
     frac = rng.uniform(0.5, 0.85)
     ext = frac * size
-    polys, ang = instance_polys(rng, *kind_silhouette(cls), ext)
+    polys, ang = instance_polys(rng, *kind_silhouette(cls), ext, cls.get("aspect"))
     polys, cx, cy = _centred(rng, polys, size)
     alpha = _polys_alpha(polys, size, size)
     sl = _alpha_slices(alpha)
     _composite(img, alpha, _kind_field(rng, cls, sl, cx, cy, ext, ang, det=False), sl)
     img += rng.normal(0, 1.0 / 255, img.shape).astype(np.float32)
     return _to_uint8(img), float(frac)
+
+
+def _render_web_kind_scene(rng: np.random.Generator, cls: dict, size: int) -> tuple[np.ndarray, float]:
+    """A web image that looks like a detection crop: the detection domain's textured background and
+    clutter, a smaller off-centre object with the shaded detection fill, then the camera shift."""
+    img = _det_background(rng, size, size)
+    for _ in range(int(rng.integers(1, 4))):
+        kind = _CLUTTER_KINDS[int(rng.integers(len(_CLUTTER_KINDS)))]
+        _composite(img, _clutter_alpha(rng, kind, size, size), _clutter_colour(rng, kind))
+    frac = rng.uniform(0.35, 0.8)
+    ext = frac * size
+    polys, ang = instance_polys(rng, *kind_silhouette(cls), ext, cls.get("aspect"))
+    x0, y0, x1, y1 = _poly_extent(polys)
+    cx = rng.uniform(1 - x0, max(1 - x0, size - 1 - x1))
+    cy = rng.uniform(1 - y0, max(1 - y0, size - 1 - y1))
+    polys = [(q + [cx, cy], f) for q, f in polys]
+    alpha = _polys_alpha(polys, size, size)
+    sl = _alpha_slices(alpha)
+    _composite(img, alpha, _kind_field(rng, cls, sl, cx, cy, ext, ang, det=True), sl)
+    return _camera(rng, img), float(frac)
 
 
 _TEXTURE_NAMES = ("a blotchy texture", "a striped pattern", "a checkered pattern", "a smooth gradient")

@@ -1,0 +1,80 @@
+"""tools/run_world_sweep.py and tools/plot_world_sweep.py: the sweep applies exactly the ablation's
+variant settings on any preset, resumes from finished runs, and the table/figure aggregate seeds."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from ovd.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import plot_world_sweep  # noqa: E402
+import run_world_sweep as sweep  # noqa: E402
+
+
+@pytest.mark.parametrize("variant", list(sweep.VARIANTS))
+def test_variant_overrides_reproduce_the_ablation_configs(variant):
+    # the ablation YAML on bench == bench + the sweep's overrides read from that YAML
+    name = sweep.VARIANTS[variant][0]
+    direct = load_config(str(ROOT / "configs/mini/ablation" / f"{name}.yaml"))
+    via = load_config(str(ROOT / "configs/mini/bench.yaml"), sweep.variant_overrides(variant))
+    assert OmegaConf.to_container(direct, resolve=True) == OmegaConf.to_container(via, resolve=True)
+
+
+def test_world_runs_get_their_own_folders_and_knobs():
+    ov = sweep.run_overrides(sweep.world_overrides("all", 2, "W", "D"), "e", ["train.epochs=1"])
+    cfg = load_config(str(ROOT / "configs/mini/sweep.yaml"), ov)
+    assert (cfg.world.seed, cfg.world.dir, cfg.work_dir) == (2, "D/all-seed2", "W/all-seed2")
+    assert (cfg.world.novel_attributes, cfg.world.kind_aspect, cfg.world.web_style) == ("own", "coco", "scene")
+    assert cfg.train.eval_every == 0 and cfg.train.epochs == 1  # the sweep's, then the user's, win
+    assert cfg.train.out == "W/all-seed2/ablation/e_full"
+    base = load_config(str(ROOT / "configs/mini/sweep.yaml"), sweep.run_overrides(sweep.world_overrides(
+        "baseline", 0, "W", "D"), "a", []))  # fmt: skip
+    assert (base.world.novel_attributes, base.world.kind_aspect, base.world.web_style) == ("shared", "square", "clean")
+    assert base.world.preset == "sweep" and not base.model.distill
+
+
+def test_a_run_without_outputs_is_not_finished(tmp_path):
+    cfg = load_config(str(ROOT / "configs/mini/smoke.yaml"), [f"work_dir={tmp_path}/w", f"world.dir={tmp_path}/d"])
+    assert not sweep.finished(cfg)
+
+
+def _result(setting, seed, novel, base, raw_novel):
+    return {
+        "setting": setting,
+        "seed": seed,
+        "variants": {"a": {"AP50_novel": novel, "AP50_base": base}, "e": {"AP50_novel": novel / 2, "AP50_base": base}},
+        "probes": {
+            "crop_top1": {k: {"base": 0.5, "novel": raw_novel, "all": 0.4} for k in ("raw", "adapted")},
+            "miner_recall": {"recall_miner": 0.3},
+        },
+    }
+
+
+def test_plot_aggregates_seeds(tmp_path):
+    rows = [_result("baseline", s, n, 0.5, r) for s, n, r in ((0, 0.2, 0.1), (1, 0.3, 0.2), (2, 0.4, 0.3))]
+    rows.append(_result("own", 0, 0.05, 0.4, 0.5))
+    for r in rows:
+        d = tmp_path / "runs" / f"{r['setting']}-seed{r['seed']}" / "sweep"
+        d.mkdir(parents=True)
+        (d / "result.json").write_text(json.dumps(r))
+    out = tmp_path / "fig" / "sweep.png"
+    argv = ["--work-root", str(tmp_path / "runs"), "--out", str(out), "--variants", "a", "e"]
+    assert plot_world_sweep.main(argv) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = out.with_suffix(".md").read_text()
+    sd = 100 * statistics.stdev([0.2, 0.3, 0.4])
+    assert f"| baseline | (a) text-only | 50.0 ± 0.0 (n=3) | 30.0 ± {sd:.1f} (n=3) | 0.6 ± 0.2 (n=3) |" in md
+    assert "| baseline | (e) full | 50.0 ± 0.0 (n=3) | 15.0 ± " in md
+    assert "| own | (a) text-only | 40.0 (n=1) | 5.0 (n=1) |" in md
+    assert f"| baseline | 50.0 ± 0.0 (n=3) | 20.0 ± {100 * statistics.stdev([0.1, 0.2, 0.3]):.1f} (n=3) |" in md
+    # baseline comes first (the sweep's order), whatever the folder names sort to
+    assert md.index("| baseline |") < md.index("| own |")

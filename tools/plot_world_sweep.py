@@ -1,0 +1,142 @@
+"""The world sweep's figure and table, from the run files ``tools/run_world_sweep.py`` leaves.
+
+    python tools/plot_world_sweep.py [--work-root work_dirs/world-sweep] [--out docs/world_sweep.png]
+
+Reads every ``<work root>/*/sweep/result.json`` (one per world: setting, seed, the finished variants'
+metrics and the probes) and writes
+
+* the figure (PNG): novel AP50 per variant per world setting, the bar the mean over world seeds
+  and the error bar the sample std (none with one seed), the number of seeds under each setting;
+* the table (markdown, printed and written next to the figure): per world setting and variant,
+  base and novel AP50 as mean ± std over the seeds, the text-only novel/base ratio, and the probes
+  (raw / adapted crop top-1 base / novel, miner novel recall).
+
+A partial sweep gives a partial figure: every cell says how many seeds it has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+from run_world_sweep import DEFAULT_SETTINGS, SETTINGS, VARIANTS  # noqa: E402
+
+
+def load_results(work_root: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(work_root.glob("*/sweep/result.json"))]
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def pm(values: list[float], scale: float = 100.0) -> str:
+    """``mean ± std (n)`` in percent; ``-`` when there is nothing."""
+    if not values:
+        return "-"
+    m, s = mean_std([scale * v for v in values])
+    return f"{m:.1f} ± {s:.1f} (n={len(values)})" if s is not None else f"{m:.1f} (n=1)"
+
+
+def gather(results: list[dict]) -> dict:
+    """``{setting: {"variants": {v: {metric: [per seed]}}, "probes": {name: [per seed]}}}``."""
+    out: dict = {}
+    for r in results:
+        cell = out.setdefault(r["setting"], {"variants": {}, "probes": {}, "seeds": set()})
+        cell["seeds"].add(r["seed"])
+        for v, m in r.get("variants", {}).items():
+            for k in ("AP50_base", "AP50_novel"):
+                cell["variants"].setdefault(v, {}).setdefault(k, []).append(m[k])
+        p = r.get("probes")
+        if p:
+            for kind in ("raw", "adapted"):
+                for g in ("base", "novel"):
+                    cell["probes"].setdefault(f"{kind} top-1 {g}", []).append(p["crop_top1"][kind][g])
+            recall = p.get("miner_recall", {})  # tools/bench_miner.py --recall's report
+            if isinstance(recall.get("recall_miner"), (int, float)):
+                cell["probes"].setdefault("miner novel recall", []).append(recall["recall_miner"])
+    return out
+
+
+def ordered(settings) -> list[str]:
+    known = [s for s in (*DEFAULT_SETTINGS, *SETTINGS) if s in settings]
+    return list(dict.fromkeys(known + sorted(settings)))
+
+
+def figure(cells: dict, variants: list[str], path: Path) -> None:
+    settings = ordered(cells)
+    width = 0.8 / max(1, len(variants))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 + 1.4 * len(settings)), 3.8))
+    for i, v in enumerate(variants):
+        means, errs, xs = [], [], []
+        for j, s in enumerate(settings):
+            vals = cells[s]["variants"].get(v, {}).get("AP50_novel", [])
+            if vals:
+                m, sd = mean_std([100 * x for x in vals])
+                means.append(m)
+                errs.append(sd or 0.0)
+                xs.append(j + (i - (len(variants) - 1) / 2) * width)
+        ax.bar(xs, means, width, yerr=errs, capsize=3, label=VARIANTS[v][1])
+    ax.set_xticks(range(len(settings)))
+    ax.set_xticklabels([f"{s}\n({len(cells[s]['seeds'])} seeds)" for s in settings])
+    ax.set_ylabel("novel AP50 (%)")
+    ax.set_title("Novel AP50 per world setting (mean ± std over world seeds)", fontsize=10)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table(cells: dict, variants: list[str]) -> list[str]:
+    lines = ["| world setting | variant | base AP50 | novel AP50 | novel / base |", "|---|---|---|---|---|"]
+    for s in ordered(cells):
+        for v in variants:
+            m = cells[s]["variants"].get(v)
+            if not m:
+                continue
+            ratio = [n / b for n, b in zip(m["AP50_novel"], m["AP50_base"]) if b > 0]
+            lines.append(f"| {s} | {VARIANTS[v][1]} | {pm(m['AP50_base'])} | {pm(m['AP50_novel'])} | "
+                         f"{pm(ratio, 1.0) if ratio else '-'} |")  # fmt: skip
+    names = ["raw top-1 base", "raw top-1 novel", "adapted top-1 base", "adapted top-1 novel", "miner novel recall"]
+    lines += ["", "| world setting | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for s in ordered(cells):
+        p = cells[s]["probes"]
+        lines.append(f"| {s} | " + " | ".join(pm(p.get(k, [])) for k in names) + " |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work-root", default="work_dirs/world-sweep")
+    ap.add_argument("--out", default="docs/world_sweep.png", help="the figure; the table goes next to it (.md)")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    args = ap.parse_args(argv)
+    results = load_results(Path(args.work_root))
+    if not results:
+        sys.exit(f"no sweep results under {args.work_root} (run tools/run_world_sweep.py first)")
+    cells = gather(results)
+    out = Path(args.out)
+    figure(cells, args.variants, out)
+    lines = ["World sweep: AP50 in %, mean ± sample std over world seeds (n seeds)", "", *table(cells, args.variants)]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+    print(f"figure: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
