@@ -22,7 +22,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from ovd.evaluation import evaluate_detections, format_metrics
     from ovd.utils.io import write_json
 
-    metrics = evaluate_detections(args.gt, args.dets, split=args.split, lvis=True if args.lvis else None)
+    metrics = evaluate_detections(
+        args.gt, args.dets, split=args.split, lvis=True if args.lvis else None, iou_type=args.iou_type
+    )
     print(format_metrics(metrics))
     if args.out:
         write_json(args.out, metrics)
@@ -253,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_tool_commands(sub) -> None:
     """``ovd eval``, ``ovd config``: no model involved."""
-    e = sub.add_parser("eval", help="box AP of COCO-result detections, split into base / novel classes")
+    e = sub.add_parser("eval", help="box / mask AP of COCO-result detections, split into base / novel classes")
     e.add_argument("--gt", required=True, help="ground truth, COCO- or LVIS-format JSON")
     e.add_argument(
         "--dets", required=True, help="detections, COCO result list JSON (image_id, category_id, bbox xywh, score)"
@@ -264,6 +266,7 @@ def _add_tool_commands(sub) -> None:
     e.add_argument(
         "--lvis", action="store_true", help="evaluate with the LVIS API (default: detected from the GT file)"
     )
+    e.add_argument("--iou-type", default="bbox", help="bbox (box AP) | segm (mask AP, keys mask_*) | bbox,segm (both)")
     e.add_argument("--out", default=None, help="write the metrics JSON here (atomically)")
     e.set_defaults(func=_cmd_eval)
 

@@ -5,17 +5,26 @@ from __future__ import annotations
 import torch
 
 from ovd.data.images import load_image
+from ovd.data.masks import decode
 from ovd.modeling.distillation import DISTILL_BOXES, DISTILL_EMBEDDINGS, DISTILL_WEIGHTS
 
 
 class DetectionTrainSet(torch.utils.data.Dataset):
     """Images + GT of the vocabulary's classes (labels 1..C in vocabulary order) + cached distillation
-    boxes/embeddings/weights from a :class:`~ovd.mining.feature_cache.FeatureCache`."""
+    boxes/embeddings/weights from a :class:`~ovd.mining.feature_cache.FeatureCache`.
 
-    def __init__(self, dataset, class_ids: list[int], cache=None):
+    ``masks``: also each box's instance mask, ``masks`` uint8 (N, H, W) in the image's size and the
+    boxes' order (torchvision's Mask R-CNN convention), decoded from the file's segmentations with
+    pycocotools. Only then are segmentations read at all: every one is checked here, once, so a bad
+    one stops the run before its first step; a box-only run pays nothing for them."""
+
+    def __init__(self, dataset, class_ids: list[int], cache=None, masks: bool = False):
         self.dataset = dataset
         self.index = {c: i + 1 for i, c in enumerate(class_ids)}
         self.cache = cache
+        self.masks = bool(masks)
+        if self.masks:
+            dataset.check_segmentations(cat_ids=set(class_ids))
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -29,6 +38,10 @@ class DetectionTrainSet(torch.utils.data.Dataset):
             "labels": torch.tensor([self.index[rec["labels"][j]] for j in keep], dtype=torch.int64),
             "image_id": rec["image_id"],
         }
+        if self.masks:
+            h, w = image.shape[-2:]
+            m = [torch.from_numpy(decode(rec["segmentations"][j], h, w)) for j in keep]
+            t["masks"] = torch.stack(m) if m else torch.zeros((0, h, w), dtype=torch.uint8)
         if self.cache is not None:
             c = self.cache.get(rec["image_id"])
             t[DISTILL_BOXES], t[DISTILL_EMBEDDINGS], t[DISTILL_WEIGHTS] = (
@@ -39,6 +52,8 @@ class DetectionTrainSet(torch.utils.data.Dataset):
         if flip:
             w = image.shape[-1]
             image = image.flip(-1)
+            if "masks" in t:
+                t["masks"] = t["masks"].flip(-1)
             for k in ("boxes", DISTILL_BOXES):
                 if k in t and len(t[k]):
                     b = t[k].clone()
