@@ -305,7 +305,7 @@ def test_cli_iou_type(tmp_path, capsys, split_path):
 # --- the mask helpers ------------------------------------------------------------------------------
 def test_compressed_rle_counts_and_round_trip():
     rng = np.random.default_rng(0)
-    for k in range(20):
+    for _ in range(20):
         h, w = int(rng.integers(1, 40)), int(rng.integers(1, 40))
         mask = (rng.random((h, w)) < rng.random()).astype(np.uint8)
         rle = compressed_rle(mask)

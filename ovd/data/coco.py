@@ -197,6 +197,14 @@ class DetectionDataset:
         ``segmentation`` for its image's size (:func:`~ovd.data.masks.segmentation_problem`), else
         one :class:`OvdError` listing the bad ones. Checked only where masks are used (mask
         training, mask AP): a box-only run neither reads nor refuses a file's segmentations."""
+        info = self.data.get("info") if isinstance(self.data.get("info"), dict) else {}
+        if str(info.get("description", "")).startswith("mini-world") and info.get("annotation_version", 1) < 2:
+            # mini-worlds built before annotation version 2 give each object its box's rectangle as
+            # segmentation: valid polygons, wrong masks, so they are refused by name
+            raise OvdError(
+                f"{self.path}: a mini-world file from before silhouette segmentations (its masks are its "
+                f"boxes); rebuild the world with `ovd data mini --overwrite` (the images stay the same)"
+            )
         sizes = {im["id"]: (im.get("height"), im.get("width")) for im in self.images}
         bad: list[str] = []
         for i, a in enumerate(self.data["annotations"]):
