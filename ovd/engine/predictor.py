@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.utils import draw_bounding_boxes
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from ovd.data.boxes import coco_bbox
 from ovd.data.images import load_image, pil_to_tensor
+from ovd.data.masks import MASK_THRESHOLD, encode
 from ovd.errors import OvdError
 from ovd.modeling.checkpoint import load_checkpoint, model_from_checkpoint
 from ovd.utils.io import atomic_path, write_json
@@ -187,7 +188,8 @@ class Detector:
     def predict(self, image, classes: str | Sequence[str] | None = None, score_thr: float = 0.05) -> dict:
         """Detections of one image: ``boxes`` (N, 4) xyxy in input pixels, ``scores``, ``labels``
         (0-based index into ``names``) and ``names`` (class name per box), highest score first
-        (ties keep the model's order, as ``ovd test`` writes them)."""
+        (ties keep the model's order, as ``ovd test`` writes them). A detector with a mask head
+        also gives ``masks``: (N, H, W) bool, each detection's mask in the input image's size."""
         if classes is not None:
             self.set_classes(classes)
         if not self.classes:
@@ -200,17 +202,23 @@ class Detector:
         order = torch.sort(out["scores"][keep], descending=True, stable=True).indices
         boxes, scores = out["boxes"][keep][order].cpu(), out["scores"][keep][order].cpu()
         labels = (out["labels"][keep][order] - 1).cpu()
-        return {"boxes": boxes, "scores": scores, "labels": labels, "names": [self.classes[i] for i in labels]}
+        pred = {"boxes": boxes, "scores": scores, "labels": labels, "names": [self.classes[i] for i in labels]}
+        if "masks" in out:  # (N, 1, H, W) probabilities pasted into the image, as torchvision's Mask R-CNN
+            pred["masks"] = (out["masks"][keep][order][:, 0] >= MASK_THRESHOLD).cpu()
+        return pred
 
 
 def draw_detections(image: torch.Tensor, pred: dict, width: int = 2) -> torch.Tensor:
-    """uint8 (3, H, W) image with labelled boxes (torchvision's ``draw_bounding_boxes``)."""
+    """uint8 (3, H, W) image with labelled boxes (torchvision's ``draw_bounding_boxes``) over the
+    masks where ``pred`` has them (``draw_segmentation_masks``, the box's colour, half opaque)."""
     img = (image.clamp(0, 1) * 255).round().to(torch.uint8)
     if len(pred["boxes"]) == 0:
         return img
     palette = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
     labels = [f"{n} {s:.2f}" for n, s in zip(pred["names"], pred["scores"].tolist())]
     colors = [palette[int(k) % len(palette)] for k in pred["labels"]]
+    if "masks" in pred:
+        img = draw_segmentation_masks(img, pred["masks"], alpha=0.5, colors=colors)
     return draw_bounding_boxes(img, pred["boxes"], labels=labels, colors=colors, width=width)
 
 
@@ -365,6 +373,9 @@ def _write_drawing(out_dir: Path, path: Path, img: torch.Tensor, pred: dict, nam
                 for b, s, n in zip(pred["boxes"].tolist(), pred["scores"].tolist(), pred["names"])
             ],
         }
+        if "masks" in pred:
+            for d, rle in zip(rec["detections"], encode(pred["masks"])):
+                d["segmentation"] = rle
         write_json(out_dir / f"{path.stem}.json", rec)
     drawn = draw_detections(img, pred)
     with atomic_path(out_dir / f"{path.stem}.png") as tmp:
@@ -437,10 +448,10 @@ def run_detect(
         image_records.append({"id": image_id, "file_name": str(p), "width": width, "height": height})
         boxes, scores, labels = pred["boxes"].tolist(), pred["scores"].tolist(), pred["labels"].tolist()
         if res_path is not None:
-            coco.extend(
-                {"image_id": image_id, "category_id": cat_ids[lab], "bbox": coco_bbox(b), "score": round(s, 5)}
-                for b, s, lab in zip(boxes, scores, labels)
-            )
+            segms = encode(pred["masks"]) if "masks" in pred else [None] * len(boxes)
+            for b, s, lab, seg in zip(boxes, scores, labels, segms):
+                d = {"image_id": image_id, "category_id": cat_ids[lab], "bbox": coco_bbox(b), "score": round(s, 5)}
+                coco.append(d if seg is None else {**d, "segmentation": seg})
         if out_dir is not None:
             _write_drawing(out_dir, p, img, pred, names if res_path is None else None)
         per_image.append({"image": str(p), "image_id": image_id, "detections": len(boxes),

@@ -430,7 +430,8 @@ def setup_trainer(cfg, rank: int, world: int, device: torch.device, progress: bo
     text_source = TextSource(cfg.clip)
     text = text_source.encode(list(split.base_names))
     cache = FeatureCache(cfg.extract.out, embed_dim=text_source.embed_dim) if cfg.model.distill else None
-    data = DetectionTrainSet(train, list(split.base_ids), cache)
+    # GT masks are decoded only for a model with the mask head (a box-only run never reads them)
+    data = DetectionTrainSet(train, list(split.base_ids), cache, masks=bool(getattr(cfg.model, "mask_head", False)))
     model = build_detector(cfg.model, text_source.embed_dim).to(device)
     model.set_vocabulary(text)
     notes = {}
