@@ -154,7 +154,8 @@ class ExtractConfig:
 @dataclass
 class ModelConfig:
     # Open-vocabulary Faster R-CNN (ovd/modeling). Each card component can be switched off for ablations.
-    backbone: str = "resnet50_fpn"  # resnet50_fpn | resnet18_fpn_small
+    # resnet50_fpn | resnet18_fpn_small | resnet18_fpn_narrow | mobilenet_v3_large_fpn (ovd/modeling/backbones.py)
+    backbone: str = "resnet50_fpn"
     # "imagenet": torchvision's ImageNet weights (hub cache / download); or a local file
     # (.safetensors / .pth state dict); "" = random init
     backbone_weights: str = ""
@@ -173,6 +174,12 @@ class ModelConfig:
     box_batch_size_per_image: int = lim(512, ge=1)  # sampled RoIs per image in training
     rpn_post_nms_top_n_train: int = lim(2000, ge=1)
     rpn_post_nms_top_n_test: int = lim(1000, ge=1)
+    # class-agnostic mask branch (torchvision's Mask R-CNN mask head, one output channel): trained on
+    # the base classes' GT masks, a mask for every detection whatever its class. Off: boxes only.
+    mask_head: bool = False
+    # width of the mask head's four 3 x 3 convolutions and its deconvolution (torchvision's: 256); the
+    # head runs on every detection at inference, so on CPU its width is most of the mask branch's cost
+    mask_channels: int = lim(256, ge=1)
 
 
 @dataclass

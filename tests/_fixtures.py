@@ -304,3 +304,65 @@ def crash_points(argv: list[str], log: Path) -> list[str]:
     log.unlink(missing_ok=True)
     assert run_child(argv, crash_log=log) == 0
     return [ln.split(" ", 1)[1] for ln in log.read_text().splitlines()]
+
+
+# --- a tiny open-vocabulary detector and its targets (the model tests) ------------------------------------
+TINY_D = 32  # region / text embedding dimension
+TINY_GT = [
+    [[10.0, 10.0, 50.0, 60.0], [60.0, 20.0, 100.0, 70.0], [20.0, 80.0, 70.0, 120.0]],
+    [[5.0, 5.0, 40.0, 40.0], [50.0, 50.0, 120.0, 110.0]],
+]
+TINY_LABELS = [[1, 3, 4], [2, 1]]
+
+
+def tiny_detector(seed: int = 0, *, fpn_channels: int = 256, representation_size: int = 1024, vocabulary: int = 0,
+                  **kwargs):  # fmt: skip
+    """An OVFasterRCNN on 128 px images (ResNet-18 FPN, all layers trainable, score threshold 0),
+    initialised from ``seed``; ``vocabulary``: that many random class texts (fixed, seed 9);
+    ``kwargs`` go to OVFasterRCNN (``distill_weight``, ``semantic_regression``, ``mask_head``, ...)."""
+    import torch
+
+    from ovd.modeling.backbones import build_backbone
+    from ovd.modeling.detector import OVFasterRCNN
+
+    torch.manual_seed(seed)
+    bb, anchors = build_backbone("resnet18_fpn_small", trainable_layers=5, fpn_channels=fpn_channels)
+    settings = dict(min_size=128, max_size=128, rpn_batch_size_per_image=32, box_batch_size_per_image=32,
+                    box_score_thresh=0.0, representation_size=representation_size)  # fmt: skip
+    m = OVFasterRCNN(bb, TINY_D, anchor_sizes=anchors, **{**settings, **kwargs})
+    if vocabulary:
+        m.set_vocabulary(torch.randn(vocabulary, TINY_D, generator=torch.Generator().manual_seed(9)))
+    return m
+
+
+def tiny_images(n: int = 2, size: int = 128) -> list:
+    import torch
+
+    return [torch.rand(3, size, size, generator=torch.Generator().manual_seed(s)) for s in (2, 3)[:n]]
+
+
+def tiny_targets(distill: bool = False, masks: bool = False, size: int = 128) -> list[dict]:
+    """Targets of :func:`tiny_images` (boxes for 128 px; ``size`` scales them): ``distill`` adds two
+    cached distillation boxes per image, ``masks`` an ellipse inscribed in each box (uint8 N x H x W)."""
+    import torch
+
+    out = []
+    for boxes, labels in zip(TINY_GT, TINY_LABELS):
+        b = torch.tensor(boxes) * size / 128
+        t = {"boxes": b, "labels": torch.tensor(labels)}
+        if masks:
+            y, x = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+            c = ((b[:, :2] + b[:, 2:]) / 2)[:, :, None, None]  # (N, 2, 1, 1) centres x, y
+            r = ((b[:, 2:] - b[:, :2]) / 2)[:, :, None, None]  # radii
+            inside = ((x - c[:, 0]) / r[:, 0]) ** 2 + ((y - c[:, 1]) / r[:, 1]) ** 2
+            t["masks"] = (inside <= 1).to(torch.uint8)
+        out.append(t)
+    if distill:
+        g = torch.Generator().manual_seed(1)
+        for t in out:
+            t.update(
+                distill_boxes=torch.tensor([[0.0, 0.0, 30.0, 30.0], [40.0, 40.0, 90.0, 100.0]]) * size / 128,
+                distill_embeddings=torch.randn(2, TINY_D, generator=g),
+                distill_weights=torch.tensor([1.0, 0.5]),
+            )
+    return out

@@ -5,31 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _fixtures import TINY_D as D
+from _fixtures import tiny_detector
 
 from ovd.errors import OvdError
-from ovd.modeling.detector import OVFasterRCNN, build_backbone
+from ovd.modeling.backbones import build_backbone
+from ovd.modeling.detector import OVFasterRCNN
 from ovd.modeling.distillation import DISTILL_BOXES, DISTILL_KEYS, distill_loss, has_distill_targets
 from ovd.modeling.semantic_regression import SemanticBoxRegressor
 from ovd.modeling.zero_shot_classifier import ZeroShotClassifier
 
-D = 32
-
 
 def make_model(semantic: bool = True, distill_weight: float = 1.0, seed: int = 0) -> OVFasterRCNN:
-    torch.manual_seed(seed)
-    bb, anchors = build_backbone("resnet18_fpn_small", trainable_layers=5)
-    return OVFasterRCNN(
-        bb,
-        D,
-        anchor_sizes=anchors,
-        semantic_regression=semantic,
-        distill_weight=distill_weight,
-        min_size=128,
-        max_size=128,
-        rpn_batch_size_per_image=32,
-        box_batch_size_per_image=32,
-        box_score_thresh=0.0,
-    )
+    return tiny_detector(seed, semantic_regression=semantic, distill_weight=distill_weight)
 
 
 def targets(n_distill: int = 3) -> list[dict]:

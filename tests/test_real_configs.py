@@ -17,8 +17,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from ovd.config import load_config
 from ovd.data.coco import load_detection_dataset
 from ovd.errors import OvdError
+from ovd.modeling.backbones import build_backbone
 from ovd.modeling.build import build_detector
-from ovd.modeling.detector import build_backbone
 from ovd.vlm.clip import clip_from_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +42,7 @@ def test_coco_config_values():
     assert cfg.clip.model == "ViT-B-32" and cfg.clip.pretrained == "openai"
     assert len(cfg.clip.templates) == 6
     assert cfg.train.schedule == "1x" and cfg.train.batch_size == 16
+    assert cfg.model.mask_head is True
 
 
 def test_lvis_config_values():
@@ -76,9 +77,10 @@ def test_coco_model_eval_forward(coco_model):
     with torch.no_grad():
         out = coco_model([torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))])
     assert isinstance(out, list) and len(out) == 1
-    assert set(out[0]) == {"boxes", "labels", "scores"}
+    assert set(out[0]) == {"boxes", "labels", "scores", "masks"}  # model.mask_head: true (as EZAD)
     n = len(out[0]["scores"])
     assert out[0]["boxes"].shape == (n, 4) and out[0]["labels"].shape == (n,)
+    assert out[0]["masks"].shape == (n, 1, 64, 64)
     assert ((out[0]["labels"] >= 1) & (out[0]["labels"] <= 65)).all()
     assert coco_model.embed_dim == 512
     assert coco_model.backbone.out_channels == 256
@@ -117,7 +119,7 @@ def test_lvis_config_builds_its_detector_and_shares_the_coco_clip():
     with torch.no_grad():
         out = model([torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))])
     n = len(out[0]["scores"])
-    assert 0 < n <= 300 and out[0]["boxes"].shape == (n, 4)
+    assert 0 < n <= 300 and out[0]["boxes"].shape == (n, 4) and out[0]["masks"].shape == (n, 1, 64, 64)
     assert ((out[0]["labels"] >= 1) & (out[0]["labels"] <= 1203)).all()
 
 
@@ -268,7 +270,7 @@ def test_imagenet_backbone_weights_come_from_torchvision(monkeypatch):
     # "imagenet" asks torchvision's weight enum (hub cache / download) for the state dict
     import torchvision
 
-    from ovd.modeling.detector import build_backbone
+    from ovd.modeling.backbones import build_backbone
 
     ref = torchvision.models.resnet18(weights=None).state_dict()
     ref = {k: v + 1.0 if v.is_floating_point() else v for k, v in ref.items()}
@@ -289,7 +291,7 @@ def test_imagenet_backbone_weights_offline_is_one_clear_error(monkeypatch):
 
     import torchvision
 
-    from ovd.modeling.detector import build_backbone
+    from ovd.modeling.backbones import build_backbone
 
     def offline(self, *a, **k):
         raise urllib.error.URLError("no network")

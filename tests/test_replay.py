@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from _fixtures import crash_points, run_child, subset_json, tiny_clip_dir
 
 from ovd.config import load_config
@@ -79,13 +80,22 @@ def test_statistics_equal_a_direct_computation(base, fitted, mini_world):
     model.set_vocabulary(state["text"])
     train, split = load_split_dataset(cfg.data, need_split="t")
     data = DetectionTrainSet(train, list(split.base_ids))
+    # torchvision's parts by hand: transform, backbone, RPN, matching without the sampler, RoI pooling,
+    # the box head's layers (fc6, fc7 pre-ReLU), the unit embedding
     recs = []
+    rh = model.roi_heads
     with torch.no_grad():
         for i in range(len(data)):
             image, t = data.get(i)
-            with model.roi_heads.observe(sample_in_eval=True, subsample=False) as obs:
-                model([image], [{"boxes": t["boxes"], "labels": t["labels"]}])
-            recs += obs.records
+            images_t, targets_t = model.transform([image], [{"boxes": t["boxes"], "labels": t["labels"]}])
+            feats = model.backbone(images_t.tensors)
+            props, _ = model.rpn(images_t, feats)
+            props, _, labels, _ = rh.sample_rois(props, targets_t, subsample=False)
+            pooled = rh.box_roi_pool(feats, props, images_t.image_sizes)
+            fc6 = rh.box_head.fc6(pooled.flatten(1))
+            fc7 = rh.box_head.fc7(F.relu(fc6))
+            emb = rh.classifier.embed(F.relu(fc7))
+            recs.append({"labels": labels[0], "pooled": pooled, "fc6": fc6, "fc7": fc7, "embedding": emb})
     labels = torch.cat([r["labels"] for r in recs])
     assert torch.equal(st.tensors["rois"], torch.bincount(labels, minlength=n_base + 1))
     for layer in st.layers:
@@ -142,6 +152,43 @@ def test_fewshot_checkpoint_loads_predicts_and_is_scored_per_group(base, fitted,
     assert all(torch.equal(base_state[k], ft_state[k]) for k in base_state if k.startswith(("backbone.", "rpn.")))
     m = evaluate_groups(cfg, rep["out"])
     assert set(m) == {"base", "fewshot", "heldout", "all"} and all(set(v) == {"AP", "AP50"} for v in m.values())
+
+
+def test_replay_runs_on_a_mask_head_checkpoint_and_leaves_the_masks_as_they_were(base, mini_world, tmp_path):
+    """A base detector with the class-agnostic mask branch (model.mask_head): statistics, generator
+    and a replay fine-tuning run work; K-shot runs train on boxes, so the mask branch stays the base
+    model's, and the fine-tuned detector still gives every detection a mask."""
+    from ovd.modeling.build import build_detector, model_config_from_dict
+    from ovd.modeling.checkpoint import save_checkpoint
+    from ovd.replay.fewshot import run_fewshot
+    from ovd.replay.generator import run_fit
+    from ovd.replay.watchers import run_stats
+
+    setup, _, ckpt = base
+    state = load_checkpoint(ckpt)
+    meta = state["meta"]
+    meta["model"]["mask_head"] = True
+    torch.manual_seed(0)
+    masked = build_detector(model_config_from_dict(meta["model"]), int(meta["embed_dim"]))
+    missing, unexpected = masked.load_state_dict(state["model"], strict=False)
+    assert not unexpected and missing and all(".mask_" in k for k in missing)
+    masked.set_vocabulary(state["text"])
+    save_checkpoint(tmp_path / "mask_base.pt", masked, None, None, state["iteration"], meta)
+    base_ckpt = str(tmp_path / "mask_base.pt")
+    cfg = cfg_for(setup, mini_world, tmp_path / "w", "model.mask_head=true", "replay.fit_iters=20")
+    run_stats(cfg, base_ckpt, progress=False)
+    run_fit(cfg, base_ckpt, progress=False)
+    rep = run_fewshot(cfg, base_ckpt, 5, 0, "replay", out=str(tmp_path / "ft"), evaluate=False, progress=False)
+    assert rep["complete"]
+    ft = load_checkpoint(rep["out"])
+    mask_keys = [k for k in ft["model"] if ".mask_" in k]
+    assert mask_keys and all(torch.equal(ft["model"][k], masked.state_dict()[k]) for k in mask_keys)
+    model = model_from_checkpoint(ft, rep["out"])
+    model.set_vocabulary(ft["text"])
+    image = torch.rand(3, 120, 100, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model([image])[0]
+    assert out["masks"].shape == (len(out["boxes"]), 1, 120, 100)
 
 
 def test_heldout_names_join_the_vocabulary_only_when_asked(base, fitted, mini_world, tmp_path):

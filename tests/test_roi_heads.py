@@ -1,59 +1,26 @@
-"""OVRoIHeads in parts: extra (already pooled) RoIs with teacher targets, and RoI observation."""
+"""OVRoIHeads in parts: extra (already pooled) RoIs with teacher targets, sampling without the sampler."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _fixtures import TINY_D as D
+from _fixtures import TINY_GT, tiny_detector, tiny_images
+from _fixtures import tiny_targets as targets
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, Matcher
 
 from ovd.errors import OvdError
-from ovd.modeling.detector import OVFasterRCNN, build_backbone
+from ovd.modeling.detector import OVFasterRCNN
 from ovd.modeling.roi_heads import ExtraRoIs, RoIBatch
 
-D = 32
 C = 4  # vocabulary size
 FPN = 32
+IMAGES = tiny_images()
 
 
 def make_model(seed: int = 0, distill_weight: float = 1.0) -> OVFasterRCNN:
-    torch.manual_seed(seed)
-    bb, anchors = build_backbone("resnet18_fpn_small", trainable_layers=5, fpn_channels=FPN)
-    m = OVFasterRCNN(
-        bb,
-        D,
-        anchor_sizes=anchors,
-        distill_weight=distill_weight,
-        min_size=128,
-        max_size=128,
-        rpn_batch_size_per_image=32,
-        box_batch_size_per_image=32,
-        box_score_thresh=0.0,
-        representation_size=64,
-    )
-    m.set_vocabulary(torch.randn(C, D, generator=torch.Generator().manual_seed(9)))
-    return m
-
-
-GT = [
-    torch.tensor([[10.0, 10.0, 50.0, 60.0], [60.0, 20.0, 100.0, 70.0], [20.0, 80.0, 70.0, 120.0]]),
-    torch.tensor([[5.0, 5.0, 40.0, 40.0], [50.0, 50.0, 120.0, 110.0]]),
-]
-LABELS = [torch.tensor([1, 3, 4]), torch.tensor([2, 1])]
-IMAGES = [torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(s)) for s in (2, 3)]
-
-
-def targets(distill: bool = False) -> list[dict]:
-    out = [{"boxes": b.clone(), "labels": lab.clone()} for b, lab in zip(GT, LABELS)]
-    if distill:
-        g = torch.Generator().manual_seed(1)
-        for t in out:
-            t.update(
-                distill_boxes=torch.tensor([[0.0, 0.0, 30.0, 30.0], [40.0, 40.0, 90.0, 100.0]]),
-                distill_embeddings=torch.randn(2, D, generator=g),
-                distill_weights=torch.tensor([1.0, 0.5]),
-            )
-    return out
+    return tiny_detector(seed, fpn_channels=FPN, representation_size=64, vocabulary=C, distill_weight=distill_weight)
 
 
 def inputs(m: OVFasterRCNN, images=IMAGES, tg=None):
@@ -201,111 +168,12 @@ def test_extra_rois_are_checked():
         rh.eval()({}, [], [], None, extra_rois=ExtraRoIs(ok, torch.tensor([1, 2])))
 
 
-# --- observation -----------------------------------------------------------------------------------------
-def test_observe_records_the_sampled_rois_with_the_samplers_labels(monkeypatch):
-    m = make_model().train()
-    rh = m.roi_heads
-    seen = []
-    real = rh.select_training_samples
-
-    def spy(proposals, tg):
-        out = real(proposals, tg)
-        seen.append(out)
-        return out
-
-    monkeypatch.setattr(rh, "select_training_samples", spy)
-    torch.manual_seed(0)
-    with rh.observe() as obs:
-        m(IMAGES, targets(distill=True))
-        m(IMAGES, targets(distill=True))
-    m(IMAGES, targets())  # outside the block: not recorded
-    assert len(obs.records) == 2 and len(seen) == 3 and not rh._observers
-    for rec, (props, matched, labels, _) in zip(obs.records, seen):
-        n = sum(len(p) for p in props)
-        assert torch.equal(rec["labels"], torch.cat(labels))  # the sampler's labels, distill boxes excluded
-        assert torch.equal(rec["boxes"], torch.cat(props)) and torch.equal(rec["matched_idxs"], torch.cat(matched))
-        assert torch.equal(rec["image_index"], torch.cat([torch.full((len(p),), i) for i, p in enumerate(props)]))
-        assert rec["pooled"].shape == (n, FPN, 7, 7)
-        assert rec["fc6"].shape == rec["fc7"].shape == rec["box_features"].shape == (n, 64)
-        assert rec["embedding"].shape == (n, D) and rec["logits"].shape == (n, 1 + C) and rec["deltas"].shape == (n, 4)
-        assert set(rec["labels"].tolist()) <= set(range(C + 1)) and (rec["labels"] > 0).any()
-        assert not any(v.requires_grad for v in rec.values())
-        # the recorded layers are the box head's own: pooled → fc6 → relu → fc7 → relu = box_features
-        with torch.no_grad():
-            fc6 = rh.box_head.fc6(rec["pooled"].flatten(1))
-            assert torch.allclose(fc6, rec["fc6"], atol=1e-5)
-            assert torch.allclose(rh.box_head.fc7(F.relu(rec["fc6"])), rec["fc7"], atol=1e-5)
-        assert torch.equal(F.relu(rec["fc7"]), rec["box_features"])
-        assert torch.allclose(rh.classifier.embed(rec["box_features"]), rec["embedding"], atol=1e-6)
-
-
-def test_observing_changes_no_output():
-    def run(observe: dict | None):
-        m = make_model()
-        m.train()
-        torch.manual_seed(0)
-        ctx = m.roi_heads.observe(**observe) if observe is not None else None
-        if ctx:
-            obs = ctx.__enter__()
-        losses = m(IMAGES, targets(distill=True))
-        sum(losses.values()).backward()
-        grads = [p.grad.clone() for p in m.parameters() if p.grad is not None]
-        m.eval()
-        with torch.no_grad():
-            dets = m(IMAGES, targets())
-        if ctx:
-            ctx.__exit__(None, None, None)
-            assert obs.records
-        return losses, grads, dets
-
-    plain = run(None)
-    for kw in ({}, {"sample_in_eval": True}, {"sample_in_eval": True, "subsample": False}):
-        losses, grads, dets = run(kw)
-        assert all(torch.equal(losses[k], plain[0][k]) for k in plain[0])
-        assert all(torch.equal(a, b) for a, b in zip(grads, plain[1])) and len(grads) == len(plain[1])
-        assert all(torch.equal(d[k], e[k]) for d, e in zip(dets, plain[2]) for k in d)
-
-
-def test_eval_mode_records_gt_matched_rois_for_data_watchers():
-    m = make_model().eval()
-    rh = m.roi_heads
-    records = []
-    with torch.no_grad():
-        with rh.observe(sample_in_eval=True, subsample=False) as sampled, rh.observe() as inference:
-            with rh.observe(callback=records.append):  # streaming: nothing kept
-                dets = m(IMAGES, targets())
-            m(IMAGES)  # no targets: nothing to sample
-    assert len(sampled.records) == 1 and len(inference.records) == 2 and len(records) == 1
-    rec = sampled.records[0]
-    assert "labels" in rec and "labels" not in inference.records[0]
-    inf = inference.records[0]  # the inference proposals of both images, unlabelled
-    assert len(inf["boxes"]) == len(inf["image_index"]) == len(inf["logits"]) > len(dets[0]["boxes"])
-    assert set(inf["image_index"].tolist()) == {0, 1}
-    # every GT box is among the RoIs, labelled with its own class and matched to itself
-    for i, (boxes, labels) in enumerate(zip(GT, LABELS)):
-        for j, (b, lab) in enumerate(zip(boxes, labels)):
-            row = ((rec["boxes"] == b).all(dim=1) & (rec["image_index"] == i)).nonzero()
-            assert len(row) >= 1
-            assert rec["labels"][row[0, 0]] == lab and rec["matched_idxs"][row[0, 0]] == j
-    # all matched proposals kept (no subsampling): foreground and background, a class-wise picture
-    assert (rec["labels"] == 0).sum() > 0 and (rec["labels"] > 0).sum() >= 5
-    # the direct call gives the same record (subsample=False: deterministic)
-    with torch.no_grad():
-        feats, sizes, tg = inputs(m)
-        props, _ = m.rpn(m.transform(IMAGES)[0], feats)
-        direct = rh.sample_and_observe(feats, props, sizes, tg, subsample=False)
-    assert set(direct) == set(rec) and all(torch.equal(direct[k], rec[k]) for k in rec)
-    # with the training-size sampler, like the training forward
-    with torch.no_grad():
-        sub = rh.sample_and_observe(feats, props, sizes, tg)
-    assert len(sub["labels"]) <= 2 * 32 < len(rec["labels"])
-
-
+# --- sampling without the random sampler (the replay data watchers) --------------------------------------
 def test_sample_rois_without_subsampling_drops_ignored_proposals():
     m = make_model().train()
     rh = m.roi_heads
     rh.proposal_matcher = Matcher(0.7, 0.3, allow_low_quality_matches=False)
-    gt = GT[0][:1]  # 40 × 50 box at (10, 10)
+    gt = torch.tensor(TINY_GT[0][:1])  # 40 × 50 box at (10, 10)
     props = [torch.tensor([[10.0, 10.0, 50.0, 60.0], [10.0, 10.0, 40.0, 60.0], [100.0, 100.0, 120.0, 120.0]])]
     # IoUs with the GT box: 1.0 (fg), 0.75 (fg), 0.0 (bg); the GT box itself joins as a proposal
     _, _, labels, _ = rh.sample_rois(props, [{"boxes": gt, "labels": torch.tensor([2])}], subsample=False)

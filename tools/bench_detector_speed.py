@@ -38,7 +38,7 @@ from ovd.modeling.build import build_detector, torchvision_kwargs  # noqa: E402
 
 
 def stock_model(m, num_classes: int):
-    from ovd.modeling.detector import build_backbone
+    from ovd.modeling.backbones import build_backbone
 
     backbone, anchors = build_backbone(m.backbone, m.trainable_layers, None, norm=m.norm, fpn_channels=m.fpn_channels)
     return FasterRCNN(

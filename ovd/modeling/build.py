@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import fields
 
 from ovd.config_schema import ModelConfig
-from ovd.modeling.detector import OVFasterRCNN, build_backbone
+from ovd.modeling.backbones import build_backbone
+from ovd.modeling.detector import OVFasterRCNN
 
 
 def build_detector(m, embed_dim: int) -> OVFasterRCNN:
@@ -20,6 +21,8 @@ def build_detector(m, embed_dim: int) -> OVFasterRCNN:
         anchor_sizes=anchors,
         semantic_regression=m.semantic_regression,
         distill_weight=m.distill_weight if m.distill else 0.0,
+        mask_head=m.mask_head,
+        mask_channels=m.mask_channels,
         representation_size=m.representation_size,
         **torchvision_kwargs(m),
     )

@@ -16,37 +16,38 @@ The forward pass is split into parts a subclass or a caller can use on their own
     outputs = heads.predict(batch, extra_rois)        # box head → embedding → logits / box deltas
     losses = heads.compute_losses(batch, outputs, targets, extra_rois)    # training
     detections = heads.detections(batch, outputs, image_shapes)           # inference
+    losses |= heads.mask_losses(features, batch, targets, image_shapes)   # mask branch, training
+    heads.add_masks(features, detections, image_shapes)                   # mask branch, inference
 
-Two entry points beyond torchvision's:
+``sample_rois(proposals, targets, subsample=False)`` labels every proposal by training-time matching
+without the random sampler (the replay data watchers' RoIs).
 
-* ``extra_rois=ExtraRoIs(features, labels, teacher_...)``: RoIs given as already pooled features
-  (N, C, 7, 7) with labels in 0..C (0 = background). They enter after RoI pooling, go through the
-  same box head, classifier and classification loss as the sampled proposals, and may carry a frozen
-  teacher's outputs to distil (data-free replay of forged base-class RoI features). They have no box,
-  so they take no part in the box-regression loss.
-* ``with heads.observe() as obs: model(images, targets)``: ``obs.records`` receives, per forward, the
-  pooled features and the box head's layer activations of the sampled RoIs with their labels (class-
-  wise statistics); in eval mode ``observe(sample_in_eval=True)`` records the training-time sampled,
-  GT-labelled RoIs instead of the inference proposals (also :meth:`OVRoIHeads.sample_and_observe`).
+``extra_rois=ExtraRoIs(features, labels, teacher_...)``: RoIs given as already pooled features
+(N, C, 7, 7) with labels in 0..C (0 = background). They enter after RoI pooling, go through the
+same box head, classifier and classification loss as the sampled proposals, and may carry a frozen
+teacher's outputs to distil (data-free replay of forged base-class RoI features). They have no box,
+so they take no part in the box-regression loss (nor in the mask loss).
+
+The mask branch (optional, ``mask_roi_pool`` / ``mask_head`` / ``mask_predictor`` as in torchvision's
+``RoIHeads``) is class-agnostic: the predictor has one output channel, trained on the positive
+sampled RoIs against their matched GT masks, and every detection gets a mask whatever its class.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference, maskrcnn_loss
 
 from ovd.errors import OvdError
 from ovd.modeling.distillation import DISTILL_BOXES, distill_loss, has_distill_targets, teacher_losses
 from ovd.modeling.semantic_regression import SemanticBoxRegressor, class_text
 from ovd.modeling.zero_shot_classifier import ZeroShotClassifier
 
-__all__ = ["ExtraRoIs", "OVRoIHeads", "RoIBatch", "RoIObserver", "RoIOutputs", "RoIPredictions", "SemanticBoxRegressor"]
+__all__ = ["ExtraRoIs", "OVRoIHeads", "RoIBatch", "RoIOutputs", "RoIPredictions", "SemanticBoxRegressor"]
 
 
 @dataclass
@@ -130,24 +131,6 @@ class RoIOutputs:
     rois: RoIPredictions | None = None  # the proposal rows of the RoIBatch (None without images)
     distill_embeddings: torch.Tensor | None = None  # (Q, D) unit embeddings of the cached boxes
     extra: RoIPredictions | None = None  # the ExtraRoIs rows
-    activations: dict[str, torch.Tensor] | None = None  # proposal rows' pooled features + box-head layers
-
-
-@dataclass(eq=False)  # identity: observe() removes exactly its own observer
-class RoIObserver:
-    """What :meth:`OVRoIHeads.observe` yields: ``records`` receives one dict per observed forward (see there)."""
-
-    callback: Callable[[dict], None] | None = None
-    keep: bool = True
-    sample_in_eval: bool = False
-    subsample: bool = True
-    records: list[dict] = field(default_factory=list)
-
-    def add(self, record: dict) -> None:
-        if self.callback is not None:
-            self.callback(record)
-        if self.keep:
-            self.records.append(record)
 
 
 class OVRoIHeads(RoIHeads):
@@ -165,7 +148,21 @@ class OVRoIHeads(RoIHeads):
         self.classifier = classifier
         self.regressor = regressor
         self.distill_weight = distill_weight
-        self._observers: list[RoIObserver] = []  # plain attribute: no state_dict entry
+        # Training batches must carry GT masks while this is True (and the mask branch exists); set it
+        # False to train the rest on box annotations and leave the mask branch as it is (few-shot).
+        self.train_masks = True
+
+    def check_targets(self, targets) -> None:
+        """torchvision's check of the training targets, as one clear error; ``masks`` are needed only
+        in training with the mask branch on and ``train_masks``."""
+        if targets is None:
+            raise OvdError("the RoI heads need targets to sample training RoIs")
+        keys = ("boxes", "labels") + (("masks",) if self.has_mask() and self.training and self.train_masks else ())
+        for i, t in enumerate(targets):
+            missing = [k for k in keys if k not in t]
+            if missing:
+                why = " (the mask head is on: model.mask_head)" if missing == ["masks"] else ""
+                raise OvdError(f"target {i} has no '{missing[0]}'{why}")
 
     def _class_text(self, labels: torch.Tensor) -> torch.Tensor:
         """Text embedding per RoI for labels in torchvision convention (0 = background → zeros)."""
@@ -214,25 +211,6 @@ class OVRoIHeads(RoIHeads):
         return RoIBatch(proposals, pooled, is_proposal, labels, regression_targets, matched_idxs, distill)
 
     # --- part 2: box head → embedding → classifier / semantic regression -------------------------------
-    def _run_box_head(self, pooled: torch.Tensor, capture: bool):
-        if not capture:
-            return self.box_head(pooled), None
-        acts: dict[str, torch.Tensor] = {}
-
-        def hook(name):
-            def store(_module, _inputs, output):
-                if isinstance(output, torch.Tensor):
-                    acts[name] = output.detach().clone()  # clone: a later in-place op must not change it
-
-            return store
-
-        handles = [m.register_forward_hook(hook(name)) for name, m in self.box_head.named_children()]
-        try:
-            return self.box_head(pooled), acts
-        finally:
-            for h in handles:
-                h.remove()
-
     def head_outputs(
         self, box_features: torch.Tensor, embeddings: torch.Tensor, labels: torch.Tensor | None
     ) -> RoIPredictions:
@@ -244,21 +222,16 @@ class OVRoIHeads(RoIHeads):
         deltas = self.regressor(box_features, self._class_text(labels))
         return RoIPredictions(box_features, embeddings, logits, deltas)
 
-    def predict(self, batch: RoIBatch, extra_rois: ExtraRoIs | None = None, capture: bool = False) -> RoIOutputs:
+    def predict(self, batch: RoIBatch, extra_rois: ExtraRoIs | None = None) -> RoIOutputs:
         """Box features part 2 and predictions: one box-head pass over the batch's pooled rows followed by
-        the extra RoIs' features, then the region embeddings, and logits / deltas per part.
-
-        ``capture``: also return the proposal rows' pooled features and the output of each of the box
-        head's child modules (``fc6``, ``fc7`` for torchvision's ``TwoMLPHead``; its ReLUs are functional,
-        so these are pre-activation) in ``RoIOutputs.activations``.
-        """
+        the extra RoIs' features, then the region embeddings, and logits / deltas per part."""
         if extra_rois is not None:
             extra_rois.check(None if batch.pooled is None else batch.pooled.shape[1:], len(self.classifier.text))
         parts = [p for p in (batch.pooled, None if extra_rois is None else extra_rois.features) if p is not None]
         if not parts:
             raise OvdError("the RoI head got no RoIs: neither images with proposals nor extra_rois")
         pooled = parts[0] if len(parts) == 1 else torch.cat(parts)
-        box_all, acts = self._run_box_head(pooled, capture)
+        box_all = self.box_head(pooled)
         emb_all = self.classifier.embed(box_all)
         out = RoIOutputs()
         n = 0
@@ -271,10 +244,6 @@ class OVRoIHeads(RoIHeads):
                 box = box[keep]
             labels = None if batch.labels is None else torch.cat(batch.labels)
             out.rois = self.head_outputs(box, emb, labels)
-            if capture:
-                rows = (lambda x: x[:n]) if keep is None else (lambda x: x[:n][keep])
-                out.activations = {"pooled": rows(batch.pooled.detach())}
-                out.activations.update({k: rows(v) for k, v in acts.items() if v.shape[:1] == pooled.shape[:1]})
         if extra_rois is not None:
             out.extra = self.head_outputs(box_all[n:], emb_all[n:], extra_rois.labels)
         return out
@@ -333,72 +302,31 @@ class OVRoIHeads(RoIHeads):
         boxes, scores, labels = self.postprocess_detections(logits, box_regression, batch.proposals, image_shapes)
         return [{"boxes": b, "labels": lab, "scores": s} for b, s, lab in zip(boxes, scores, labels)]
 
-    # --- observation -------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def observe(
-        self,
-        callback: Callable[[dict], None] | None = None,
-        keep: bool | None = None,
-        sample_in_eval: bool = False,
-        subsample: bool = True,
-    ) -> Iterator[RoIObserver]:
-        """Record the RoIs of every forward inside the block: ``with heads.observe() as obs: model(...)``.
+    # --- part 4: the mask branch (class-agnostic) --------------------------------------------------------
+    def mask_logits(self, features, boxes: list[torch.Tensor], image_shapes) -> torch.Tensor:
+        """(N, 1, 28, 28) mask logits of the boxes (per image, transformed frame): torchvision's mask
+        pooler, head and one-channel predictor."""
+        return self.mask_predictor(self.mask_head(self.mask_roi_pool(features, boxes, image_shapes)))
 
-        Each forward appends to ``obs.records`` (and/or passes to ``callback``; ``keep`` defaults to
-        True without a callback, False with one) a dict of detached tensors, one row per RoI:
+    def mask_losses(self, features, batch: RoIBatch, targets, image_shapes) -> dict[str, torch.Tensor]:
+        """``loss_mask``: torchvision's ``maskrcnn_loss`` over the positive sampled RoIs (the images'
+        base-class GT, as trained) against their matched GT masks, every class on the one channel."""
+        pos = [torch.where(lab > 0)[0] for lab in batch.labels]
+        boxes = [p[i] for p, i in zip(batch.proposals, pos)]
+        matched = [m[i] for m, i in zip(batch.matched_idxs, pos)]
+        one_channel = [torch.zeros_like(t["labels"]) for t in targets]  # class-agnostic: channel 0 for all
+        logits = self.mask_logits(features, boxes, image_shapes)
+        return {"loss_mask": maskrcnn_loss(logits, boxes, [t["masks"] for t in targets], one_channel, matched)}
 
-        * ``pooled`` (N, C, 7, 7) RoI-pooled features; one entry per child module of the box head with
-          its output (``fc6``, ``fc7`` (N, R) for torchvision's ``TwoMLPHead``: pre-ReLU);
-          ``box_features`` (N, R) the box head's output (post-ReLU); ``embedding`` (N, D);
-          ``logits`` (N, 1 + C); ``deltas`` (N, 4);
-        * ``boxes`` (N, 4) the RoIs in the transformed image frame, ``image_index`` (N,) their image in the batch;
-        * when the RoIs were sampled: ``labels`` (N,) in 0..C (0 = background) and ``matched_idxs`` (N,)
-          the index of the matched GT box in its image's target (meaningful where ``labels > 0``).
-
-        Training forward: the sampled proposals (not the cached distillation boxes, not extra RoIs).
-        Eval forward: the inference proposals (no labels) — or, with ``sample_in_eval=True`` and only
-        when the forward is given targets, the training-time sampled RoIs with their labels instead
-        (:meth:`sample_and_observe`; the detections are unchanged, but ``subsample=True`` draws the
-        sampler's random numbers from torch's global generator; ``subsample=False`` keeps all matched
-        proposals and draws none). Hooks are only installed while observing: outputs are identical.
-        """
-        obs = RoIObserver(callback, (callback is None) if keep is None else keep, sample_in_eval, subsample)
-        self._observers.append(obs)
-        try:
-            yield obs
-        finally:
-            self._observers.remove(obs)
-
-    def observation(self, batch: RoIBatch, outputs: RoIOutputs) -> dict[str, torch.Tensor]:
-        """The record of the proposal rows (see :meth:`observe`); ``outputs`` from ``predict(capture=True)``."""
-        r = outputs.rois
-        rec = dict(outputs.activations or {})
-        rec.update(
-            box_features=r.box_features.detach(),
-            embedding=r.embeddings.detach(),
-            logits=r.logits.detach(),
-            deltas=r.deltas.detach(),
-            boxes=torch.cat(batch.proposals).detach(),
-            image_index=torch.cat(
-                [torch.full((len(p),), i, dtype=torch.int64, device=p.device) for i, p in enumerate(batch.proposals)]
-            ),
+    def add_masks(self, features, detections: list[dict], image_shapes) -> None:
+        """Give every detection ``masks`` (1, 28, 28) probabilities in its box, whatever its class
+        (torchvision's ``maskrcnn_inference``; the transform's postprocess pastes them into the image)."""
+        boxes = [d["boxes"] for d in detections]
+        probs = maskrcnn_inference(
+            self.mask_logits(features, boxes, image_shapes), [torch.zeros_like(d["labels"]) for d in detections]
         )
-        if batch.labels is not None:
-            rec["labels"] = torch.cat(batch.labels)
-            rec["matched_idxs"] = torch.cat(batch.matched_idxs)
-        return rec
-
-    def sample_and_observe(self, features, proposals, image_shapes, targets, subsample: bool = True) -> dict:
-        """The :meth:`observe` record of training-time sampled RoIs, in any mode, without gradients:
-        GT boxes join the proposals, every RoI is labelled by its matched GT class (0 = background) and,
-        with ``subsample``, torchvision's balanced sampler picks the training-size subset (random; see
-        :meth:`sample_rois`). For data watchers running a frozen model over a training set."""
-        with torch.no_grad():
-            proposals = [p.detach() for p in proposals]
-            proposals, matched_idxs, labels, regression_targets = self.sample_rois(proposals, targets, subsample)
-            pooled = self.box_roi_pool(features, proposals, image_shapes)
-            batch = RoIBatch(proposals, pooled, None, labels, regression_targets, matched_idxs)
-            return self.observation(batch, self.predict(batch, capture=True))
+        for d, p in zip(detections, probs):
+            d["masks"] = p
 
     # --- forward ------------------------------------------------------------------------------------------
     def forward(self, features, proposals, image_shapes, targets=None, extra_rois: ExtraRoIs | None = None):
@@ -408,23 +336,15 @@ class OVRoIHeads(RoIHeads):
         """
         if extra_rois is not None and not self.training:
             raise OvdError("extra_rois are a training input: in eval, call predict(RoIBatch([]), extra_rois)")
-        observers = list(self._observers)
-        if not self.training:
-            sampling = [o for o in observers if o.sample_in_eval]
-            observers = [o for o in observers if not o.sample_in_eval]
-            if sampling and targets is not None and len(proposals):
-                for subsample in sorted({o.subsample for o in sampling}):
-                    rec = self.sample_and_observe(features, proposals, image_shapes, targets, subsample)
-                    for o in sampling:
-                        if o.subsample == subsample:
-                            o.add(rec)
         batch = self.pool_rois(features, proposals, image_shapes, targets)
-        capture = bool(observers) and batch.pooled is not None
-        outputs = self.predict(batch, extra_rois, capture=capture)
-        if capture:
-            rec = self.observation(batch, outputs)
-            for o in observers:
-                o.add(rec)
+        outputs = self.predict(batch, extra_rois)
+        masks = self.has_mask() and batch.pooled is not None
         if self.training:
-            return [], self.compute_losses(batch, outputs, targets, extra_rois)
-        return self.detections(batch, outputs, image_shapes), {}
+            losses = self.compute_losses(batch, outputs, targets, extra_rois)
+            if masks and self.train_masks:
+                losses.update(self.mask_losses(features, batch, targets, image_shapes))
+            return [], losses
+        detections = self.detections(batch, outputs, image_shapes)
+        if masks:
+            self.add_masks(features, detections, image_shapes)
+        return detections, {}

@@ -253,6 +253,9 @@ def run_fewshot(cfg, ckpt: str, shots: int, seed: int, mode: str, generator: str
                                    "heldout_classes": list(heldout.novel_names),
                                    "base_ckpt_sha1": sha1}  # fmt: skip
         pinned = _pin_eval(trainer.model, list(r.freeze))
+        # K-shot runs train on box annotations: a mask branch (model.mask_head) stays as the base model
+        # trained it, class-agnostic, so the few-shot classes get masks all the same
+        trainer.model.roi_heads.train_masks = False
         if gen is not None:
             student_index = {n: i + 1 for i, n in enumerate(trainer.meta["base_names"])}
             base_to_student = torch.tensor([0] + [student_index[n] for n in split.base_names])

@@ -32,7 +32,7 @@ from torch import nn
 
 from ovd.errors import OvdError
 from ovd.modeling.checkpoint import load_checkpoint, model_from_checkpoint
-from ovd.replay.watchers import ReplayStats, check_matches_base, load_stats, pooled_shape
+from ovd.replay.watchers import ReplayStats, check_matches_base, head_forward, load_stats, pooled_shape
 from ovd.utils.io import atomic_path, file_sha1
 from ovd.utils.safe_load import read_safetensors
 
@@ -78,28 +78,6 @@ class FeatureGenerator(nn.Module):
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, generator=None) -> torch.Tensor:
         return self.forward(labels, generator=generator)
-
-
-def box_head_layers(box_head: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The box head's output and every child module's output, keeping gradients (the observe()
-    hooks detach)."""
-    acts: dict[str, torch.Tensor] = {}
-    handles = [
-        m.register_forward_hook(lambda _m, _i, o, name=name: acts.__setitem__(name, o))
-        for name, m in box_head.named_children()
-    ]
-    try:
-        return box_head(x), acts
-    finally:
-        for hd in handles:
-            hd.remove()
-
-
-def head_forward(heads, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every watched layer of the frozen RoI head for pooled features ``x``, plus the logits."""
-    box, acts = box_head_layers(heads.box_head, x)
-    emb = heads.classifier.embed(box)
-    return {"pooled": x, **acts, "embedding": emb, "logits": heads.classifier(emb)}
 
 
 def _row_moments(x: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:

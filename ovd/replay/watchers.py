@@ -2,8 +2,11 @@
 
 One pass of the frozen base model over the base training set. Every RoI the training-time target
 assignment labels — proposals plus GT boxes, each matched to a GT box (its class) or background,
-all of them kept (``sample_and_observe(subsample=False)``: no random sampling, so the statistics are
-a function of the model and the data only) — adds its activations to per-class running sums:
+all of them kept (``OVRoIHeads.sample_rois(subsample=False)``: no random sampling, so the statistics
+are a function of the model and the data only) — adds its activations to per-class running sums.
+The model is driven in parts (:meth:`~ovd.modeling.detector.OVFasterRCNN.features_and_proposals`,
+the heads' sampling and RoI pooling, the box head with a hook per child module); nothing runs past
+the layers watched:
 
 * ``pooled``: the RoI-pooled features (C, 7, 7), per channel (over RoIs and the 7 x 7 positions);
 * every child module of the box head (``fc6``, ``fc7`` for torchvision's ``TwoMLPHead``, pre-ReLU),
@@ -24,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from ovd.data.loading import load_split_dataset
@@ -35,12 +39,12 @@ from ovd.utils.safe_load import read_safetensors
 
 STATS_FORMAT = "ovd-replay-stats/1"
 BACKGROUND = "__background__"
-# keys of an observe() record that are not activations
-_NOT_LAYERS = ("box_features", "logits", "deltas", "boxes", "image_index", "labels", "matched_idxs")
+# keys of a roi_record() that are not activations
+_NOT_LAYERS = ("logits", "boxes", "image_index", "labels", "matched_idxs")
 
 
 class ClassStats:
-    """Streaming per-class sums (float64) of layer activations; ``update`` takes one observe() record.
+    """Streaming per-class sums (float64) of layer activations; ``update`` takes one :func:`roi_record`.
 
     ``per_channel`` layers (4-d activations (N, C, h, w)) are reduced over positions: each RoI adds
     h * w samples per channel; 2-d layers (N, d) add one sample per unit.
@@ -196,18 +200,62 @@ def pooled_shape(model) -> list[int]:
     return [int(model.backbone.out_channels), int(size[0]), int(size[1])]
 
 
+def box_head_layers(box_head: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The box head's output and every child module's output (``fc6``, ``fc7`` for torchvision's
+    ``TwoMLPHead``; its ReLUs are functional, so these are pre-activation), keeping gradients."""
+    acts: dict[str, torch.Tensor] = {}
+    handles = [
+        m.register_forward_hook(lambda _m, _i, o, name=name: acts.__setitem__(name, o))
+        for name, m in box_head.named_children()
+    ]
+    try:
+        return box_head(x), acts
+    finally:
+        for hd in handles:
+            hd.remove()
+
+
+def head_forward(heads, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every watched layer of the RoI head for pooled features ``x`` (``pooled``, the box head's
+    children, ``embedding``: the unit region embedding), plus the ``logits``."""
+    box, acts = box_head_layers(heads.box_head, x)
+    emb = heads.classifier.embed(box)
+    return {"pooled": x, **acts, "embedding": emb, "logits": heads.classifier(emb)}
+
+
+def roi_record(model, images: list[torch.Tensor], targets: list[dict], subsample: bool = False) -> dict:
+    """The RoIs training-time target assignment labels on ``images`` — proposals plus GT boxes, each
+    labelled by its matched GT class (0 = background); all kept unless ``subsample`` (torchvision's
+    random balanced sampler) — with every watched layer (:func:`head_forward`), one row per RoI, and
+    ``boxes`` (transformed frame), ``image_index``, ``labels``, ``matched_idxs``. No gradients; the
+    model's mode is the caller's (eval for a frozen base model)."""
+    heads = model.roi_heads
+    with torch.no_grad():
+        s = model.features_and_proposals(images, targets)
+        proposals, matched_idxs, labels, _ = heads.sample_rois(s.proposals, s.targets, subsample)
+        pooled = heads.box_roi_pool(s.features, proposals, s.images.image_sizes)
+        rec = head_forward(heads, pooled)
+    rec.update(
+        boxes=torch.cat(proposals),
+        image_index=torch.cat(
+            [torch.full((len(p),), i, dtype=torch.int64, device=p.device) for i, p in enumerate(proposals)]
+        ),
+        labels=torch.cat(labels),
+        matched_idxs=torch.cat(matched_idxs),
+    )
+    return rec
+
+
 def collect_stats(model, data: DetectionTrainSet, num_classes: int, progress: bool = True) -> ClassStats:
     """One pass of the frozen ``model`` (eval mode, no flips) over ``data``: the class-wise sums of every
     labelled RoI (proposals + GT boxes, all kept)."""
     stats = ClassStats(num_classes + 1)
     model.eval()
     device = next(model.parameters()).device
-    heads = model.roi_heads
-    with torch.no_grad(), heads.observe(stats.update, keep=False, sample_in_eval=True, subsample=False):
-        for i in tqdm(range(len(data)), desc="replay stats", disable=not progress):
-            image, target = data.get(i)
-            target = {"boxes": target["boxes"].to(device), "labels": target["labels"].to(device)}
-            model([image.to(device)], [target])
+    for i in tqdm(range(len(data)), desc="replay stats", disable=not progress):
+        image, target = data.get(i)
+        target = {"boxes": target["boxes"].to(device), "labels": target["labels"].to(device)}
+        stats.update(roi_record(model, [image.to(device)], [target]))
     return stats
 
 
