@@ -168,6 +168,8 @@ def _cmd_vocab_embed(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from ovd.engine.export import run_export
 
+    if args.open:
+        return _cmd_export_open(args)
     rep = run_export(
         args.ckpt, args.out, classes=args.classes, classes_file=args.classes_file,
         text_embeddings=args.text_embeddings, opset=args.opset, size=args.size,
@@ -181,6 +183,39 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"onnxruntime = PyTorch on {chk['images']} test images{thr} ({chk['detections']} detections): "
           f"max |box diff| {chk['max_box_diff']:.2g} px, max |score diff| {chk['max_score_diff']:.2g}"
           f"{masks}")  # fmt: skip
+    return 0
+
+
+def _cmd_export_open(args: argparse.Namespace) -> int:
+    from ovd.engine.export_open import run_export_open
+
+    given = [o for o, v in (("--classes", args.classes), ("--classes-file", args.classes_file),
+                            ("--text-embeddings", args.text_embeddings)) if v is not None]  # fmt: skip
+    if given:
+        raise OvdError(f"ovd export --open takes no vocabulary ({given[0]}): the vocabulary is an input of the "
+                       "exported graph (make one with ovd vocab embed)")  # fmt: skip
+    rep = run_export_open(args.ckpt, args.out, opset=args.opset, size=args.size)
+    chk = rep["check"]
+    thr = " with score threshold 0" if "score_thresh" in chk else ""
+    print(f"{rep['out']}: open vocabulary ({rep['embed_dim']}-d text embeddings input), opset {rep['opset']}, "
+          f"{rep['bytes'] / 2**20:.1f} MiB, {rep['seconds']} s")  # fmt: skip
+    print(f"onnxruntime = PyTorch on {chk['images']} test images x vocabularies of "
+          f"{' and '.join(map(str, chk['vocabulary_sizes']))} classes{thr} ({chk['detections']} detections): "
+          f"max |box diff| {chk['max_box_diff']:.2g} px, max |score diff| {chk['max_score_diff']:.2g}")  # fmt: skip
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from ovd.serve.app import Limits, serve
+
+    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
+                    max_classes=args.max_classes, max_queue=args.max_queue)  # fmt: skip
+    for name, value in (("--max-upload-mb", args.max_upload_mb), ("--max-pixels", args.max_pixels),
+                        ("--max-classes", args.max_classes), ("--max-queue", args.max_queue)):  # fmt: skip
+        if not value > 0:
+            raise OvdError(f"{name} must be positive, got {value}")
+    serve(args.ckpt, host=args.host, port=args.port, classes_file=args.classes_file,
+          text_embeddings=args.text_embeddings, onnx=args.onnx, limits=limits)  # fmt: skip
     return 0
 
 
@@ -390,7 +425,10 @@ def _add_inference_commands(sub) -> None:
     dt.add_argument("--classes-file", default=None, help="class names, one a line (UTF-8; # comments)")
     dt.add_argument("--text-embeddings", default=None, help="a stored vocabulary (ovd vocab embed): no text tower")
     dt.add_argument("--score-thr", type=float, default=0.3, help="keep detections scoring at least this (0-1)")
-    dt.add_argument("--out", default="detections", help="folder for <image>.json and <image>.png")
+    dt.add_argument(
+        "--out", default="detections",
+        help="folder for <image>.json and <image>.png (drawn enlarged to a short side of at least 480 px)",
+    )  # fmt: skip
     dt.add_argument(
         "--results", default=None, help="write ONE COCO result JSON here (for ovd eval) instead of per-image files"
     )
@@ -418,12 +456,29 @@ def _add_inference_commands(sub) -> None:
     xp.add_argument("--classes-file", default=None, help="class names, one a line (UTF-8; # comments)")
     xp.add_argument("--text-embeddings", default=None, help="a stored vocabulary (ovd vocab embed): no text tower")
     xp.add_argument("--out", required=True, help="the .onnx file to write (atomically)")
+    xp.add_argument(
+        "--open", action="store_true",
+        help="no vocabulary baked in: the graph takes text embeddings (N x D, from ovd vocab embed) as an input",
+    )  # fmt: skip
     xp.add_argument("--opset", type=int, default=None, help="ONNX opset, 11-20 (default 17)")
     xp.add_argument(
         "--size", type=int, nargs=2, default=None, metavar=("H", "W"),
         help="fix the input size to H x W (default: any size; the detector resizes it as in PyTorch)",
     )  # fmt: skip
     xp.set_defaults(func=_cmd_export)
+
+    sv = sub.add_parser("serve", help="HTTP API (POST /detect) and a web page to prompt a detector with class names")
+    sv.add_argument("ckpt", nargs="?", default=None, help="detector checkpoint (train.out/final.pt); or give --onnx")
+    sv.add_argument("--onnx", default=None, help="serve an open ONNX export (ovd export --open) instead of CKPT")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    sv.add_argument("--classes-file", default=None, help="default vocabulary: class names, one a line")
+    sv.add_argument("--text-embeddings", default=None, help="default vocabulary: a stored one (ovd vocab embed)")
+    sv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body, MiB (default 20)")
+    sv.add_argument("--max-pixels", type=int, default=40_000_000, help="largest image, W x H (default 40 M)")
+    sv.add_argument("--max-classes", type=int, default=300, help="most class names per request (default 300)")
+    sv.add_argument("--max-queue", type=int, default=8, help="requests running + waiting; more get 503 (default 8)")
+    sv.set_defaults(func=_cmd_serve)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -228,14 +228,15 @@ def test_cli_detect_writes_json_and_drawing(trained, detector, tmp_path, capsys)
         assert d["bbox"] == pytest.approx([x0, y0, x1 - x0, y1 - y0], abs=0.011)
         assert d["score"] == pytest.approx(s, abs=1e-5)
         assert d["category_name"] == n
+    k = 3  # a 160-px image is drawn enlarged 3x (short side >= 480 px, whole factor: pixels stay sharp)
     with Image.open(out / f"{image.stem}.png") as im:
-        assert im.format == "PNG" and im.size == (src.shape[1], src.shape[0])
+        assert im.format == "PNG" and im.size == (k * src.shape[1], k * src.shape[0])
         drawn = np.asarray(im.convert("RGB"))
-    assert (drawn != src).any()
+    assert (drawn != src.repeat(k, 0).repeat(k, 1)).any()
     assert f"{len(dets)} detections" in capsys.readouterr().out
 
 
-def test_cli_detect_without_detections_draws_the_input_unchanged(trained, tmp_path):
+def test_cli_detect_without_detections_draws_the_input_enlarged_unchanged(trained, tmp_path):
     image = trained["image"]
     out = tmp_path / "out"
     assert main(["detect", str(image), "--ckpt", str(trained["ckpt"]), "--classes", "red circle",
@@ -246,7 +247,7 @@ def test_cli_detect_without_detections_draws_the_input_unchanged(trained, tmp_pa
     with Image.open(out / f"{image.stem}.png") as im:
         drawn = np.asarray(im.convert("RGB"))
     assert rec["detections"] == []
-    assert np.array_equal(drawn, src)
+    assert np.array_equal(drawn, src.repeat(3, 0).repeat(3, 1))  # enlarged 3x, nothing drawn
 
 
 def _no_outputs(out: Path) -> None:

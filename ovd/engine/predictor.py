@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from ovd.data.boxes import coco_bbox
 from ovd.data.images import load_image, pil_to_tensor
 from ovd.data.masks import MASK_THRESHOLD, encode
+from ovd.engine.draw import draw_detections
 from ovd.errors import OvdError
 from ovd.modeling.checkpoint import load_checkpoint, model_from_checkpoint
 from ovd.utils.io import atomic_path, write_json
@@ -208,20 +208,6 @@ class Detector:
         return pred
 
 
-def draw_detections(image: torch.Tensor, pred: dict, width: int = 2) -> torch.Tensor:
-    """uint8 (3, H, W) image with labelled boxes (torchvision's ``draw_bounding_boxes``) over the
-    masks where ``pred`` has them (``draw_segmentation_masks``, the box's colour, half opaque)."""
-    img = (image.clamp(0, 1) * 255).round().to(torch.uint8)
-    if len(pred["boxes"]) == 0:
-        return img
-    palette = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
-    labels = [f"{n} {s:.2f}" for n, s in zip(pred["names"], pred["scores"].tolist())]
-    colors = [palette[int(k) % len(palette)] for k in pred["labels"]]
-    if "masks" in pred:
-        img = draw_segmentation_masks(img, pred["masks"], alpha=0.5, colors=colors)
-    return draw_bounding_boxes(img, pred["boxes"], labels=labels, colors=colors, width=width)
-
-
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _GLOB_CHARS = set("*?[")
 
@@ -361,7 +347,8 @@ def _detect_outputs(score_thr: float, out, results, gt, save_png: bool) -> tuple
 
 
 def _write_drawing(out_dir: Path, path: Path, img: torch.Tensor, pred: dict, names: list[str] | None) -> None:
-    """``OUT/<stem>.png`` with the boxes drawn, and (``names`` given: per-image mode) ``OUT/<stem>.json``."""
+    """``OUT/<stem>.png`` with the boxes drawn (enlarged, see :mod:`ovd.engine.draw`), and (``names`` given:
+    per-image mode) ``OUT/<stem>.json``."""
     if names is not None:
         rec = {
             "image": str(path),

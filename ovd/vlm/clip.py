@@ -276,6 +276,9 @@ class ClipModel:
         self.weights_files: list[Path] = []  # the files the weights came from (set by load)
         self.config_text = ""  # the model's open_clip config, canonical JSON (set by load)
         self._text_cache: dict[tuple, torch.Tensor] = {}
+        # bounded (least recently used dropped): a server prompted with ever-new vocabularies must not grow
+        self.text_cache_size = 64
+        self.text_tower_calls = 0  # vocabularies embedded by the text tower (cache misses)
         self.image_autocast: torch.dtype | None = None  # clip.precision (set by clip_from_config)
 
     # -- loading ----------------------------------------------------------------------------------
@@ -400,7 +403,7 @@ class ClipModel:
     def encode_text(self, names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> torch.Tensor:
         """(C, D) unit embeddings of class names: mean over prompt templates, then L2-normalised.
 
-        Cached per (vocabulary, templates) for the lifetime of this model.
+        Cached per (vocabulary, templates): the last :attr:`text_cache_size` vocabularies used.
         """
         names = list(names)
         if not names:
@@ -412,12 +415,17 @@ class ClipModel:
         if clash:
             raise OvdError(f"duplicate class name(s) in vocabulary: {describe_clash(clash)}")
         key = (tuple(names), tuple(templates))
-        if key not in self._text_cache:
+        if key in self._text_cache:
+            self._text_cache[key] = self._text_cache.pop(key)  # most recently used last
+        else:
+            self.text_tower_calls += 1
             texts = [fill_template(t, n) for n in names for t in templates]
             tokens = self.tokenizer(texts).to(self.device)
             emb = F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu()
             emb = emb.view(len(names), len(templates), -1).mean(dim=1)
             self._text_cache[key] = F.normalize(emb, dim=-1)
+            while len(self._text_cache) > max(1, self.text_cache_size):
+                self._text_cache.pop(next(iter(self._text_cache)))
         return self._text_cache[key]
 
     def clear_text_cache(self) -> None:

@@ -1,0 +1,43 @@
+"""tools/plot_tables.py: the ablation and few-shot figures, from run files or the docs' table files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from _fixtures import REPO
+from PIL import Image
+
+pytest.importorskip("matplotlib")
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("plot_tables", REPO / "tools" / "plot_tables.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_run_files_and_docs_tables_give_the_same_rows(tmp_path):
+    pt = _tool()
+    seeds = {"variants": {"a": {"variant": "(a) base-only", "values": {
+        "AP50_base": [0.54, 0.55, 0.54], "AP50_novel": [0.28, 0.24, 0.26], "AP_base": [0.3, 0.3, 0.3],
+        "AP_novel": [0.1, 0.2, 0.15]}}}}  # fmt: skip
+    row = pt.ablation_rows(seeds)[0]
+    assert row["mean"]["AP50_novel"] == pytest.approx(26.0) and row["std"]["AP50_novel"] == pytest.approx(2.0)
+    assert row["per_seed"]["AP50_novel"] == pytest.approx([28, 24, 26])
+    g = lambda b, f, h: {"base": {"AP50": b, "AP": b / 2}, "fewshot": {"AP50": f, "AP": 0}, "heldout": {"AP50": h}}  # noqa: E731
+    table = {"rows": {"replay, K=5": [g(0.5, 0.2, 0.3), g(0.52, 0.22, 0.34)]}}
+    r = pt.fewshot_rows(table)[0]
+    assert r["mean"]["base_AP50"] == pytest.approx(51.0) and r["mean"]["heldout_AP50"] == pytest.approx(32.0)
+    assert r["mean"]["base_AP"] == pytest.approx(25.5)
+    docs = json.loads((REPO / "docs" / "data" / "ablation_v3_seeds.json").read_text())
+    assert pt.ablation_rows(docs) == docs["rows"] and len(docs["rows"]) == 5 and "source" in docs
+
+
+def test_figures_are_written_from_the_docs_tables(tmp_path):
+    assert _tool().main(["--out-dir", str(tmp_path)]) == 0
+    for name in ("ablation_v3.png", "fewshot_bench_v3.png"):
+        with Image.open(tmp_path / name) as im:
+            assert im.format == "PNG" and im.size[0] >= 800
