@@ -22,7 +22,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from ovd.evaluation import evaluate_detections, format_metrics
     from ovd.utils.io import write_json
 
-    metrics = evaluate_detections(args.gt, args.dets, split=args.split, lvis=True if args.lvis else None)
+    metrics = evaluate_detections(
+        args.gt, args.dets, split=args.split, lvis=True if args.lvis else None, iou_type=args.iou_type
+    )
     print(format_metrics(metrics))
     if args.out:
         write_json(args.out, metrics)
@@ -185,8 +187,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"{rep['out']}: {rep['classes']} classes, opset {rep['opset']}, input {size}, "
           f"{rep['bytes'] / 2**20:.1f} MiB, {rep['seconds']} s")  # fmt: skip
     thr = " with score threshold 0" if "score_thresh" in chk else ""
+    masks = f", max |mask diff| {chk['max_mask_diff']:.2g}" if "max_mask_diff" in chk else ""
     print(f"onnxruntime = PyTorch on {chk['images']} test images{thr} ({chk['detections']} detections): "
-          f"max |box diff| {chk['max_box_diff']:.2g} px, max |score diff| {chk['max_score_diff']:.2g}")  # fmt: skip
+          f"max |box diff| {chk['max_box_diff']:.2g} px, max |score diff| {chk['max_score_diff']:.2g}"
+          f"{masks}")  # fmt: skip
     return 0
 
 
@@ -304,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_tool_commands(sub) -> None:
     """``ovd eval``, ``ovd config``: no model involved."""
-    e = sub.add_parser("eval", help="box AP of COCO-result detections, split into base / novel classes")
+    e = sub.add_parser("eval", help="box / mask AP of COCO-result detections, split into base / novel classes")
     e.add_argument("--gt", required=True, help="ground truth, COCO- or LVIS-format JSON")
     e.add_argument(
         "--dets", required=True, help="detections, COCO result list JSON (image_id, category_id, bbox xywh, score)"
@@ -315,6 +319,7 @@ def _add_tool_commands(sub) -> None:
     e.add_argument(
         "--lvis", action="store_true", help="evaluate with the LVIS API (default: detected from the GT file)"
     )
+    e.add_argument("--iou-type", default="bbox", help="bbox (box AP) | segm (mask AP, keys mask_*) | bbox,segm (both)")
     e.add_argument("--out", default=None, help="write the metrics JSON here (atomically)")
     e.set_defaults(func=_cmd_eval)
 

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from ovd.data.boxes import coco_bbox
 from ovd.data.images import check_images
 from ovd.data.loader import ImageFiles, make_loader
+from ovd.data.masks import encode
 from ovd.engine.draw import draw_detections
 from ovd.engine.predictor import Detector, parse_classes
 from ovd.errors import OvdError
@@ -172,6 +173,9 @@ def _write_drawing(out_dir: Path, path: Path, img: torch.Tensor, pred: dict, nam
                 for b, s, n in zip(pred["boxes"].tolist(), pred["scores"].tolist(), pred["names"])
             ],
         }
+        if "masks" in pred:
+            for d, rle in zip(rec["detections"], encode(pred["masks"])):
+                d["segmentation"] = rle
         write_json(out_dir / f"{path.stem}.json", rec)
     drawn = draw_detections(img, pred)
     with atomic_path(out_dir / f"{path.stem}.png") as tmp:
@@ -246,10 +250,10 @@ def run_detect(
             image_records.append({"id": image_id, "file_name": str(p), "width": width, "height": height})
             boxes, scores, labels = pred["boxes"].tolist(), pred["scores"].tolist(), pred["labels"].tolist()
             if res_path is not None:
-                coco.extend(
-                    {"image_id": image_id, "category_id": cat_ids[lab], "bbox": coco_bbox(b), "score": round(s, 5)}
-                    for b, s, lab in zip(boxes, scores, labels)
-                )
+                segms = encode(pred["masks"]) if "masks" in pred else [None] * len(boxes)
+                for b, s, lab, seg in zip(boxes, scores, labels, segms):
+                    d = {"image_id": image_id, "category_id": cat_ids[lab], "bbox": coco_bbox(b), "score": round(s, 5)}
+                    coco.append(d if seg is None else {**d, "segmentation": seg})
             if out_dir is not None:
                 _write_drawing(out_dir, p, img, pred, names if res_path is None else None)
             per_image.append({"image": str(p), "image_id": image_id, "detections": len(boxes),

@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import pycocotools.mask as mask_utils
 import pytest
 from PIL import Image, ImageDraw
 
@@ -297,8 +298,13 @@ def test_det_images_and_boxes(mini_world):
             x, y, w, h = a["bbox"]
             assert all(isinstance(v, float) for v in a["bbox"])
             assert w > 0 and h > 0 and x >= 0 and y >= 0 and x + w <= im["width"] and y + h <= im["height"]
-            assert a["area"] == w * h and a["iscrowd"] == 0
-            assert a["segmentation"] == [[x, y, x + w, y, x + w, y + h, x, y + h]]
+            assert a["iscrowd"] == 0
+            # the segmentation is the visible silhouette (compressed RLE of the image's size): its box
+            # is the annotated box, its pixel count the area, and it fills part of the box
+            seg = a["segmentation"]
+            assert seg["size"] == [im["height"], im["width"]] and isinstance(seg["counts"], str)
+            assert [float(v) for v in mask_utils.toBbox(seg)] == a["bbox"]
+            assert a["area"] == float(mask_utils.area(seg)) and 0.15 * w * h < a["area"] <= w * h
             assert a["category_id"] in ALL_IDS
             # detection objects are small relative to the scene (web objects span 50-85%)
             assert 8 <= max(w, h) <= 64
@@ -325,8 +331,8 @@ def test_boxes_are_tight_on_rendered_scenes(version):
         extents: list = []
         img, objects, dropped = scene._render_det(rng, layout, p, extents, version=version)
         assert img.shape == (p.det_size, p.det_size, 3) and img.dtype == np.uint8
-        assert dropped == 0 and [c for c, _ in objects] == layout
-        for (_, (x, y, w, h)), (x0, y0, x1, y1) in zip(objects, extents, strict=True):
+        assert dropped == 0 and [o[0] for o in objects] == layout
+        for (_, (x, y, w, h), _), (x0, y0, x1, y1) in zip(objects, extents, strict=True):
             assert x >= x0 - 1 and y >= y0 - 1 and x + w <= x1 + 1 and y + h <= y1 + 1
             assert w >= keep * (x1 - x0) - 1 and h >= keep * (y1 - y0) - 1
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ovd.data.boxes import xywh_to_xyxy
+from ovd.data.masks import segmentation_problem
 from ovd.data.validate import is_box, is_int, is_number, listing
 from ovd.errors import OvdError
 from ovd.utils.io import read_json
@@ -191,8 +192,34 @@ class DetectionDataset:
             return root.joinpath(*str(image["coco_url"]).split("/")[-2:])
         return None
 
+    def check_segmentations(self, crowd: bool = False, cat_ids=None) -> None:
+        """Every annotation (of ``cat_ids`` if given; crowd regions too with ``crowd``) has a usable
+        ``segmentation`` for its image's size (:func:`~ovd.data.masks.segmentation_problem`), else
+        one :class:`OvdError` listing the bad ones. Checked only where masks are used (mask
+        training, mask AP): a box-only run neither reads nor refuses a file's segmentations."""
+        info = self.data.get("info") if isinstance(self.data.get("info"), dict) else {}
+        if str(info.get("description", "")).startswith("mini-world") and info.get("annotation_version", 1) < 2:
+            # mini-worlds built before annotation version 2 give each object its box's rectangle as
+            # segmentation: valid polygons, wrong masks, so they are refused by name
+            raise OvdError(
+                f"{self.path}: a mini-world file from before silhouette segmentations (its masks are its "
+                f"boxes); rebuild the world with `ovd data mini --overwrite` (the images stay the same)"
+            )
+        sizes = {im["id"]: (im.get("height"), im.get("width")) for im in self.images}
+        bad: list[str] = []
+        for i, a in enumerate(self.data["annotations"]):
+            if (a.get("iscrowd", 0) and not crowd) or (cat_ids is not None and a["category_id"] not in cat_ids):
+                continue
+            seg = a.get("segmentation")
+            why = segmentation_problem(seg, *sizes[a["image_id"]]) if seg is not None else "no 'segmentation'"
+            if why:
+                bad.append(f"annotations[{i}] (id {a.get('id')}, image {a['image_id']}): {why}")
+        if bad:
+            raise OvdError(f"{self.path}: {len(bad)} annotation(s) without a usable segmentation: {listing(bad)}")
+
     def record(self, index: int) -> dict:
-        """Per-image record in the torchvision detection convention (boxes xyxy, labels = category ids)."""
+        """Per-image record in the torchvision detection convention (boxes xyxy, labels = category
+        ids; ``segmentations``: each box's COCO segmentation, unchecked and undecoded, or None)."""
         im = self.images[index]
         anns = [a for a in self.annotations_of(im["id"]) if not a.get("iscrowd", 0)]
         boxes = [xywh_to_xyxy(a["bbox"]) for a in anns]
@@ -204,6 +231,7 @@ class DetectionDataset:
             "height": im.get("height"),
             "boxes": boxes,
             "labels": [a["category_id"] for a in anns],
+            "segmentations": [a.get("segmentation") for a in anns],
         }
 
 

@@ -1,5 +1,9 @@
 """Evaluating the detector on the val set with base + novel names: ``ovd test`` and the periodic
-evaluation during training. Detections are COCO result lists; metrics come from ``ovd eval``."""
+evaluation during training. Detections are COCO result lists; metrics come from ``ovd eval``.
+
+A detector with a mask head also gives each detection its mask (COCO compressed RLE
+``segmentation``, thresholded at :data:`~ovd.data.masks.MASK_THRESHOLD`), and is evaluated for
+box and mask AP (mask metrics are named ``mask_AP`` ...)."""
 
 from __future__ import annotations
 
@@ -11,12 +15,25 @@ from tqdm import tqdm
 from ovd.data.boxes import coco_bbox
 from ovd.data.loader import ImageSet, make_loader
 from ovd.data.loading import load_split_dataset
+from ovd.data.masks import MASK_THRESHOLD, encode
 from ovd.evaluation import evaluate_detections
 from ovd.modeling.checkpoint import load_checkpoint, model_from_checkpoint
 from ovd.utils.io import write_json
 from ovd.vlm.text import TextSource, text_adapter_of
 
-SUMMARY_KEYS = ("AP", "AP50", "AP_base", "AP50_base", "AP_novel", "AP50_novel")
+_BOX_KEYS = ("AP", "AP50", "AP_base", "AP50_base", "AP_novel", "AP50_novel")
+SUMMARY_KEYS = _BOX_KEYS + tuple("mask_" + k for k in _BOX_KEYS)  # mask keys only for a model with masks
+
+
+def has_masks(model) -> bool:
+    """Does ``model`` predict instance masks (torchvision's ``RoIHeads.has_mask``)?"""
+    f = getattr(getattr(model, "roi_heads", None), "has_mask", None)
+    return bool(f()) if callable(f) else False
+
+
+def iou_types(model) -> str:
+    """What ``model``'s detections are evaluated for: box AP, and mask AP when it has masks."""
+    return "bbox,segm" if has_masks(model) else "bbox"
 
 
 def load_val(cfg):
@@ -38,7 +55,8 @@ def predict_dataset(model, dataset, class_ids: list[int], progress: bool = True,
     for batch in loader:
         outs = model([im.to(device, non_blocking=True) for im, _ in batch])
         for (_, image_id), out in zip(batch, outs):
-            for b, s, lab in zip(out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist()):
+            segms = encode(out["masks"][:, 0] >= MASK_THRESHOLD) if "masks" in out else None
+            for k, (b, s, lab) in enumerate(zip(out["boxes"].tolist(), out["scores"].tolist(), out["labels"].tolist())):
                 results.append(
                     {
                         "image_id": image_id,
@@ -47,6 +65,8 @@ def predict_dataset(model, dataset, class_ids: list[int], progress: bool = True,
                         "score": round(s, 5),
                     }
                 )
+                if segms is not None:
+                    results[-1]["segmentation"] = segms[k]
         bar.update(len(batch))
     bar.close()
     return results
@@ -69,12 +89,13 @@ class PeriodicEval:
                                    workers=self.workers)  # fmt: skip
         finally:
             model.set_vocabulary(train_text)
-        m = evaluate_detections(self.val, dets, split=self.split)
+        m = evaluate_detections(self.val, dets, split=self.split, iou_type=iou_types(model))
         return {k: m[k] for k in SUMMARY_KEYS if k in m}
 
 
 def run_test(cfg, ckpt: str, out: str | None = None, progress: bool = True) -> dict:
-    """``ovd test``: detections of the val set over base + novel names, then ``ovd eval`` metrics."""
+    """``ovd test``: detections of the val set over base + novel names (with masks, when the model
+    has them), then ``ovd eval`` metrics (box, and mask AP for a model with masks)."""
     state = load_checkpoint(ckpt)
     val, split = load_val(cfg)
     text = TextSource(cfg.clip, text_adapter_of(cfg))
@@ -89,6 +110,6 @@ def run_test(cfg, ckpt: str, out: str | None = None, progress: bool = True) -> d
     # the two writes leaves new detections without metrics, never beside the old metrics
     (out_dir / "metrics.json").unlink(missing_ok=True)
     write_json(out_dir / "detections.json", dets, indent=None)
-    metrics = evaluate_detections(val, dets, split=split)
+    metrics = evaluate_detections(val, dets, split=split, iou_type=iou_types(model))
     write_json(out_dir / "metrics.json", metrics)
     return metrics

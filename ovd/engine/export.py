@@ -10,6 +10,10 @@ to run the file. Inputs and outputs::
     labels  int64   (N,)    0-based index into the   checkpoint's score threshold and per-class NMS
                             class names
 
+A detector with a mask head has a fourth output, ``masks`` float32 (N, 1, H, W): each detection's
+mask probability pasted into the input image (torchvision's traced ``paste_masks_in_image``);
+threshold it at 0.5. Its parity with PyTorch is checked like the boxes' (:data:`MASK_TOL`).
+
 The class names are in the file's ``metadata_props`` under ``classes`` (a JSON list), readable
 with onnx (``{p.key: p.value for p in m.metadata_props}``) or onnxruntime
 (``session.get_modelmeta().custom_metadata_map``); :func:`read_onnx_classes` does it here.
@@ -61,6 +65,11 @@ OUTPUT_NAMES = ("boxes", "scores", "labels")
 # by input / resized size, and their differences with them (box_tolerance).
 BOX_TOL = 1e-3  # px
 SCORE_TOL = 1e-4
+# masks: per-pixel probability, through the same float32 reordering; a pasted mask moves by a whole
+# pixel only if a box corner crosses an integer between the two runtimes (then the check fails loudly)
+MASK_TOL = 1e-3
+MASK_OUTPUT = "masks"
+_MASKS_DOC = "; masks: float32 (N, 1, H, W), mask probability in the input's size (threshold 0.5)"
 
 
 class ExactResizeTransform(GeneralizedRCNNTransform):
@@ -102,10 +111,18 @@ class OnnxDetector(nn.Module):
         clf = model.roi_heads.classifier
         clf.register_buffer("text", clf.text, persistent=True)
         self.model = model
+        has_mask = getattr(model.roi_heads, "has_mask", None)
+        self.masks = bool(has_mask()) if callable(has_mask) else False
         self.eval()  # torch.onnx.export restores the wrapper's mode afterwards: it must be eval
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(OUTPUT_NAMES) + ([MASK_OUTPUT] if self.masks else [])
 
     def forward(self, image: torch.Tensor):
         out = self.model([image])[0]
+        if self.masks:
+            return out["boxes"], out["scores"], out["labels"] - 1, out["masks"]
         return out["boxes"], out["scores"], out["labels"] - 1
 
 
@@ -177,9 +194,11 @@ def export_onnx(
     wrapped = OnnxDetector(model)
     side = int(model.transform.min_size[-1])
     example = _example_image(*(size or (side, side)))
-    dynamic_axes = {n: {0: "detections"} for n in OUTPUT_NAMES}
+    dynamic_axes = {n: {0: "detections"} for n in wrapped.output_names}
     if size is None:
         dynamic_axes[INPUT_NAME] = {1: "height", 2: "width"}
+        if wrapped.masks:
+            dynamic_axes[MASK_OUTPUT] = {0: "detections", 2: "height", 3: "width"}
     proto = onnx.load_from_string(_trace(wrapped, example, opset, dynamic_axes))
     meta = {
         "classes": json.dumps(names),
@@ -187,7 +206,7 @@ def export_onnx(
         "input": f"{INPUT_NAME}: float32 (3, H, W), RGB in [0, 1]"
         + ("" if size is None else f", exactly H={size[0]} W={size[1]}"),
         "outputs": "boxes: float32 (N, 4) xyxy in input pixels; scores: float32 (N,); labels: int64 (N,), "
-        "0-based index into 'classes'; highest score first",
+        "0-based index into 'classes'; highest score first" + (_MASKS_DOC if wrapped.masks else ""),
         "score_thresh": repr(float(model.roi_heads.score_thresh)),
         "nms_thresh": repr(float(model.roi_heads.nms_thresh)),
         "detections_per_img": str(int(model.roi_heads.detections_per_img)),
@@ -234,7 +253,7 @@ def _trace(wrapped: OnnxDetector, example: torch.Tensor, opset: int, dynamic_axe
         try:
             torch.onnx.export(
                 wrapped, (example,), buf, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-                output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic_axes, do_constant_folding=True,
+                output_names=wrapped.output_names, dynamic_axes=dynamic_axes, do_constant_folding=True,
             )  # fmt: skip
         except Exception as e:  # an operator the opset lacks, an exporter bug: one line, nothing written
             raise OvdError(f"ONNX export failed (opset {opset}): {describe(e, 300)}") from None
@@ -248,6 +267,8 @@ def _check_parity(wrapped: OnnxDetector, data: bytes, example: torch.Tensor, dyn
         h, w = example.shape[-2:]
         images.append(_example_image(max(16, h * 3 // 4), w * 5 // 4))
     worst = {"images": 0, "detections": 0, "max_box_diff": 0.0, "max_score_diff": 0.0}
+    if wrapped.masks:
+        worst["max_mask_diff"] = 0.0
     for x in images:
         with torch.no_grad():
             ref = [t.numpy() for t in wrapped(x)]
@@ -262,6 +283,8 @@ def _check_parity(wrapped: OnnxDetector, data: bytes, example: torch.Tensor, dyn
         worst["detections"] += d["count"]
         worst["max_box_diff"] = max(worst["max_box_diff"], d["max_box_diff"])
         worst["max_score_diff"] = max(worst["max_score_diff"], d["max_score_diff"])
+        if wrapped.masks:
+            worst["max_mask_diff"] = max(worst["max_mask_diff"], d["max_mask_diff"])
     return worst
 
 
@@ -300,17 +323,25 @@ def read_onnx_classes(path: str | os.PathLike) -> list[str]:
     return json.loads(meta["classes"])
 
 
-def compare_detections(ref, got, box_tol: float = BOX_TOL, score_tol: float = SCORE_TOL) -> dict:
-    """Match two detection lists ``(boxes, scores, labels)`` (numpy or torch) and measure them.
+def compare_detections(
+    ref, got, box_tol: float = BOX_TOL, score_tol: float = SCORE_TOL, mask_tol: float = MASK_TOL
+) -> dict:
+    """Match two detection lists ``(boxes, scores, labels)`` or ``(boxes, scores, labels, masks)``
+    (numpy or torch) and measure them.
 
     Each reference detection is paired with the unpaired detection of the same label whose box is
     nearest (max-abs coordinate difference), so a reordering of near-equal scores is not a
-    difference. ``ok``: same count, every detection paired within ``box_tol`` px and ``score_tol``."""
+    difference. ``ok``: same count, every detection paired within ``box_tol`` px and ``score_tol``
+    (and its mask within ``mask_tol`` per pixel, ``max_mask_diff``)."""
     import numpy as np
 
-    rb, rs, rl = (np.asarray(a) for a in ref)
-    gb, gs, gl = (np.asarray(a) for a in got)
+    rb, rs, rl = (np.asarray(a) for a in ref[:3])
+    gb, gs, gl = (np.asarray(a) for a in got[:3])
+    masks = len(ref) > 3
+    rm, gm = (np.asarray(ref[3]), np.asarray(got[3])) if masks else (None, None)
     res = {"count": int(len(rb)), "other_count": int(len(gb)), "max_box_diff": 0.0, "max_score_diff": 0.0}
+    if masks:
+        res["max_mask_diff"] = 0.0
     if len(rb) != len(gb):
         return {**res, "ok": False, "why": f"{len(rb)} detections in PyTorch, {len(gb)} in onnxruntime"}
     free = np.ones(len(gb), dtype=bool)
@@ -323,8 +354,14 @@ def compare_detections(ref, got, box_tol: float = BOX_TOL, score_tol: float = SC
         free[j] = False
         res["max_box_diff"] = max(res["max_box_diff"], float(np.abs(gb[j] - rb[i]).max()))
         res["max_score_diff"] = max(res["max_score_diff"], float(abs(gs[j] - rs[i])))
+        if masks:
+            diff = float(np.abs(gm[j] - rm[i]).max()) if rm[i].shape == gm[j].shape else float("inf")
+            res["max_mask_diff"] = max(res["max_mask_diff"], diff)
     ok = res["max_box_diff"] <= box_tol and res["max_score_diff"] <= score_tol
+    ok = ok and (not masks or res["max_mask_diff"] <= mask_tol)
     why = "" if ok else f"max box difference {res['max_box_diff']:.3g} px, score {res['max_score_diff']:.3g}"
+    if not ok and masks:
+        why += f", mask {res['max_mask_diff']:.3g}"
     return {**res, "ok": ok, "why": why}
 
 

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from ovd.data.images import load_image, pil_to_tensor
+from ovd.data.masks import MASK_THRESHOLD
 from ovd.errors import OvdError
 from ovd.modeling.checkpoint import load_checkpoint, model_from_checkpoint
 from ovd.vlm.adapter_file import apply_adapter
@@ -187,7 +188,8 @@ class Detector:
     def predict(self, image, classes: str | Sequence[str] | None = None, score_thr: float = 0.05) -> dict:
         """Detections of one image: ``boxes`` (N, 4) xyxy in input pixels, ``scores``, ``labels``
         (0-based index into ``names``) and ``names`` (class name per box), highest score first
-        (ties keep the model's order, as ``ovd test`` writes them)."""
+        (ties keep the model's order, as ``ovd test`` writes them). A detector with a mask head
+        also gives ``masks``: (N, H, W) bool, each detection's mask in the input image's size."""
         return self.predict_batch([image], classes, score_thr)[0]
 
     @torch.no_grad()
@@ -210,7 +212,8 @@ class Detector:
             order = torch.sort(out["scores"][keep], descending=True, stable=True).indices
             boxes, scores = out["boxes"][keep][order].cpu(), out["scores"][keep][order].cpu()
             labels = (out["labels"][keep][order] - 1).cpu()
-            results.append(
-                {"boxes": boxes, "scores": scores, "labels": labels, "names": [self.classes[i] for i in labels]}
-            )
+            pred = {"boxes": boxes, "scores": scores, "labels": labels, "names": [self.classes[i] for i in labels]}
+            if "masks" in out:  # (N, 1, H, W) probabilities pasted into the image, as torchvision's Mask R-CNN
+                pred["masks"] = (out["masks"][keep][order][:, 0] >= MASK_THRESHOLD).cpu()
+            results.append(pred)
         return results

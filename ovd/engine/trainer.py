@@ -429,16 +429,18 @@ def _run_train(cfg, progress: bool) -> dict:
 
 
 def setup_trainer(cfg, rank: int, world: int, device: torch.device, progress: bool = True,
-                  on_model: Callable | None = None) -> Trainer:  # fmt: skip
+                  on_model: Callable | None = None, train_masks: bool = True) -> Trainer:  # fmt: skip
     """Data, text, model (``init_from`` / ``freeze`` applied) and the :class:`Trainer` of a config.
     ``on_model(model)``, if given, runs before the optimizer is made: modules it attaches to the
-    model (e.g. a distillation run's feature adapters) are trained and checkpointed with it."""
+    model (e.g. a distillation run's feature adapters) are trained and checkpointed with it.
+    ``train_masks=False``: a mask-head model trains on boxes alone (its training set decodes no masks)."""
     t = cfg.train
     train, split = load_split_dataset(cfg.data, need_split="train", why="the detector is trained on its base classes")
     text_source = TextSource(cfg.clip, text_adapter_of(cfg))
     text = text_source.encode(list(split.base_names))
     cache = FeatureCache(cfg.extract.out, embed_dim=text_source.embed_dim) if cfg.model.distill else None
-    data = DetectionTrainSet(train, list(split.base_ids), cache)
+    # GT masks are decoded only for a model with the mask head (a box-only run never reads them)
+    data = DetectionTrainSet(train, list(split.base_ids), cache, masks=cfg.model.mask_head and train_masks)
     model = build_detector(cfg.model, text_source.embed_dim).to(device)
     model.set_vocabulary(text)
     notes = {}

@@ -246,7 +246,7 @@ def run_fewshot(cfg, ckpt: str, shots: int, seed: int, mode: str, generator: str
         })  # fmt: skip
         device = resolve_device(ft.train.device)
         torch.manual_seed(int(seed))
-        trainer = setup_trainer(ft, 0, 1, device, progress)
+        trainer = setup_trainer(ft, 0, 1, device, progress, train_masks=False)
         trainer.total = r.iters  # a fixed number of steps, whatever the number of images (modes compare)
         trainer.meta["fewshot"] = {"mode": mode, "shots": shots, "seed": seed, "file": str(fs_path.resolve()),
                                    "fewshot_classes": list(group.novel_names),

@@ -6,15 +6,15 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 
 import numpy as np
+import pycocotools.mask as mask_utils
 
 from ovd.errors import OvdError
 
 _FEWSHOT_TRIES = 200  # random image orders tried per novel class before giving up
-
-
-def _box_segmentation(b: list[float]) -> list[list[float]]:
-    x, y, w, h = b
-    return [[x, y, x + w, y, x + w, y + h, x, y + h]]
+# Version of what the annotation files say about the (unchanged) images. 1: each object's
+# segmentation was its box's rectangle; 2: its visible silhouette (compressed RLE) and ``area``
+# that silhouette's pixel count, as in COCO. Recorded in world.json and each det file's ``info``.
+ANNOTATION_VERSION = 2
 
 
 def _det_files(
@@ -33,26 +33,29 @@ def _det_files(
         for rec in det_meta[sp]:
             objects, n_drop = next(results)
             dropped += n_drop
-            for cid, box in objects:
+            for cid, box, rle in objects:
                 anns.append(
                     {
                         "id": len(anns) + 1,
                         "image_id": rec["id"],
                         "category_id": cid,
                         "bbox": box,
-                        "area": box[2] * box[3],
+                        "area": float(mask_utils.area(rle)),
                         "iscrowd": 0,
-                        "segmentation": _box_segmentation(box),
+                        "segmentation": rle,
                     }
                 )
-        info = {"description": f"mini-world det {sp} (preset {preset}, seed {seed})"}
+        info = {
+            "description": f"mini-world det {sp} (preset {preset}, seed {seed})",
+            "annotation_version": ANNOTATION_VERSION,
+        }
         full = {"info": info, "images": det_meta[sp], "annotations": anns, "categories": categories}
         if sp == "train":
             det_files["train_oracle"] = full
             base_anns = [a for a in anns if a["category_id"] not in novel_set]
             det_files["train"] = {
                 **full,
-                "info": {"description": info["description"] + ", base classes only"},
+                "info": {**info, "description": info["description"] + ", base classes only"},
                 "annotations": base_anns,
             }
         else:
@@ -84,7 +87,7 @@ def fewshot_subset(oracle: dict, novel_ids: list[int], k: int, s: int) -> dict:
     images = [im for im in oracle["images"] if im["id"] in chosen_imgs]
     anns = sorted(chosen_anns, key=lambda a: a["id"])
     return {
-        "info": {"description": f"mini-world {k}-shot novel split, sampling seed {s}"},
+        "info": {**oracle["info"], "description": f"mini-world {k}-shot novel split, sampling seed {s}"},
         "images": images,
         "annotations": anns,
         "categories": oracle["categories"],
@@ -131,7 +134,7 @@ def _lvis_val(val: dict, train: dict) -> dict:
         )
     anns = [{k: v for k, v in a.items() if k != "iscrowd"} for a in val["annotations"]]
     return {
-        "info": {"description": "mini-world det val in LVIS format (frequency from det/train.json)"},
+        "info": {**val["info"], "description": "mini-world det val in LVIS format (frequency from det/train.json)"},
         "images": images,
         "annotations": anns,
         "categories": _lvis_categories(val["categories"], train),

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ovd.data.mini_world.annotations import _det_files, _lvis_val, fewshot_subset
+from ovd.data.mini_world.annotations import ANNOTATION_VERSION, _det_files, _lvis_val, fewshot_subset
 from ovd.data.mini_world.knobs import WorldKnobs, check_knobs
 from ovd.data.mini_world.presets import MiniPreset
 from ovd.data.mini_world.tasks import _det_layout, _run_tasks
@@ -50,7 +50,9 @@ def _check_args(preset: Any, seed: Any, version: Any) -> MiniPreset:
 
 
 def _existing_world(out: Path, p: MiniPreset, seed: int, version: int, knobs: WorldKnobs) -> dict | None:
-    """The summary of a complete matching world in ``out``, else None."""
+    """The summary of a complete matching world in ``out``, else None. A world built with older
+    annotations (``annotation_version`` below :data:`ANNOTATION_VERSION`) is refused with the way to
+    rebuild it: its images are the same, its segmentations are not."""
     wj = out / "world.json"
     if not wj.is_file():
         return None
@@ -66,6 +68,12 @@ def _existing_world(out: Path, p: MiniPreset, seed: int, version: int, knobs: Wo
         return None
     if world.get("knobs", {}) != knobs.changed():
         return None
+    if world.get("annotation_version", 1) != ANNOTATION_VERSION:
+        raise OvdError(
+            f"mini-world {out} was built with annotation version {world.get('annotation_version', 1)} "
+            f"(each object's segmentation its box); this ovd writes version {ANNOTATION_VERSION} (the visible "
+            f"silhouette). Rebuild it with overwrite=True (ovd data mini --overwrite): the images stay the same"
+        )
     files = list(_WORLD_FILES) + [f"det/fewshot/{k}shot_seed{s}.json" for k in p.fewshot_shots for s in p.fewshot_seeds]
     if not all((out / f).is_file() for f in files):
         return None
@@ -171,6 +179,7 @@ def _generate_into(root: Path, p: MiniPreset, seed: int, progress: bool, version
         root / "world.json",
         {
             "version": version,
+            "annotation_version": ANNOTATION_VERSION,
             "preset": p.name,
             "seed": seed,
             "params": asdict(p),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pycocotools.mask as mask_utils
 from PIL import Image, ImageFilter
 
 from ovd.data.mini_world.draw import (
@@ -83,7 +84,9 @@ def _render_det(
     version: int = GENERATOR_VERSION,
     vocab: list[dict] | None = None,
 ):
-    """One detection scene. Returns (uint8 image, [(category_id, [x, y, w, h])], n_dropped).
+    """One detection scene. Returns (uint8 image, [(category_id, [x, y, w, h], segmentation)],
+    n_dropped); the segmentation is the object's visible silhouette as a compressed RLE, the pixels
+    whose box ``[x, y, w, h]`` is.
 
     If ``extents`` is a list, the polygon extent (x0, y0, x1, y1) of each returned object is
     appended to it (for tests of box tightness). ``vocab``: the class records (default: the
@@ -197,16 +200,22 @@ def _draw_front_clutter(rng: np.random.Generator, img: np.ndarray, placed: list[
             _composite(img, alpha, colour)
 
 
-def _visible_boxes(placed: list[_Placed], extents: list | None) -> tuple[list[tuple[int, list[float]]], int]:
-    """``[(category_id, box of the visible part)]`` and the number of objects left with no box."""
+def _visible_boxes(placed: list[_Placed], extents: list | None) -> tuple[list[tuple[int, list[float], dict]], int]:
+    """``[(category_id, box of the visible part, its RLE)]`` and the number of objects left with no box.
+
+    The visible part is where the object's own alpha, after everything drawn over it, is >= 0.5: its
+    exact pixels as pycocotools' compressed RLE (no polygon tracing, which would move the boundary by
+    up to a pixel and could leave the box), so the mask's box is the annotated box."""
     objects = []
     empty = 0
     for o in placed:
-        box = _box_from_alpha(o.alpha * o.free)
+        visible = o.alpha * o.free
+        box = _box_from_alpha(visible)
         if box is None:  # cannot happen with >= 85% visible, but never emit an empty box
             empty += 1
             continue
-        objects.append((o.cid, box))
+        rle = mask_utils.encode(np.asfortranarray(visible >= 0.5, dtype=np.uint8))
+        objects.append((o.cid, box, {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}))
         if extents is not None:
             extents.append(o.extent)
     return objects, empty

@@ -40,7 +40,7 @@ def derive_shape_split(world: str | os.PathLike, shapes: list[str], name: str | 
     novel_ids = {c["id"] for c in vocab if c["name"] in novel}
     train = {
         **oracle,
-        "info": {"description": f"{oracle['info']['description']}, split {name}: base classes only"},
+        "info": {**oracle["info"], "description": f"{oracle['info']['description']}, split {name}: base classes only"},
         "annotations": [a for a in oracle["annotations"] if a["category_id"] not in novel_ids],
     }
     write_json(root / f"split_{name}.json", split)
