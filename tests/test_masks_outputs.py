@@ -20,9 +20,11 @@ from ovd.config import load_config
 from ovd.data.coco import load_detection_dataset
 from ovd.data.images import load_image
 from ovd.data.train_set import DetectionTrainSet
+from ovd.detect_cli import run_detect
+from ovd.engine.draw import draw_detections
 from ovd.engine.evaluator import run_test
 from ovd.engine.export import MASK_TOL, box_tolerance, compare_detections, onnx_session, run_export
-from ovd.engine.predictor import Detector, draw_detections, run_detect
+from ovd.engine.predictor import Detector
 from ovd.engine.trainer import run_train
 from ovd.evaluation import evaluate_detections
 from ovd.modeling.build import build_detector
