@@ -161,7 +161,7 @@ def _leftovers(folder: Path) -> list[str]:
 )
 def test_export_errors(trained, tmp_path, capsys, case, message):
     emb16 = tmp_path / "emb16.safetensors"
-    write_text_embeddings(emb16, torch.randn(3, 16), VOCAB3, "another-clip")
+    write_text_embeddings(emb16, torch.nn.functional.normalize(torch.randn(3, 16), dim=-1), VOCAB3, "another-clip")
     out, vocab, extra = tmp_path / "m.onnx", ["--classes", "red circle"], []
     if case == "no_vocabulary":
         vocab = []

@@ -24,7 +24,7 @@ from ovd.data.boxes import coco_bbox
 from ovd.data.images import load_image, pil_to_tensor
 from ovd.errors import OvdError
 from ovd.modeling.checkpoint import load_checkpoint, model_from_checkpoint
-from ovd.utils.io import atomic_path, write_json
+from ovd.utils.io import atomic_path, check_writable, write_json
 from ovd.vlm.clip import ClipModel, describe_clash, tokenizer_clean, vocabulary_clash
 from ovd.vlm.vocab import check_vocabulary_clip, load_vocabulary, read_classes_file, text_fingerprint
 
@@ -349,6 +349,10 @@ def _detect_outputs(score_thr: float, out, results, gt, save_png: bool) -> tuple
     res_path = Path(results) if results is not None else None
     if res_path is not None and (res_path.is_dir() or res_path.suffix.lower() != ".json"):
         raise OvdError(f"--results {res_path}: expected a .json file path")
+    if res_path is not None:
+        check_writable(res_path, "--results")
+    if out_dir is not None:
+        check_writable(out_dir, "--out", folder=True)
     return out_dir, res_path
 
 

@@ -38,7 +38,7 @@ from ovd.errors import OvdError
 from ovd.mining.feature_cache import FeatureCache
 from ovd.modeling.build import build_detector
 from ovd.modeling.checkpoint import load_checkpoint, save_checkpoint
-from ovd.utils.io import atomic_path, crash_point, file_sha1, remove_stale_temps
+from ovd.utils.io import atomic_path, crash_point, file_sha1, remove_stale_temps, write_error
 from ovd.utils.lock import OutputLock
 from ovd.vlm.text import TextSource, clip_source, clip_spec
 
@@ -486,9 +486,15 @@ class _JsonlLog:
         self.f = open(path, "a", encoding="utf-8")
 
     def write(self, rec: dict) -> None:
-        self.f.write(json.dumps(rec) + "\n")
-        self.f.flush()
+        try:
+            self.f.write(json.dumps(rec) + "\n")
+            self.f.flush()
+        except OSError as e:
+            raise write_error(self.f.name, e) from None
         crash_point(f"{self.f.name} line")
 
     def close(self) -> None:
-        self.f.close()
+        try:
+            self.f.close()
+        except OSError:  # a full disk: the line that failed was reported by write()
+            pass

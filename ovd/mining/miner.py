@@ -39,6 +39,7 @@ from ovd.data.loading import load_split_dataset
 from ovd.data.validate import is_box, is_int
 from ovd.errors import OvdError
 from ovd.mining.chunk_store import (
+    PLAN,
     check_kind,
     chunks_to_write,
     invalidate_index,
@@ -214,10 +215,18 @@ def run_mine(
     report: dict = {}
     if not merge_only:
         report = _mine_shard(cfg, parse_shard(shard), overwrite, progress)
+        plan = read_json(out / PLAN, "proposal store plan") if (out / PLAN).is_file() else None
+        if plan != json.loads(json.dumps(report.pop("plan"))):
+            raise OvdError(
+                f"another `ovd mine` with other settings or inputs wrote to {out} while this one ran (its plan "
+                f"replaced this run's): the store is not committed; run one of them again, alone"
+            )
     if merge_only or plan_complete(out, STORE):
         report["index"] = merge_proposals(out)
+    else:
+        report["index"] = f"not written: {out} is incomplete until the other --shard jobs have run"
     if merge_json:
-        if "index" in report:
+        if isinstance(report["index"], dict):
             report["merge_json"] = write_proposals_json(ProposalStore(out), merge_json)
         else:
             report["merge_json"] = f"not written: {out} is incomplete (other shards); rerun with --merge-json later"
@@ -330,6 +339,7 @@ def _mine_shard(cfg, shard: tuple[int, int], overwrite: bool, progress: bool) ->
         "objectness": m.objectness,
         "clip": job.clip.source,
         "adapter": plan["adapter"],
+        "plan": plan,
     }
 
 

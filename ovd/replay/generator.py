@@ -33,7 +33,7 @@ from torch import nn
 from ovd.errors import OvdError
 from ovd.modeling.checkpoint import load_checkpoint, model_from_checkpoint
 from ovd.replay.watchers import ReplayStats, check_matches_base, load_stats, pooled_shape
-from ovd.utils.io import atomic_path, file_sha1
+from ovd.utils.io import atomic_path, check_writable, file_sha1
 from ovd.utils.safe_load import read_safetensors
 
 GENERATOR_FORMAT = "ovd-replay-generator/1"
@@ -256,7 +256,7 @@ def run_fit(cfg, ckpt: str, stats_path: str | None = None, out: str | None = Non
     """``ovd replay fit``: fit the generator to the statistics ``stats_path`` of base detector ``ckpt``.
     Reads no image and no annotation file."""
     r = cfg.replay
-    stats_path, out = stats_path or r.stats, Path(out or r.generator)
+    stats_path, out = stats_path or r.stats, check_writable(out or r.generator, "--out" if out else "replay.generator")
     state = load_checkpoint(ckpt)
     sha1 = file_sha1(ckpt)
     stats = load_stats(stats_path)

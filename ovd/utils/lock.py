@@ -29,6 +29,7 @@ class OutputLock:
         self._fd: int | None = None
 
     def __enter__(self) -> OutputLock:
+        self._made_folder = not self.path.parent.exists()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -47,10 +48,22 @@ class OutputLock:
         self._fd = fd
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         if self._fd is not None:
             try:
+                if exc_type is not None and self._made_folder:
+                    self._remove_if_alone()
                 os.ftruncate(self._fd, 0)
             finally:
                 os.close(self._fd)  # closing the last descriptor releases the flock
                 self._fd = None
+
+    def _remove_if_alone(self) -> None:
+        """A refused command that made its output folder leaves no folder holding only this lock.
+        Done while the lock is held; a folder with anything else in it is kept, lock and all."""
+        try:
+            if [p.name for p in self.path.parent.iterdir()] == [self.path.name]:
+                self.path.unlink()
+                self.path.parent.rmdir()
+        except OSError:
+            pass
