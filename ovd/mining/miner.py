@@ -58,6 +58,7 @@ from ovd.mining.proposal_store import (
     proposal_tensors,
     write_proposals_json,
 )
+from ovd.stages import section_reads
 from ovd.utils.io import read_json, remove_stale_temps
 from ovd.vlm.clip import clip_from_config
 
@@ -185,10 +186,10 @@ def mine_image(
     return select(cand, emb, text, clip.model.logit_scale.exp().item(), m, bg_text)
 
 
-# miner settings that change a proposal (batch_size included: a batch of other size may round an
-# embedding differently); with the prompt templates and the vocabulary they enter every chunk's hash
-SETTINGS_KEYS = ("stride", "scales", "ratios", "min_size", "objectness", "vocabulary", "nms_thr", "base_iou_thr",
-                 "topk", "batch_size", "background_prompts")  # fmt: skip
+# miner settings that change a proposal: the mine stage's miner.* keys (ovd.stages; batch_size included:
+# a batch of other size may round an embedding differently); with the prompt templates and the
+# vocabulary they enter every chunk's hash
+SETTINGS_KEYS = section_reads("mine", "miner")
 
 
 def run_mine(
