@@ -14,6 +14,7 @@ import socket
 from pathlib import Path
 
 from ovd.errors import OvdError
+from ovd.utils.io import write_error
 
 
 class OutputLock:
@@ -43,8 +44,12 @@ class OutputLock:
             raise OvdError(
                 f"{self.what} is in use by {holder} (lock {self.path}): wait for it to finish, or write elsewhere"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"PID {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"PID {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError as e:  # a full disk
+            os.close(fd)
+            raise write_error(self.path, e) from None
         self._fd = fd
         return self
 
