@@ -225,9 +225,9 @@ def run_mine(
     if merge_only or plan_complete(out, STORE):
         report["index"] = merge_proposals(out)
     else:
-        report["index"] = f"not written: {out} is incomplete until the other --shard jobs have run"
+        report["note"] = f"{out} is not committed yet (no index.json): the other --shard jobs must run first"
     if merge_json:
-        if isinstance(report["index"], dict):
+        if "index" in report:
             report["merge_json"] = write_proposals_json(ProposalStore(out), merge_json)
         else:
             report["merge_json"] = f"not written: {out} is incomplete (other shards); rerun with --merge-json later"
