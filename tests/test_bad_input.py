@@ -696,3 +696,34 @@ def test_full_disk_is_one_error_for_every_writer(env, full_disk, tmp_path, capsy
     line = run_err(capsys, "vocab", "embed", env["config"], *env["ov"].split(), "--classes-file",
                    str(tmp_path / "names.txt"), "--out", str(full_disk / "v.safetensors"))  # fmt: skip
     assert line == f"ovd: error: cannot write {full_disk / 'v.safetensors'}: no space left on device", line
+
+
+def test_bench_onnx_on_a_truncated_model_is_one_error(env, tmp_path, monkeypatch, capsys):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("bench_onnx", Path(CONFIG).parents[2] / "tools" / "bench_onnx.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    (tmp_path / "t.onnx").write_bytes(b"\x08\x07\x12\x07pytorch\x1a\x03" + b"\xff" * 40)  # cut mid-message
+    for onnx in (tmp_path / "t.onnx", tmp_path / "none.onnx"):
+        monkeypatch.setattr(sys, "argv", ["bench_onnx.py", "--ckpt", str(env["ckpt"]), "--onnx", str(onnx),
+                                          str(env["image"])])  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            tool.main()
+        msg = str(e.value.code)
+        assert msg.startswith("bench_onnx: error: ") and "\n" not in msg and str(onnx) in msg, msg
+        assert ("cannot read ONNX model" if onnx.name == "t.onnx" else "ONNX model not found") in msg
+
+
+def test_a_refused_run_leaves_no_folder_holding_only_its_lock(env, tmp_path, capsys):
+    (tmp_path / "w.pth").write_bytes(b"")
+    out = tmp_path / "runs" / "t"
+    run_err(capsys, *shlex.split(f"train {env['config']} {env['ov']} work_dir={tmp_path / 'w'} train.out={out} "
+                                 f"model.backbone_weights={tmp_path / 'w.pth'}"))  # fmt: skip
+    assert not out.exists()
+    out.mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")  # a folder that was there before is left as it was, lock aside
+    run_err(capsys, *shlex.split(f"train {env['config']} {env['ov']} work_dir={tmp_path / 'w'} train.out={out} "
+                                 f"model.backbone_weights={tmp_path / 'w.pth'}"))  # fmt: skip
+    assert (out / "notes.txt").read_text() == "mine"
