@@ -727,3 +727,26 @@ def test_a_refused_run_leaves_no_folder_holding_only_its_lock(env, tmp_path, cap
     run_err(capsys, *shlex.split(f"train {env['config']} {env['ov']} work_dir={tmp_path / 'w'} train.out={out} "
                                  f"model.backbone_weights={tmp_path / 'w.pth'}"))  # fmt: skip
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_names_a_tokenizer_reads_as_the_same_tokens_are_refused():
+    """A tokenizer that drops what it cannot read (here: digits) makes two names one embedding even
+    when the CLIP's text cleaning keeps them apart; the token rows themselves are compared."""
+    from ovd.vlm.clip import check_tokens
+
+    def tok(texts, context_length=8):
+        rows = torch.zeros(len(texts), context_length, dtype=torch.long)
+        for i, t in enumerate(texts):
+            ids = [1, *(ord(c) for c in t if not c.isdigit()), 2]
+            if len(ids) > context_length:  # cut, the end token kept last (as open_clip's tokenizers do)
+                ids = [*ids[: context_length - 1], 2]
+            rows[i, : len(ids)] = torch.tensor(ids)
+        return rows
+
+    names, templates = ["cat 1", "cat 2"], ["{}"]
+    with pytest.raises(OvdError, match="'cat 1' and 'cat 2' are identical as the CLIP tokenizer sees them"):
+        check_tokens(tok, names, templates, names, tok(names))
+    check_tokens(tok, ["cat", "dog"], templates, ["cat", "dog"], tok(["cat", "dog"]))  # distinct: fine
+    long = ["a very long name"]
+    with pytest.raises(OvdError, match="longer than the text tower reads"):
+        check_tokens(tok, long, templates, long, tok(long))

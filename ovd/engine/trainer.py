@@ -9,6 +9,10 @@ let a caller add to every step without editing the loop (the few-shot replay use
   dict under ``name`` before the sum, logged like the model's own terms (e.g. a penalty keeping
   weights near the base model's).
 
+A caller that needs a run of a fixed length or with frozen submodules says so through
+:func:`setup_trainer` (``steps``, ``eval_frozen``) and records its own inputs there (``inputs``: a
+resume must match them), instead of changing the Trainer after it is built.
+
 Exact resume: a checkpoint holds model, optimizer, scheduler, the iteration counter and torch's RNG
 state (torchvision's RPN/RoI samplers draw from it); the image order of epoch e is a permutation
 seeded by (seed, e) and the flip of sample i in epoch e by (seed, e, i). A run resumed from a
