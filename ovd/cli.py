@@ -186,7 +186,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     chk = rep["check"]
     print(f"{rep['out']}: {rep['classes']} classes, opset {rep['opset']}, input {size}, "
           f"{rep['bytes'] / 2**20:.1f} MiB, {rep['seconds']} s")  # fmt: skip
-    thr = " with score threshold 0" if "score_thresh" in chk else ""
+    thr = (f" with score threshold 0 and the first {chk['classes']} names" if "classes" in chk
+           else " with score threshold 0" if "score_thresh" in chk else "")
     masks = f", max |mask diff| {chk['max_mask_diff']:.2g}" if "max_mask_diff" in chk else ""
     print(f"onnxruntime = PyTorch on {chk['images']} test images{thr} ({chk['detections']} detections): "
           f"max |box diff| {chk['max_box_diff']:.2g} px, max |score diff| {chk['max_score_diff']:.2g}"

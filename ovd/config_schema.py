@@ -346,6 +346,24 @@ class Config:
 
 
 # --- validation -----------------------------------------------------------------------------------
+def template_problem(templates) -> str | None:
+    """What is wrong with a list of prompt templates (None: nothing): at least one, each a string
+    holding exactly one ``{}`` for the class name, no other braces, none given twice. Without a
+    ``{}`` every class gets the same text; the config loader and ``--template`` both ask this."""
+    templates = list(templates or [])
+    if not templates:
+        return "no prompt templates: give at least one, e.g. 'a photo of a {}.'"
+    for t in templates:
+        if not isinstance(t, str) or t.count("{}") != 1:
+            return f"prompt template {t!r} must contain '{{}}' exactly once (where the class name goes)"
+        try:
+            t.format("x")
+        except (IndexError, KeyError, ValueError):
+            return f"prompt template {t!r}: other braces than one '{{}}' (write '{{{{' for a brace)"
+    dup = sorted({t for t in templates if templates.count(t) > 1})
+    return f"prompt template given twice: {dup[0]!r}" if dup else None
+
+
 def _expected(rng: tuple, integer: bool) -> str:
     ge, gt, le, lt = rng
     kind = "an integer" if integer else "a number"
@@ -424,6 +442,9 @@ def validate_config(cfg: Any, schema: Any, source: str) -> None:
     if schema is not Config:
         return
     t, p = cfg.train, cfg.pretrain
+    problem = template_problem(cfg.clip.templates)
+    if problem:
+        raise OvdError(f"{source}: config key 'clip.templates': {problem}")
     bad = [x for x in cfg.replay.teacher_terms if x not in TEACHER_TERMS]
     if bad:
         raise OvdError(

@@ -23,7 +23,7 @@ from ovd.data.masks import encode
 from ovd.engine.draw import draw_detections
 from ovd.engine.predictor import Detector, parse_classes
 from ovd.errors import OvdError
-from ovd.utils.io import atomic_path, read_json, write_json
+from ovd.utils.io import atomic_path, check_writable, read_json, write_json
 from ovd.vlm.clip import default_text_clean
 from ovd.vlm.vocab import load_vocabulary, read_classes_file
 
@@ -156,6 +156,10 @@ def _detect_outputs(score_thr: float, out, results, gt, save_png: bool) -> tuple
     res_path = Path(results) if results is not None else None
     if res_path is not None and (res_path.is_dir() or res_path.suffix.lower() != ".json"):
         raise OvdError(f"--results {res_path}: expected a .json file path")
+    if res_path is not None:
+        check_writable(res_path, "--results")
+    if out_dir is not None:
+        check_writable(out_dir, "--out", folder=True)
     return out_dir, res_path
 
 

@@ -207,6 +207,55 @@ def clip_with_pickled_weights(env, tmp):
     return tmp / "clip"
 
 
+# a class name longer than the tiny CLIP's 16-token context once in "a photo of a {}.": the two names
+# differ only after the cut, so the text tower would give them one embedding
+LONG = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu"
+LONG_NAMES = f"{LONG} one,{LONG} two"
+
+
+def vocabulary(change=None, other_clip=False, hashed=True):
+    """A stored vocabulary of the module's CLIP (``other_clip``: of another tiny CLIP of the same
+    width, as `ovd vlm pretrain-mini` with another seed makes), then ``change(path)`` applied."""
+
+    def make(env, tmp):
+        from ovd.vlm.clip import ClipModel
+        from ovd.vlm.vocab import embed_vocabulary
+
+        clip_dir = tiny_clip_dir(tmp / "other_clip", seed=1) if other_clip else env["clip"]
+        path = tmp / "v.safetensors"
+        embed_vocabulary(ClipModel.load(str(clip_dir)), env["split"]["base"] + env["split"]["novel"], path,
+                         ["a photo of a {}."], source=f"local-dir:{clip_dir}")  # fmt: skip
+        if not hashed:
+            rewrite_vocab_meta(path, lambda m: m.pop("embeddings_sha256"))
+        if change:
+            change(path)
+        return path
+
+    return make
+
+
+def overwrite_tensor_bytes(byte):
+    """Every byte of the stored embeddings set to ``byte`` (0xFF: NaN, 0x00: zero rows)."""
+
+    def change(path):
+        data = bytearray(path.read_bytes())
+        start = 8 + struct.unpack("<Q", bytes(data[:8]))[0]
+        data[start:] = bytes([byte]) * (len(data) - start)
+        path.write_bytes(bytes(data))
+
+    return change
+
+
+def rewrite_vocab_meta(path, change):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    change(meta)
+    save_file(tensors, str(path), metadata=meta)
+
+
 def config_yaml(content):
     return text("bad.yaml", content)
 
@@ -314,6 +363,45 @@ ROWS = [
     ("detect-score-thr", "detect {image} --ckpt {ckpt} --classes a --score-thr 2 --out {tmp}/o", None,
      "score threshold"),
     ("detect-missing-arg", "detect {image} --classes a", None, "required: --ckpt"),
+    # -- stored vocabularies and class names the text tower would get wrong
+    ("detect-classes-longer-than-context", "detect {image} --ckpt {ckpt} --classes '" + LONG_NAMES + "' --out {tmp}/o",
+     None, f"class name '{LONG} one' is longer than the text tower reads"),
+    ("vocab-embed-longer-than-context", "vocab embed {config} {ov} --classes-file {bad} --out {tmp}/v.safetensors",
+     text("c.txt", LONG_NAMES.replace(",", "\n")), "is longer than the text tower reads"),
+    ("detect-vocab-nan-bytes", "detect {image} --ckpt {ckpt} --text-embeddings {bad} --out {tmp}/o",
+     vocabulary(overwrite_tensor_bytes(0xFF)), "damaged vocabulary file {bad}: its embeddings do not match their "
+     "stored content hash"),
+    ("detect-vocab-zero-bytes", "detect {image} --ckpt {ckpt} --text-embeddings {bad} --out {tmp}/o",
+     vocabulary(overwrite_tensor_bytes(0x00)), "damaged vocabulary file {bad}: its embeddings do not match"),
+    ("detect-vocab-nan-unhashed", "detect {image} --ckpt {ckpt} --text-embeddings {bad} --out {tmp}/o",
+     vocabulary(overwrite_tensor_bytes(0xFF), hashed=False), "non-finite values (NaN or infinity) in the row of"),
+    ("detect-vocab-zero-unhashed", "detect {image} --ckpt {ckpt} --text-embeddings {bad} --out {tmp}/o",
+     vocabulary(overwrite_tensor_bytes(0x00), hashed=False), "has norm 0, expected unit text embeddings"),
+    ("detect-vocab-no-names", "detect {image} --ckpt {ckpt} --text-embeddings {bad} --out {tmp}/o",
+     vocabulary(lambda p: rewrite_vocab_meta(p, lambda m: m.pop("names"))),
+     "damaged vocabulary file {bad}: no 'names' metadata"),
+    ("detect-vocab-names-not-json", "detect {image} --ckpt {ckpt} --text-embeddings {bad} --out {tmp}/o",
+     vocabulary(lambda p: rewrite_vocab_meta(p, lambda m: m.update(names="[not json"))),
+     "damaged vocabulary file {bad}: its 'names' metadata is not JSON"),
+    ("test-vocab-of-another-clip", "test {config} {ov} --ckpt {ckpt} clip.text_embeddings={bad}",
+     vocabulary(other_clip=True), "were made with another CLIP"),
+    ("train-vocab-of-another-clip", TRAIN + " clip.text_embeddings={bad}", vocabulary(other_clip=True),
+     "were made with another CLIP"),
+    ("test-vocab-of-this-clip-is-fine", "test {config} {ov} --ckpt {ckpt} clip.text_embeddings={bad}", vocabulary(),
+     None),
+    ("test-template-without-braces", "test {config} {ov} --ckpt {ckpt} 'clip.templates=[a photo]'", None,
+     "config key 'clip.templates': prompt template 'a photo' must contain '{{}}' exactly once"),
+    ("vlm-eval-template-without-braces", "vlm eval {config} {ov} 'clip.templates=[a photo]'", None,
+     "'clip.templates': prompt template 'a photo' must contain"),
+    ("test-templates-empty", "test {config} {ov} --ckpt {ckpt} 'clip.templates=[]'", None,
+     "config key 'clip.templates': no prompt templates"),
+    # -- output paths checked before any work
+    ("detect-results-under-a-file", "detect {image} --ckpt {ckpt} --classes a --results {bad}/r.json", text("f", "x"),
+     "--results {bad}/r.json: {bad} is not a folder"),
+    ("export-out-under-a-file", "export --ckpt {ckpt} --classes a --out {bad}/m.onnx", text("f", "x"),
+     "--out {bad}/m.onnx: {bad} is not a folder"),
+    ("replay-stats-out-is-a-folder", "replay stats {config} {ov} --ckpt {ckpt} --out {tmp}", None,
+     "--out {tmp}: is a folder, expected a file path"),
     # -- ovd extract / mine / adapt / vlm eval / vlm pretrain-mini / data mini / run
     ("extract-chunk-size-0", "extract {config} {ov} extract.chunk_size=0", None, "'extract.chunk_size' is 0"),
     ("extract-bad-shard", "extract {config} {ov} --shard x", None, "--shard must look like i/N"),
@@ -529,3 +617,136 @@ def test_a_copied_work_dir_reuses_its_feature_cache(env, tmp_path):
     again = run_extract(load_config(CONFIG, [*ov, f"work_dir={moved}", f"clip.model=local-dir:{moved / 'clip'}"]),
                         progress=False)  # fmt: skip
     assert again["chunks_written"] == 0 and again["chunks_skipped"] == 2
+
+
+# --- a full disk: one error naming the file, whichever library writes ----------------------------------
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 5 MiB tmpfs filled up to its last 16 KiB (root only: mounting needs it; skipped otherwise)."""
+    import subprocess
+
+    folder = tmp_path / "full"
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(folder)],
+                                           capture_output=True).returncode != 0:  # fmt: skip
+        pytest.skip("a small tmpfs needs root (mount -t tmpfs)")
+    try:
+        free = shutil.disk_usage(folder).free
+        (folder / "filler").write_bytes(b"\0" * (free - (16 << 10)))
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_full_disk_is_one_error_for_every_writer(env, full_disk, tmp_path, capsys):
+    from ovd.engine.trainer import _JsonlLog
+    from ovd.modeling.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+    from ovd.utils.io import atomic_path, write_json
+    from ovd.vlm.clip import write_text_embeddings
+
+    state = load_checkpoint(env["ckpt"])
+    detector = model_from_checkpoint(state, env["ckpt"])  # megabytes of weights
+    detector.set_vocabulary(state["text"])
+    emb = torch.nn.functional.normalize(torch.randn(2000, 128), dim=-1)
+
+    def png(path):
+        with atomic_path(path) as tmp:  # how ovd detect writes its drawings
+            Image.fromarray(np.random.default_rng(0).integers(0, 256, (600, 600, 3), dtype=np.uint8)).save(
+                tmp, format="PNG")
+
+    def onnx_bytes(path):
+        with atomic_path(path) as tmp:  # how ovd export writes the model
+            tmp.write_bytes(b"\x08" * (1 << 20))
+
+    def log(path):
+        lg = _JsonlLog(path, 0)
+        try:
+            for i in range(10_000):
+                lg.write({"iter": i, "loss": 0.123456789, "pad": "x" * 100})
+        finally:
+            lg.close()
+
+    writers = {
+        "ckpt.pt": lambda p: save_checkpoint(p, detector, None, None, 0, state["meta"]),  # torch.save
+        "v.safetensors": lambda p: write_text_embeddings(p, emb, [f"n{i}" for i in range(2000)], "x"),
+        "big.json": lambda p: write_json(p, list(range(200_000))),
+        "m.onnx": onnx_bytes,
+        "d.png": png,
+        "log.jsonl": log,
+    }
+    for name, write in writers.items():
+        with pytest.raises(OvdError) as e:
+            write(full_disk / name)
+        assert str(e.value) == f"cannot write {full_disk / name}: no space left on device", name
+        if name == "log.jsonl":  # an appended log keeps the lines it could write; all else is atomic
+            (full_disk / name).unlink()
+        assert sorted(p.name for p in full_disk.iterdir()) == ["filler"], name
+    # the commands of the reproduction: a training run and a stored vocabulary
+    from ovd.cli import main
+
+    out = full_disk / "train"
+    capsys.readouterr()
+    assert main(shlex.split(f"train {env['config']} {env['ov']} work_dir={tmp_path / 'w'} train.out={out} "
+                            f"train.max_iters=2 train.checkpoint_every=1")) == 2  # fmt: skip
+    err = capsys.readouterr().err  # the progress bar of the step that ran, then the one error line
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"ovd: error: cannot write {out / 'last.pt'}: no space left on device"), err[-500:]
+    assert not [p for p in out.rglob("*.tmp")]
+    (tmp_path / "names.txt").write_text("".join(f"thing {i}\n" for i in range(1000)))  # 128 KiB of embeddings
+    line = run_err(capsys, "vocab", "embed", env["config"], *env["ov"].split(), "--classes-file",
+                   str(tmp_path / "names.txt"), "--out", str(full_disk / "v.safetensors"))  # fmt: skip
+    assert line == f"ovd: error: cannot write {full_disk / 'v.safetensors'}: no space left on device", line
+
+
+def test_bench_onnx_on_a_truncated_model_is_one_error(env, tmp_path, monkeypatch, capsys):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("bench_onnx", Path(CONFIG).parents[2] / "tools" / "bench_onnx.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    (tmp_path / "t.onnx").write_bytes(b"\x08\x07\x12\x07pytorch\x1a\x03" + b"\xff" * 40)  # cut mid-message
+    for onnx in (tmp_path / "t.onnx", tmp_path / "none.onnx"):
+        monkeypatch.setattr(sys, "argv", ["bench_onnx.py", "--ckpt", str(env["ckpt"]), "--onnx", str(onnx),
+                                          str(env["image"])])  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            tool.main()
+        msg = str(e.value.code)
+        assert msg.startswith("bench_onnx: error: ") and "\n" not in msg and str(onnx) in msg, msg
+        assert ("cannot read ONNX model" if onnx.name == "t.onnx" else "ONNX model not found") in msg
+
+
+def test_a_refused_run_leaves_no_folder_holding_only_its_lock(env, tmp_path, capsys):
+    (tmp_path / "w.pth").write_bytes(b"")
+    out = tmp_path / "runs" / "t"
+    run_err(capsys, *shlex.split(f"train {env['config']} {env['ov']} work_dir={tmp_path / 'w'} train.out={out} "
+                                 f"model.backbone_weights={tmp_path / 'w.pth'}"))  # fmt: skip
+    assert not out.exists()
+    out.mkdir(parents=True)
+    (out / "notes.txt").write_text("mine")  # a folder that was there before is left as it was, lock aside
+    run_err(capsys, *shlex.split(f"train {env['config']} {env['ov']} work_dir={tmp_path / 'w'} train.out={out} "
+                                 f"model.backbone_weights={tmp_path / 'w.pth'}"))  # fmt: skip
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_names_a_tokenizer_reads_as_the_same_tokens_are_refused():
+    """A tokenizer that drops what it cannot read (here: digits) makes two names one embedding even
+    when the CLIP's text cleaning keeps them apart; the token rows themselves are compared."""
+    from ovd.vlm.clip import check_tokens
+
+    def tok(texts, context_length=8):
+        rows = torch.zeros(len(texts), context_length, dtype=torch.long)
+        for i, t in enumerate(texts):
+            ids = [1, *(ord(c) for c in t if not c.isdigit()), 2]
+            if len(ids) > context_length:  # cut, the end token kept last (as open_clip's tokenizers do)
+                ids = [*ids[: context_length - 1], 2]
+            rows[i, : len(ids)] = torch.tensor(ids)
+        return rows
+
+    names, templates = ["cat 1", "cat 2"], ["{}"]
+    with pytest.raises(OvdError, match="'cat 1' and 'cat 2' are identical as the CLIP tokenizer sees them"):
+        check_tokens(tok, names, templates, names, tok(names))
+    check_tokens(tok, ["cat", "dog"], templates, ["cat", "dog"], tok(["cat", "dog"]))  # distinct: fine
+    long = ["a very long name"]
+    with pytest.raises(OvdError, match="longer than the text tower reads"):
+        check_tokens(tok, long, templates, long, tok(long))

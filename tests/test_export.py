@@ -155,7 +155,7 @@ def _leftovers(folder: Path) -> list[str]:
 )
 def test_export_errors(trained, tmp_path, capsys, case, message):
     emb16 = tmp_path / "emb16.safetensors"
-    write_text_embeddings(emb16, torch.randn(3, 16), VOCAB3, "another-clip")
+    write_text_embeddings(emb16, torch.nn.functional.normalize(torch.randn(3, 16), dim=-1), VOCAB3, "another-clip")
     out, vocab, extra = tmp_path / "m.onnx", ["--classes", "red circle"], []
     if case == "no_vocabulary":
         vocab = []
@@ -214,3 +214,22 @@ def test_check_uses_a_zero_threshold_twin_when_few_detections_pass(trained, tmp_
     assert sess.get_modelmeta().custom_metadata_map["score_thresh"] == "0.999"
     boxes, scores, labels = sess.run(None, {"image": np.zeros((3, 160, 160), np.float32)})
     assert boxes.shape == (0, 4) and scores.shape == (0,) and labels.shape == (0,)
+
+
+def test_the_zero_threshold_twin_keeps_a_fixed_number_of_classes(trained, tmp_path):
+    """A large vocabulary: the threshold-0 twin keeps the first PARITY_CLASSES names, so its NMS sees
+    proposals x PARITY_CLASSES boxes whatever the vocabulary's size (5,000 names: 5 M boxes otherwise);
+    the written file keeps every name and its own threshold, and the detector its whole vocabulary."""
+    det = Detector.from_checkpoint(trained["ckpt"])
+    names = [f"thing {i}" for i in range(3 * ex.PARITY_CLASSES)]
+    g = torch.Generator().manual_seed(0)
+    det.model.set_vocabulary(torch.nn.functional.normalize(torch.randn(len(names), det.embed_dim, generator=g), dim=-1))
+    text = det.model.roi_heads.classifier.text.clone()
+    det.model.roi_heads.score_thresh = 0.999
+    rep = ex.export_onnx(det.model, names, tmp_path / "m.onnx")
+    assert rep["check"]["score_thresh"] == 0.0 and rep["check"]["classes"] == ex.PARITY_CLASSES
+    assert rep["check"]["detections"] >= 10
+    assert torch.equal(det.model.roi_heads.classifier.text, text) and det.model.roi_heads.score_thresh == 0.999
+    assert ex.read_onnx_classes(tmp_path / "m.onnx") == names
+    init = {i.name: i for i in onnx.load(str(tmp_path / "m.onnx")).graph.initializer}
+    assert tuple(init["model.roi_heads.classifier.text"].dims) == (len(names), det.embed_dim)

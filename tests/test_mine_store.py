@@ -234,3 +234,26 @@ def test_writer_errors(env, tmp_path, capsys):
     assert "not a feature cache" in run_err(capsys, "extract", CONFIG, *ov(tmp_path, f"miner.out={store}",
                                                                             f"extract.out={store}"))  # fmt: skip
     assert "miner.chunk_size" in run_err(capsys, *argv, "miner.chunk_size=0")
+
+
+def test_a_concurrent_mine_with_other_settings_is_reported(env, tmp_path, monkeypatch):
+    """Two `ovd mine` runs of other settings into one folder at once: the one whose plan was replaced
+    while it ran says so (one error) instead of exiting 0 beside an uncommitted store."""
+    import ovd.mining.miner as miner
+
+    root, ov, _, _ = env
+    real = miner._mine_shard
+
+    def with_a_concurrent_writer(cfg, *args):
+        report = real(cfg, *args)
+        # what the other run (miner.topk=3) writes meanwhile: its own plan
+        other = miner._mine_inputs(load_config(CONFIG, ov(tmp_path, "miner.topk=3"))).plan
+        (Path(cfg.miner.out) / "plan.json").write_text(json.dumps(other))
+        return report
+
+    monkeypatch.setattr(miner, "_mine_shard", with_a_concurrent_writer)
+    with pytest.raises(OvdError, match="another `ovd mine` with other settings or inputs wrote to .* while this"):
+        run_mine(load_config(CONFIG, ov(tmp_path)), shard="0/2", progress=False)
+    monkeypatch.undo()
+    report = run_mine(load_config(CONFIG, ov(tmp_path)), shard="0/2", progress=False)  # alone: fine, and said
+    assert "index" not in report and "not committed yet" in report["note"]

@@ -200,8 +200,8 @@ def test_until_between_config_and_overrides():
 
 
 def test_image_root_change_is_a_change_for_train_and_test(first, mini_world, tmp_path):
-    """BUG: ``data.image_root`` is not among the keys the train and test stages read (pipeline.py,
-    ``_READS``), yet run_train loads the train images from it and run_test the val images (when
+    """BUG: ``data.image_root`` was not among the keys the train and test stages read (the stage
+    table, ovd.stages), yet run_train loads the train images from it and run_test the val images (when
     ``data.val_image_root`` is empty, as in configs/mini). With distillation off (so no upstream
     extract stamp carries it) pointing data.image_root at other images reuses the trained detector
     and its metrics as "up to date" instead of refusing (train.out holds a run from other inputs)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _fixtures import crash_points, run_child, subset_json, tiny_clip_dir
+from omegaconf import OmegaConf
 
 from ovd.config import load_config
 from ovd.engine.trainer import run_train
@@ -350,3 +352,76 @@ def _meta(path):
 
     with safe_open(str(path), framework="pt") as f:
         return f.metadata()
+
+
+# a changed value of every replay.* key, and what a rerun into the finished run's folder must do:
+# "refused" (one error naming the key, nothing in the folder touched), "reused" (the same run: the
+# key shapes nothing it computes), "fresh" (another folder)
+REPLAY_CHANGES = {
+    "stats": ("copy", "reused"),  # a copy of the same statistics
+    "generator": ("copy", "reused"),  # a copy of the same generator file
+    "fewshot_out": ("elsewhere", "fresh"),
+    "fewshot_dir": ("edited", "refused"),  # a K-shot file with one box less
+    "noise_dim": (32, "refused"), "hidden": (32, "refused"), "trunk_channels": (8, "refused"),
+    "fit_iters": (401, "refused"), "fit_batch_per_class": (4, "refused"), "fit_lr": (1e-3, "refused"),
+    "stat_weight": (0.5, "refused"), "ce_weight": (1.0, "refused"), "diversity_weight": (0.5, "refused"),
+    "heldout_every": (3, "refused"), "heldout_in_vocabulary": (True, "refused"), "iters": (3, "refused"),
+    "lr": (1e-4, "refused"), "batch_size": (1, "refused"), "warmup_iters": (2, "refused"),
+    "checkpoint_every": (1, "reused"), "freeze": (["backbone."], "refused"), "replay_rois": (8, "refused"),
+    "replay_background": (0.5, "refused"), "teacher_weight": (5.0, "refused"),
+    "teacher_terms": (["embedding"], "refused"),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_finished_fewshot_run_is_kept_only_when_every_input_is_the_same(base, fitted, mini_world, tmp_path):
+    """Each replay.* key changed in turn, then `ovd fewshot` into the finished run's folder: refused
+    with the key named before anything in the folder changes, or — for a key that shapes nothing the
+    run computes — the finished run kept as it is. Another mode into the folder is refused as well."""
+    from ovd.config import schema_keys
+    from ovd.config_schema import Config
+    from ovd.replay.fewshot import run_fewshot
+
+    setup, cfg, ckpt = base
+    assert set(REPLAY_CHANGES) == {k.split(".", 1)[1] for k in schema_keys(Config) if k.startswith("replay.")}
+    out = tmp_path / "run"
+    rep = run_fewshot(cfg, ckpt, 5, 0, "replay", out=str(out), evaluate=False, progress=False)
+    assert rep["complete"]
+
+    def folder() -> dict:
+        return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+    before = folder()
+    shutil.copy(cfg.replay.stats, tmp_path / "stats.safetensors")
+    shutil.copy(cfg.replay.generator, tmp_path / "gen.safetensors")
+    fs_dir = tmp_path / "fewshot"
+    shutil.copytree(mini_world / "det" / "fewshot", fs_dir)
+    fs = json.loads((fs_dir / "5shot_seed0.json").read_text())
+    fs["annotations"] = fs["annotations"][1:]
+    (fs_dir / "5shot_seed0.json").write_text(json.dumps(fs))
+    special = {"stats": tmp_path / "stats.safetensors", "generator": tmp_path / "gen.safetensors",
+               "fewshot_out": tmp_path / "elsewhere", "fewshot_dir": fs_dir}  # fmt: skip
+    for key, (value, expect) in REPLAY_CHANGES.items():
+        value = special.get(key, value)
+        changed = cfg_for(setup, mini_world, setup[0] / "w", f"replay.{key}={json.dumps(value, default=str)}")
+        assert OmegaConf.select(changed, f"replay.{key}") != OmegaConf.select(cfg, f"replay.{key}"), key
+        run_out = None if expect == "fresh" else str(out)
+        if expect == "refused":
+            named = r"fewshot\.file\.sha1" if key == "fewshot_dir" else rf"replay\.{key}\b"
+            with pytest.raises(OvdError, match=named):
+                run_fewshot(changed, ckpt, 5, 0, "replay", out=run_out, evaluate=False, progress=False)
+        else:
+            rep = run_fewshot(changed, ckpt, 5, 0, "replay", out=run_out, evaluate=False, progress=False)
+            if expect == "fresh":
+                assert Path(rep["out"]).parent == special["fewshot_out"] / "replay_5shot_seed0", key
+        after = folder()
+        if expect == "reused":  # final.pt is written again: the same weights and record
+            a, b = (torch.load(io.BytesIO(x["final.pt"]), weights_only=True) for x in (before, after))
+            assert a["meta_json"] == b["meta_json"] and a["model"].keys() == b["model"].keys(), key
+            assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), key
+            before["final.pt"] = after["final.pt"]  # (torch.save's bytes of a loaded state may differ)
+        assert after == before, key  # the finished run, untouched
+    # another mode into the folder: refused before train.json / split.json are overwritten
+    with pytest.raises(OvdError, match=r"fewshot.mode: 'replay' -> 'novel'"):
+        run_fewshot(cfg, ckpt, 5, 0, "novel", out=str(out), evaluate=False, progress=False)
+    assert folder() == before

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ovd.data.images import load_image  # noqa: E402
 from ovd.detect_cli import expand_images  # noqa: E402
 from ovd.engine.export import box_tolerance, compare_detections, onnx_session, read_onnx_classes  # noqa: E402
+from ovd.errors import OvdError, describe  # noqa: E402
 from ovd.modeling.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 
 TEXT_INIT = "model.roi_heads.classifier.text"
@@ -40,11 +41,16 @@ TEXT_INIT = "model.roi_heads.classifier.text"
 def onnx_text(path) -> torch.Tensor:
     import onnx
 
-    m = onnx.load(str(path))
+    try:
+        m = onnx.load(str(path))
+    except FileNotFoundError:
+        raise OvdError(f"ONNX model not found: {path}") from None
+    except Exception as e:  # a truncated / foreign file: protobuf's DecodeError and others
+        raise OvdError(f"cannot read ONNX model {path}: {describe(e)}") from None
     for init in m.graph.initializer:
         if init.name == TEXT_INIT:
             return torch.from_numpy(onnx.numpy_helper.to_array(init).copy())
-    raise SystemExit(f"{path}: no {TEXT_INIT} initializer (not an ovd export?)")
+    raise OvdError(f"{path}: no {TEXT_INIT} initializer (not an ovd export?)")
 
 
 def bench(model, sess, images, threads: int, rounds: int, warmup: int) -> dict:
@@ -85,6 +91,13 @@ def bench(model, sess, images, threads: int, rounds: int, warmup: int) -> dict:
 
 
 def main() -> None:
+    try:
+        _main()
+    except OvdError as e:  # one line, as the ovd commands print it
+        sys.exit(f"bench_onnx: error: {e}")
+
+
+def _main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("images", nargs="+", help="image files, folders or glob patterns")
     ap.add_argument("--ckpt", required=True, help="the checkpoint the ONNX file was exported from")

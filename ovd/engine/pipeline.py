@@ -3,7 +3,8 @@
     world → pretrain (tiny CLIP) → adapt → mine → extract → train → test
 
 A stage's output is reused only if it was made from the same settings: every stage records a stamp
-(hash of the config keys it reads plus the stamps of the stages it consumes) in
+(hash of the config keys it reads, as declared in :mod:`ovd.stages`, plus the stamps of the stages
+it consumes) in
 ``work_dir/run_stamps.json``, keyed by stage and output path, so configs that share a work_dir but
 write some stages elsewhere (the ablation variants) share the common stages. A changed setting
 re-runs that stage and everything downstream; an output made outside ``ovd run`` (no stamp) is
@@ -24,10 +25,12 @@ from ovd.config_schema import Config
 from ovd.data.mini_world import derive_shape_split, generate_mini_world
 from ovd.data.mini_world.knobs import WORLD_KNOBS
 from ovd.engine.evaluator import run_test
-from ovd.engine.trainer import TRAIN_RUN_KEYS, run_train
+from ovd.engine.trainer import run_train
 from ovd.errors import OvdError
 from ovd.mining.feature_cache import run_extract
 from ovd.mining.miner import run_mine
+from ovd.stages import STAGES as STAGE_TABLE
+from ovd.stages import stamp_keys
 from ovd.utils.io import read_json, write_json
 from ovd.vlm.adapter import run_adapt
 from ovd.vlm.pretrain import pretrain_tiny_clip
@@ -35,29 +38,30 @@ from ovd.vlm.text import text_adapter_of
 
 STAGES = ("world", "pretrain", "adapt", "mine", "extract", "train", "test")
 
-# config keys each stage reads (sections or section.key), besides its upstream stages' stamps
-_READS = {
-    "world": ["world.dir", "world.preset", "world.seed", "world.version", *(f"world.{k}" for k in WORLD_KNOBS)],
+# The stamp format before the stage table (ovd.stages): whole sections hashed, output paths included.
+# Frozen, never extended: only used to recognise a stamp an earlier ovd wrote (same settings) and
+# rewrite it in the current format, so existing outputs are reused instead of being made again.
+_LEGACY_READS = {
+    "world": ["world.dir", "world.preset", "world.seed", "world.version"],
     "pretrain": ["pretrain", "data.web_train_json", "data.web_val_json", "data.web_image_root", "seed"],
     "adapt": ["adapter", "clip", "data.train_json", "data.image_root", "data.split", "seed"],
     "mine": ["miner", "clip", "adapter.enabled", "data.train_json", "data.image_root", "data.split"],
     "extract": ["extract", "clip", "adapter.enabled", "miner.enabled", "miner.stride", "miner.scales",
                 "miner.ratios", "miner.min_size", "data.train_json", "data.image_root", "data.split", "seed"],
-    "train": ["model", *(f"train.{k}" for k in TRAIN_RUN_KEYS), "clip", "data.train_json", "data.image_root",
-              "data.split", "seed"],
+    "train": ["model", "train.optimizer", "train.lr", "train.momentum", "train.weight_decay", "train.batch_size",
+              "train.schedule", "train.epochs", "train.lr_steps", "train.warmup_iters", "train.grad_clip",
+              "train.hflip", "train.amp", "train.init_from", "train.freeze", "clip", "data.train_json",
+              "data.image_root", "data.split", "seed"],
     "test": ["data.val_json", "data.image_root", "data.val_image_root", "data.lvis", "data.split", "clip"],
 }  # fmt: skip
-# keys inside a section a stage reads that change its speed only, never its output: not stamped
+
+# loader workers (speed only) never were part of a stamp: kept out of the legacy format's sections
 _SPEED_ONLY = ("miner.workers", "extract.workers")
-_UPSTREAM = {
-    "world": [],
-    "pretrain": ["world"],
-    "adapt": ["pretrain"],
-    "mine": ["adapt", "pretrain"],
-    "extract": ["mine", "adapt", "pretrain"],
-    "train": ["extract", "pretrain"],
-    "test": ["train"],
-}
+
+
+def _upstream(stage: str) -> list[str]:
+    """The pipeline stages ``stage`` consumes (its declared upstream, in ovd.stages)."""
+    return [u for u in STAGE_TABLE[stage].upstream if u in STAGES]
 
 
 def _get(cfg, dotted: str):
@@ -94,6 +98,7 @@ class Pipeline:
         self.stamp_file = self.work / "run_stamps.json"
         self.stamps = read_json(self.stamp_file, "run stamps") if self.stamp_file.is_file() else {}
         self.fresh: dict[str, str] = {}  # stamps of this run
+        self.fresh_legacy: dict[str, str] = {}  # the same in the earlier format (see _LEGACY_READS)
         self.report: dict = {}
 
     # which stages apply to this config
@@ -109,18 +114,21 @@ class Pipeline:
             "test": bool(c.data.val_json),
         }[stage]
 
-    def stamp(self, stage: str) -> str:
+    def stamp(self, stage: str, legacy: bool = False) -> str:
+        """Hash of the keys the stage reads (ovd.stages) that differ from their defaults, plus the
+        stamps of its upstream stages; ``legacy``: in the format of earlier ovd versions."""
         defaults = _defaults()
         reads = {}
-        for k in _READS[stage]:
+        for k in _LEGACY_READS[stage] if legacy else stamp_keys(stage):
             value, default = _get(self.cfg, k), _get(defaults, k)
             if value != default:
                 reads[k] = _changed(value, default)
-        upstream = list(_UPSTREAM[stage])
+        fresh = self.fresh_legacy if legacy else self.fresh
+        upstream = _upstream(stage)
         if stage in ("train", "test") and text_adapter_of(self.cfg):  # class embeddings from the adapted text tower
             reads["adapter.text_tower"] = True
-            upstream.append("adapt")
-        up = {u: self.fresh.get(u, "") for u in upstream}
+            upstream = [*upstream, "adapt"]
+        up = {u: fresh.get(u, "") for u in upstream}
         return hashlib.sha1(json.dumps([reads, up], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def output(self, stage: str) -> Path:
@@ -166,8 +174,11 @@ class Pipeline:
             if not self.active(stage):
                 self.log(f"[{stage}] off in this config")
                 continue
-            stamp = self.stamp(stage)
+            stamp, legacy = self.stamp(stage), self.stamp(stage, legacy=True)
+            self.fresh_legacy[stage] = legacy
             old = self.stamps.get(self.key(stage))
+            if old == legacy != stamp:  # written by an earlier ovd from these same settings
+                old = self.stamps[self.key(stage)] = stamp
             if self.output_exists(stage) and old in (stamp, None):
                 note = "made outside `ovd run`, reused as it is" if old is None else "up to date, reused"
                 self.log(f"[{stage}] {note}")

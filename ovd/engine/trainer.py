@@ -9,6 +9,10 @@ let a caller add to every step without editing the loop (the few-shot replay use
   dict under ``name`` before the sum, logged like the model's own terms (e.g. a penalty keeping
   weights near the base model's).
 
+A caller that needs a run of a fixed length or with frozen submodules says so through
+:func:`setup_trainer` (``steps``, ``eval_frozen``) and records its own inputs there (``inputs``: a
+resume must match them), instead of changing the Trainer after it is built.
+
 Exact resume: a checkpoint holds model, optimizer, scheduler, the iteration counter and torch's RNG
 state (torchvision's RPN/RoI samplers draw from it); the image order of epoch e is a permutation
 seeded by (seed, e) and the flip of sample i in epoch e by (seed, e, i). A run resumed from a
@@ -25,7 +29,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -41,16 +45,16 @@ from ovd.errors import OvdError
 from ovd.mining.feature_cache import FeatureCache
 from ovd.modeling.build import build_detector
 from ovd.modeling.checkpoint import load_checkpoint, save_checkpoint
-from ovd.utils.io import atomic_path, crash_point, file_sha1, remove_stale_temps
+from ovd.stages import ARCHITECTURE, section_reads
+from ovd.utils.io import atomic_path, crash_point, file_sha1, remove_stale_temps, write_error
 from ovd.utils.lock import OutputLock
 from ovd.vlm.text import TextSource, clip_source, clip_spec, text_adapter_of
 
-# train settings that change what a run computes: a resume must match them, and `ovd run` reruns
-# training when one changes. Not: out, device, logging / eval / checkpoint cadence, max_iters.
-TRAIN_RUN_KEYS = ("optimizer", "lr", "momentum", "weight_decay", "batch_size", "schedule", "epochs", "lr_steps",
-                  "warmup_iters", "grad_clip", "hflip", "amp", "init_from", "freeze")  # fmt: skip
+# train settings that change what a run computes (the train stage's train.* keys, ovd.stages): a
+# resume must match them, and `ovd run` reruns training when one changes
+TRAIN_RUN_KEYS = section_reads("train", "train")
 # model settings that shape the parameters: a detector used by train.init_from must have the same
-ARCH_KEYS = ("backbone", "norm", "fpn_channels", "representation_size", "semantic_regression")
+ARCH_KEYS = tuple(k.split(".", 1)[1] for k in ARCHITECTURE)
 
 
 def schedule_epochs(t) -> tuple[int, list[int]]:
@@ -200,7 +204,7 @@ def _short(v) -> str:
     return r if len(r) <= 80 else r[:77] + "..."
 
 
-def check_resume(meta: dict, stored: dict, path: Path) -> None:
+def check_resume(meta: dict, stored: dict, path: Path, advice: str = "") -> None:
     """Refuse to continue a checkpoint made from other inputs or settings: one error naming every
     differing key (``old -> new``). A checkpoint that does not record an input (made by an older
     ovd) cannot show it is the same run, so it is refused too."""
@@ -223,7 +227,7 @@ def check_resume(meta: dict, stored: dict, path: Path) -> None:
     if diffs:
         raise OvdError(
             f"{path} was trained from other inputs or settings ({'; '.join(diffs)}): resuming would mix two "
-            f"runs. Use another train.out, or delete {path} to start over"
+            f"runs. {advice or f'Use another train.out, or delete {path} to start over'}"
         )
 
 
@@ -233,12 +237,15 @@ class Trainer:
     ``model`` is the detector (DDP-wrapped here when ``world > 1``), ``data`` a
     :class:`~ovd.data.train_set.DetectionTrainSet`, ``t`` the ``train`` config section, ``meta`` what
     the checkpoints record (and a resume must match), ``text`` the training vocabulary's embeddings.
-    ``total`` (iterations of the whole run, from the schedule) may be lowered before ``fit()`` by a
-    caller that runs a fixed number of steps (the few-shot fine-tunes).
+    ``steps`` > 0: exactly that many iterations, whatever the schedule's length (the few-shot
+    fine-tunes compare modes at equal steps); ``eval_modules``: names of top-level submodules that
+    stay in eval mode while the rest trains (frozen modules keep their BatchNorm statistics, a
+    frozen RPN computes no loss).
     """
 
     def __init__(self, model, data, t, meta: dict, text: torch.Tensor, *, seed: int, device: torch.device,
-                 rank: int = 0, world: int = 1, evaluator=None, progress: bool = True):  # fmt: skip
+                 rank: int = 0, world: int = 1, evaluator=None, progress: bool = True, steps: int = 0,
+                 eval_modules: Sequence[str] = ()):  # fmt: skip
         self.model, self.data, self.t, self.meta, self.text = model, data, t, meta, text
         self.seed, self.device, self.rank, self.world = seed, device, rank, world
         self.evaluator, self.progress = evaluator, progress
@@ -248,7 +255,11 @@ class Trainer:
         self.opt = build_optimizer(t, self.params)
         epochs, step_epochs = schedule_epochs(t)
         self.iters_per_epoch = max(1, math.ceil(len(data) / t.batch_size))
-        self.total = epochs * self.iters_per_epoch
+        self.total = int(steps) if steps > 0 else epochs * self.iters_per_epoch
+        missing = [n for n in eval_modules if not isinstance(getattr(model, n, None), torch.nn.Module)]
+        if missing:
+            raise OvdError(f"no submodule {missing} to keep in eval mode")
+        self.eval_modules = tuple(eval_modules)
         steps = [e * self.iters_per_epoch for e in step_epochs]
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(t.warmup_iters, steps))
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
@@ -347,9 +358,15 @@ class Trainer:
         if self.world > 1:
             dist.barrier()  # nobody runs ahead of a checkpoint that may be resumed from
 
+    def train_mode(self) -> None:
+        """The model in training mode, except the submodules held in eval mode (``eval_modules``)."""
+        self.model.train()
+        for name in self.eval_modules:
+            getattr(self.model, name).eval()
+
     def evaluate(self) -> dict:
         metrics = self.evaluator(self.model, self.text)
-        self.model.train()
+        self.train_mode()
         return metrics
 
     def fit(self, max_iters: int = 0) -> dict:
@@ -360,7 +377,7 @@ class Trainer:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device] if self.device.type == "cuda" else None
             )
-        self.model.train()
+        self.train_mode()
         log = _JsonlLog(self.out / "log.jsonl", start) if self.rank == 0 else None
         eval_log = _JsonlLog(self.out / "eval.jsonl", start) if self.evaluator else None
         bar = tqdm(total=self.total, initial=start, desc="train", disable=not self.progress or self.rank != 0)
@@ -428,12 +445,25 @@ def _run_train(cfg, progress: bool) -> dict:
             dist.destroy_process_group()
 
 
-def setup_trainer(cfg, rank: int, world: int, device: torch.device, progress: bool = True,
-                  on_model: Callable | None = None, train_masks: bool = True) -> Trainer:  # fmt: skip
+def frozen_modules(model, prefixes: Sequence[str]) -> list[str]:
+    """The top-level submodules a ``freeze`` list freezes whole (``backbone.`` / ``rpn.``): those a
+    run can keep in eval mode (:class:`Trainer`'s ``eval_modules``)."""
+    names = [p.rstrip(".") for p in prefixes]
+    return [n for n in names if n and "." not in n and isinstance(getattr(model, n, None), torch.nn.Module)]
+
+
+def setup_trainer(cfg, rank: int, world: int, device: torch.device, progress: bool = True, *, steps: int = 0,
+                  eval_frozen: bool = False, inputs: dict | None = None, record: dict | None = None,
+                  on_model: Callable | None = None, train_masks: bool = True) -> Trainer:
     """Data, text, model (``init_from`` / ``freeze`` applied) and the :class:`Trainer` of a config.
-    ``on_model(model)``, if given, runs before the optimizer is made: modules it attaches to the
-    model (e.g. a distillation run's feature adapters) are trained and checkpointed with it.
-    ``train_masks=False``: a mask-head model trains on boxes alone (its training set decodes no masks)."""
+
+    ``steps`` > 0: a fixed number of iterations (recorded: a resume must match it); ``eval_frozen``:
+    the submodules ``train.freeze`` freezes whole stay in eval mode; ``inputs``: more ``key -> value``
+    inputs the checkpoints record and a resume must match (a caller's own settings and file hashes);
+    ``record``: more sections of the checkpoints' meta, for the record only; ``on_model(model)``, if
+    given, runs before the optimizer is made: modules it attaches to the model (e.g. a distillation
+    run's feature adapters) are trained and checkpointed with it; ``train_masks=False``: a mask-head
+    model trains on boxes alone (its training set decodes no masks)."""
     t = cfg.train
     train, split = load_split_dataset(cfg.data, need_split="train", why="the detector is trained on its base classes")
     text_source = TextSource(cfg.clip, text_adapter_of(cfg))
@@ -458,9 +488,14 @@ def setup_trainer(cfg, rank: int, world: int, device: torch.device, progress: bo
             "clip_spec": spec, "model": _plain(cfg.model), "templates": list(cfg.clip.templates),
             "train_settings": {k: _plain(t)[k] for k in TRAIN_RUN_KEYS},
             "inputs": run_inputs(cfg, train, split, text_source, cache)}  # fmt: skip
+    if steps > 0:
+        meta["inputs"]["train.steps"] = int(steps)
+    meta["inputs"].update(inputs or {})
+    meta.update(record or {})
     meta = json.loads(json.dumps(meta))  # plain lists / dicts, as they come back from a checkpoint
+    eval_modules = frozen_modules(model, list(t.freeze)) if eval_frozen else []
     trainer = Trainer(model, data, t, meta, text, seed=cfg.seed, device=device, rank=rank, world=world,
-                      evaluator=evaluator, progress=progress)  # fmt: skip
+                      evaluator=evaluator, progress=progress, steps=steps, eval_modules=eval_modules)  # fmt: skip
     if notes and rank == 0:
         trainer.out.mkdir(parents=True, exist_ok=True)
         n_train = sum(p.numel() for p in trainer.params)
@@ -499,9 +534,15 @@ class _JsonlLog:
         self.f = open(path, "a", encoding="utf-8")
 
     def write(self, rec: dict) -> None:
-        self.f.write(json.dumps(rec) + "\n")
-        self.f.flush()
+        try:
+            self.f.write(json.dumps(rec) + "\n")
+            self.f.flush()
+        except OSError as e:
+            raise write_error(self.f.name, e) from None
         crash_point(f"{self.f.name} line")
 
     def close(self) -> None:
-        self.f.close()
+        try:
+            self.f.close()
+        except OSError:  # a full disk: the line that failed was reported by write()
+            pass

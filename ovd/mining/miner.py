@@ -45,6 +45,7 @@ from ovd.data.loading import load_split_dataset
 from ovd.data.validate import is_box, is_int
 from ovd.errors import OvdError
 from ovd.mining.chunk_store import (
+    PLAN,
     check_kind,
     chunks_to_write,
     invalidate_index,
@@ -63,6 +64,7 @@ from ovd.mining.proposal_store import (
     proposal_tensors,
     write_proposals_json,
 )
+from ovd.stages import section_reads
 from ovd.utils.io import read_json, remove_stale_temps
 from ovd.vlm.clip import CropSampler, clip_from_config
 
@@ -198,10 +200,12 @@ def mine_image(
     return select(cand, emb, text, clip.model.logit_scale.exp().item(), m, bg_text, n_base)
 
 
-# miner settings that change a proposal (batch_size included: a batch of other size may round an
-# embedding differently); with the prompt templates and the vocabulary they enter every chunk's hash
-SETTINGS_KEYS = ("stride", "scales", "ratios", "min_size", "objectness", "vocabulary", "nms_thr", "base_iou_thr",
-                 "topk", "batch_size", "background_prompts")  # fmt: skip
+# miner settings that change a proposal: the mine stage's miner.* keys (ovd.stages; batch_size included:
+# a batch of other size may round an embedding differently); with the prompt templates and the
+# vocabulary they enter every chunk's hash. Keys added after stores existed enter it only when set
+# (see _mine_inputs), so a store mined before them stays valid.
+_HASHED_WHEN_SET = ("drop_base_argmax",)
+SETTINGS_KEYS = tuple(k for k in section_reads("mine", "miner") if k not in _HASHED_WHEN_SET)
 
 
 def run_mine(
@@ -228,8 +232,16 @@ def run_mine(
     report: dict = {}
     if not merge_only:
         report = _mine_shard(cfg, parse_shard(shard), overwrite, progress)
+        plan = read_json(out / PLAN, "proposal store plan") if (out / PLAN).is_file() else None
+        if plan != json.loads(json.dumps(report.pop("plan"))):
+            raise OvdError(
+                f"another `ovd mine` with other settings or inputs wrote to {out} while this one ran (its plan "
+                f"replaced this run's): the store is not committed; run one of them again, alone"
+            )
     if merge_only or plan_complete(out, STORE):
         report["index"] = merge_proposals(out)
+    else:
+        report["note"] = f"{out} is not committed yet (no index.json): the other --shard jobs must run first"
     if merge_json:
         if "index" in report:
             report["merge_json"] = write_proposals_json(ProposalStore(out), merge_json)
@@ -379,6 +391,7 @@ def _mine_shard(cfg, shard: tuple[int, int], overwrite: bool, progress: bool) ->
         "objectness": m.objectness,
         "clip": job.clip.source,
         "adapter": plan["adapter"],
+        "plan": plan,
     }
 
 

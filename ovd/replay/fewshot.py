@@ -13,15 +13,23 @@ optimizer, iteration 0) trains on the K-shot file ``<fewshot_dir>/<K>shot_seed<S
 * modes: ``novel`` — the few-shot group's boxes only; ``replay`` — each step also feeds a class-balanced
   batch of forged base RoI features (the generator of ``ovd replay fit``) through the RoI head with
   the frozen base model's outputs on the same features as teacher targets; ``base`` — the TFA-style
-  reference that keeps K real boxes per base class (a K-shot base file made by the mini-world's
-  rule, :func:`ovd.data.mini_world.annotations.fewshot_subset`), i.e. it *stores base images*.
+  reference that keeps K real boxes per base class (a K-shot base file made by TFA's rule,
+  :func:`ovd.data.fewshot.fewshot_subset`), i.e. it *stores base images*.
 
 Backbone and RPN are frozen by default (``replay.freeze``) and run in eval mode (their BatchNorm
 statistics stay the base model's).
+
+Reuse: a run folder that holds a run is continued (or its finished run kept) only when every input
+of the new run equals the old one's — mode, K, seed, every config key the ``fewshot`` stage reads
+(:mod:`ovd.stages`), and the content of the K-shot file, the base checkpoint, the training
+annotations, the generator and the statistics it was fitted to. Otherwise one error names the keys
+that changed, before anything in the folder is touched.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from pathlib import Path
@@ -30,18 +38,19 @@ import torch
 from omegaconf import OmegaConf
 
 from ovd.config_schema import TEACHER_TERMS
+from ovd.data.fewshot import fewshot_subset
 from ovd.data.loading import load_split_dataset
-from ovd.data.mini_world.annotations import fewshot_subset
 from ovd.data.splits import Split
 from ovd.engine.evaluator import load_val, predict_dataset
-from ovd.engine.trainer import resolve_device, setup_trainer
+from ovd.engine.trainer import check_resume, resolve_device, setup_trainer
 from ovd.errors import OvdError
 from ovd.evaluation import evaluate_detections
 from ovd.modeling.checkpoint import load_checkpoint, model_from_checkpoint
 from ovd.modeling.roi_heads import ExtraRoIs, RoIBatch
-from ovd.replay.generator import frozen_base, load_generator
+from ovd.replay.generator import frozen_base, generator_settings, load_generator
 from ovd.replay.watchers import pooled_shape
-from ovd.utils.io import file_sha1, read_json, remove_stale_temps, write_json
+from ovd.stages import reads
+from ovd.utils.io import check_writable, file_sha1, read_json, remove_stale_temps, write_json
 from ovd.utils.lock import OutputLock
 from ovd.vlm.text import TextSource, text_adapter_of
 
@@ -141,20 +150,6 @@ def _train_file(cfg, fs_path: Path, mode: str, shots: int, seed: int, train, spl
     }
 
 
-def _pin_eval(model, prefixes: list[str]) -> list[str]:
-    """Frozen whole submodules (``backbone.`` / ``rpn.``) stay in eval mode whatever ``train()`` says:
-    the base model's BatchNorm statistics are used and kept, and a frozen RPN computes no loss."""
-    pinned = []
-    for pre in prefixes:
-        name = pre.rstrip(".")
-        mod = getattr(model, name, None) if name and "." not in name else None
-        if isinstance(mod, torch.nn.Module):
-            mod.train = (lambda m: lambda mode=True: torch.nn.Module.train(m, False))(mod)
-            mod.eval()
-            pinned.append(name)
-    return pinned
-
-
 class ReplayInputs:
     """``Trainer.add_inputs`` hook of mode ``replay``: every step, ``n`` forged RoIs — a ``background``
     share labelled background, the rest class-balanced over the base classes (a fresh permutation per
@@ -188,13 +183,73 @@ class ReplayInputs:
                                         teacher_weight=self.weight)}  # fmt: skip
 
 
+def _value(cfg, key: str):
+    node = OmegaConf.select(cfg, key)
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
 def run_settings(cfg) -> dict:
-    """What a finished run's numbers depend on besides K, seed and mode: the ``replay`` section
-    (file locations excepted) and the base-training model settings. A driver reusing finished runs
-    compares it, so a changed setting is never answered with an old number."""
-    skip = {"stats", "generator", "fewshot_out", "fewshot_dir", "checkpoint_every"}  # not in the numbers
-    replay = {k: v for k, v in OmegaConf.to_container(cfg.replay, resolve=True).items() if k not in skip}
-    return {"replay": replay, "model": OmegaConf.to_container(cfg.model, resolve=True)}
+    """The ``replay`` and ``model`` keys the ``fewshot`` stage reads (:mod:`ovd.stages`), by section:
+    what ``tools/run_fewshot.py`` compares before reusing a finished run's table entry."""
+    out: dict = {"replay": {}, "model": {}}
+    for key in reads("fewshot"):
+        section, _, name = key.partition(".")
+        if section in out:
+            out[section][name] = _value(cfg, key)
+    return out
+
+
+def _json_sha1(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def fewshot_inputs(cfg, mode: str, shots: int, seed: int, fs_path: Path, ckpt_sha1: str, data: dict,
+                   split_file: dict, gen_path: str | None, gen_meta: dict | None) -> dict:  # fmt: skip
+    """Everything a fine-tune's result depends on, as the flat ``key -> value`` map its checkpoints
+    record and a rerun must match (see the module doc): the ``fewshot`` stage's config keys by value,
+    its input files by content."""
+    inputs = {"fewshot.mode": mode, "fewshot.shots": int(shots), "fewshot.seed": int(seed),
+              "fewshot.base_ckpt.sha1": ckpt_sha1, "fewshot.file.sha1": file_sha1(fs_path),
+              "fewshot.train_annotations.sha1": _json_sha1(data), "fewshot.split": split_file}  # fmt: skip
+    inputs.update({f"fewshot.{k}": _value(cfg, k) for k in reads("fewshot")})
+    for key in ("data.train_json", "data.val_json"):
+        path = _value(cfg, key)
+        inputs[f"fewshot.{key}.sha1"] = file_sha1(path) if path and Path(path).is_file() else None
+    if gen_path is not None:
+        inputs["fewshot.generator.sha1"] = file_sha1(gen_path)
+        inputs["fewshot.generator.stats_sha1"] = gen_meta.get("stats_sha1")
+    return json.loads(json.dumps(inputs))  # plain data, as a checkpoint gives it back
+
+
+def check_reuse(run_dir: Path, inputs: dict) -> None:
+    """Refuse a run folder that holds a run of other inputs (one error naming every changed key),
+    before anything in it is written. A run recorded by an ovd without these inputs is refused too."""
+    path = next((run_dir / n for n in ("last.pt", "final.pt") if (run_dir / n).is_file()), None)
+    if path is None:
+        return
+    stored = load_checkpoint(path)["meta"].get("inputs") or {}
+    old = {k: v for k, v in stored.items() if k.startswith("fewshot.")}
+    check_resume({"inputs": inputs}, {"inputs": old}, path,
+                 advice=f"Use another --out (or replay.fewshot_out), or delete {run_dir} to run it again")  # fmt: skip
+
+
+def _check_generator(cfg, gen_path: str, gen_meta: dict) -> None:
+    """The generator must have been fitted with this config's settings and, when the config's
+    statistics file exists, to those statistics: else the config does not describe the run."""
+    def flat(settings: dict) -> dict:  # {"noise_dim": .., "fit": {"fit_lr": .., "seed": ..}} -> config keys
+        fit = settings.get("fit") if isinstance(settings.get("fit"), dict) else {}
+        items = [*((k, v) for k, v in settings.items() if k != "fit"), *fit.items()]
+        return {(k if k == "seed" else f"replay.{k}"): v for k, v in items}
+
+    want, have = flat(json.loads(json.dumps(generator_settings(cfg)))), flat(gen_meta)
+    diffs = [f"{k}: {have.get(k, '(not recorded)')!r} -> {v!r}" for k, v in want.items() if have.get(k) != v]
+    if diffs:
+        raise OvdError(f"replay generator file {gen_path} was fitted with other settings than this config's "
+                       f"({'; '.join(diffs)}): run `ovd replay fit` again")  # fmt: skip
+    stats = Path(cfg.replay.stats)
+    if stats.is_file() and gen_meta.get("stats_sha1") != file_sha1(stats):
+        raise OvdError(f"replay generator file {gen_path} was fitted to other statistics than {stats} (replay.stats): "
+                       f"run `ovd replay fit` again")  # fmt: skip
 
 
 def run_fewshot(cfg, ckpt: str, shots: int, seed: int, mode: str, generator: str | None = None,
@@ -216,24 +271,28 @@ def run_fewshot(cfg, ckpt: str, shots: int, seed: int, mode: str, generator: str
     if not group.novel_ids:
         raise OvdError("replay.heldout_every leaves no novel class to fine-tune on")
     sha1 = file_sha1(ckpt)
-    gen = None
+    gen = gen_path = gen_meta = None
     if mode == "replay":
         gen_path = generator or r.generator
         teacher = frozen_base(state, ckpt)
         gen, gen_meta = load_generator(gen_path, state["meta"], sha1, pooled_shape(teacher))
+        _check_generator(cfg, gen_path, gen_meta)
     run_dir = Path(out or Path(r.fewshot_out) / f"{mode}_{shots}shot_seed{seed}")
+    check_writable(run_dir, "--out", folder=True)
     data = _train_file(cfg, fs_path, mode, shots, seed, train, split, group)
     in_vocab = set(split.base_names) | set(group.novel_names)
     if r.heldout_in_vocabulary:
         in_vocab |= set(heldout.novel_names)
     vocab_names = [n for n in split.all_names if n in in_vocab]
+    split_file = {"base": vocab_names, "novel": [n for n in heldout.novel_names if n not in in_vocab]}
+    inputs = fewshot_inputs(cfg, mode, shots, seed, fs_path, sha1, data, split_file, gen_path, gen_meta)
     t0 = time.time()
     with OutputLock(run_dir / ".lock", f"few-shot run {run_dir}"):
+        check_reuse(run_dir, inputs)  # before anything in the folder is written
         for name in ("last.pt", "final.pt"):
             remove_stale_temps(run_dir, name)
         write_json(run_dir / "train.json", data, indent=None)
-        write_json(run_dir / "split.json", {"base": vocab_names, "novel": [n for n in heldout.novel_names
-                                                                             if n not in in_vocab]})  # fmt: skip
+        write_json(run_dir / "split.json", split_file)
         ipe = math.ceil(len(data["images"]) / r.batch_size)
         ft = OmegaConf.merge(cfg, {
             "seed": int(seed),
@@ -246,13 +305,16 @@ def run_fewshot(cfg, ckpt: str, shots: int, seed: int, mode: str, generator: str
         })  # fmt: skip
         device = resolve_device(ft.train.device)
         torch.manual_seed(int(seed))
-        trainer = setup_trainer(ft, 0, 1, device, progress, train_masks=False)
-        trainer.total = r.iters  # a fixed number of steps, whatever the number of images (modes compare)
-        trainer.meta["fewshot"] = {"mode": mode, "shots": shots, "seed": seed, "file": str(fs_path.resolve()),
-                                   "fewshot_classes": list(group.novel_names),
-                                   "heldout_classes": list(heldout.novel_names),
-                                   "base_ckpt_sha1": sha1}  # fmt: skip
-        pinned = _pin_eval(trainer.model, list(r.freeze))
+        record = {"fewshot": {"mode": mode, "shots": shots, "seed": seed, "file": str(fs_path.resolve()),
+                              "fewshot_classes": list(group.novel_names), "heldout_classes": list(heldout.novel_names),
+                              "base_ckpt_sha1": sha1}}  # fmt: skip
+        if gen_path is not None:
+            record["fewshot"]["generator_sha1"] = inputs["fewshot.generator.sha1"]
+        # a fixed number of steps, whatever the number of images (modes compare); frozen whole
+        # submodules (backbone, RPN) stay in eval mode: the base model's BatchNorm statistics are used
+        trainer = setup_trainer(ft, 0, 1, device, progress, steps=r.iters, eval_frozen=True, inputs=inputs,
+                                record=record, train_masks=False)  # fmt: skip
+        pinned = list(trainer.eval_modules)
         # K-shot runs train on box annotations: a mask branch (model.mask_head) stays as the base model
         # trained it, class-agnostic, so the few-shot classes get masks all the same
         trainer.model.roi_heads.train_masks = False
@@ -260,7 +322,6 @@ def run_fewshot(cfg, ckpt: str, shots: int, seed: int, mode: str, generator: str
             student_index = {n: i + 1 for i, n in enumerate(trainer.meta["base_names"])}
             base_to_student = torch.tensor([0] + [student_index[n] for n in split.base_names])
             teacher.set_vocabulary(trainer.text)
-            trainer.meta["fewshot"]["generator_sha1"] = file_sha1(gen_path)
             trainer.add_inputs(ReplayInputs(gen, teacher, base_to_student, r.replay_rois, r.replay_background,
                                             r.teacher_weight, int(seed), device, list(r.teacher_terms)))  # fmt: skip
         report = trainer.fit()

@@ -33,7 +33,8 @@ from torch import nn
 from ovd.errors import OvdError
 from ovd.modeling.checkpoint import load_checkpoint, model_from_checkpoint
 from ovd.replay.watchers import ReplayStats, check_matches_base, head_forward, load_stats, pooled_shape
-from ovd.utils.io import atomic_path, file_sha1
+from ovd.stages import section_reads
+from ovd.utils.io import atomic_path, check_writable, file_sha1
 from ovd.utils.safe_load import read_safetensors
 
 GENERATOR_FORMAT = "ovd-replay-generator/1"
@@ -225,16 +226,16 @@ def generator_settings(cfg) -> dict:
     """The generator's architecture and fitting settings as stored in its file's metadata: a file
     whose stored settings differ from a config's was fitted otherwise."""
     r = cfg.replay
-    fit = ("fit_iters", "fit_batch_per_class", "fit_lr", "stat_weight", "ce_weight", "diversity_weight")
-    return {"noise_dim": r.noise_dim, "hidden": r.hidden, "trunk_channels": r.trunk_channels,
-            "fit": {k: r[k] for k in fit} | {"seed": int(cfg.seed)}}  # fmt: skip
+    arch = ("noise_dim", "hidden", "trunk_channels")  # the network's shape; the rest: how it was fitted
+    fit = [k for k in section_reads("replay fit", "replay") if k not in arch]  # the stage's keys, ovd.stages
+    return {**{k: r[k] for k in arch}, "fit": {k: r[k] for k in fit} | {"seed": int(cfg.seed)}}
 
 
 def run_fit(cfg, ckpt: str, stats_path: str | None = None, out: str | None = None, progress: bool = True) -> dict:
     """``ovd replay fit``: fit the generator to the statistics ``stats_path`` of base detector ``ckpt``.
     Reads no image and no annotation file."""
     r = cfg.replay
-    stats_path, out = stats_path or r.stats, Path(out or r.generator)
+    stats_path, out = stats_path or r.stats, check_writable(out or r.generator, "--out" if out else "replay.generator")
     state = load_checkpoint(ckpt)
     sha1 = file_sha1(ckpt)
     stats = load_stats(stats_path)

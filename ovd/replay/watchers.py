@@ -34,7 +34,7 @@ from ovd.data.loading import load_split_dataset
 from ovd.data.train_set import DetectionTrainSet
 from ovd.errors import OvdError
 from ovd.modeling.checkpoint import load_checkpoint, model_from_checkpoint
-from ovd.utils.io import atomic_path, file_sha1
+from ovd.utils.io import atomic_path, check_writable, file_sha1
 from ovd.utils.safe_load import read_safetensors
 
 STATS_FORMAT = "ovd-replay-stats/1"
@@ -262,7 +262,7 @@ def collect_stats(model, data: DetectionTrainSet, num_classes: int, progress: bo
 def run_stats(cfg, ckpt: str, out: str | None = None, progress: bool = True) -> dict:
     """``ovd replay stats``: class-wise RoI statistics of the base detector ``ckpt`` over the base
     training set of ``cfg``; written to ``out`` (default ``replay.stats``)."""
-    out = Path(out or cfg.replay.stats)
+    out = check_writable(out or cfg.replay.stats, "--out" if out else "replay.stats")
     state = load_checkpoint(ckpt)
     meta_ckpt = state["meta"]
     train, split = load_split_dataset(cfg.data, need_split="replay stats", why="statistics are per base class")

@@ -31,6 +31,7 @@ from ovd.engine.trainer import resolve_device, setup_trainer
 from ovd.errors import OvdError
 from ovd.modeling.backbones import backbone_spec
 from ovd.modeling.checkpoint import load_checkpoint, model_from_checkpoint
+from ovd.stages import section_reads
 from ovd.student.augment import FrequencyAug, difgsm
 from ovd.student.distill import (
     ADAPTERS,
@@ -46,11 +47,9 @@ from ovd.utils.io import atomic_path, file_sha1, remove_stale_temps
 from ovd.utils.lock import OutputLock
 from ovd.vlm.text import TextSource
 
-# student settings that change what a run computes: recorded in its checkpoints, a resume must match
-RUN_KEYS = ("model", "feature_weight", "embedding_weight", "logits_weight", "deltas_weight", "frequency_aug",
-            "frequency_prob", "small_side", "noise_sigma", "crop_min", "adversarial_aug", "adversarial_eps",
-            "adversarial_step", "adversarial_steps", "adversarial_decay", "adversarial_resize_rate",
-            "adversarial_diversity_prob", "adversarial_weight")  # fmt: skip
+# student settings that change what a run computes (the student stage's own keys, ovd.stages):
+# recorded in its checkpoints, a resume must match
+RUN_KEYS = section_reads("student", "student")
 
 
 def student_model_config(cfg) -> dict:
@@ -222,12 +221,11 @@ def run_student(cfg, teacher_path: str | None = None, progress: bool = True) -> 
                 setattr(model, ADAPTERS, imitation)
             holder["imitation"] = getattr(model, ADAPTERS, None)
 
-        trainer = setup_trainer(run_cfg, 0, 1, device, progress, on_model=attach)
-        teacher.set_vocabulary(trainer.text)
         settings = run_settings(cfg)
-        trainer.meta["student"] = {"teacher": str(Path(teacher_path).resolve()), "settings": settings}
-        trainer.meta["inputs"]["student.teacher.sha1"] = file_sha1(teacher_path)
-        trainer.meta["inputs"].update({f"student.{k}": v for k, v in settings.items()})
+        inputs = {"student.teacher.sha1": file_sha1(teacher_path), **{f"student.{k}": v for k, v in settings.items()}}
+        record = {"student": {"teacher": str(Path(teacher_path).resolve()), "settings": settings}}
+        trainer = setup_trainer(run_cfg, 0, 1, device, progress, inputs=inputs, record=record, on_model=attach)
+        teacher.set_vocabulary(trainer.text)
         hooks = StudentHooks(s, teacher, trainer.model, holder["imitation"], int(cfg.seed))
         trainer.add_inputs(hooks.inputs)
         for name in hooks.names():

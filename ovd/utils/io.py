@@ -11,6 +11,7 @@ use, where a crash point costs one dictionary lookup.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ovd.errors import OvdError
+from ovd.errors import OvdError, describe
 
 _crash_count = 0
 
@@ -76,6 +77,59 @@ def _plain_mode(path: str | os.PathLike, mode: int) -> None:
     os.chmod(path, mode & ~umask)
 
 
+NO_SPACE = "no space left on device"
+
+
+def _no_space(e: BaseException, folder: Path) -> bool:
+    """Whether a failed write ran out of disk: ENOSPC itself, or a library's own error type
+    (torch.save's "unexpected pos", safetensors' SafetensorError) while the file system has no room."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left on device" in str(e):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < FULL_BELOW
+    except OSError:
+        return False
+
+
+FULL_BELOW = 1 << 20  # bytes free: a writer that failed with less than this left ran out of disk
+
+
+def write_error(path: str | os.PathLike, e: BaseException) -> OvdError:
+    """The one error of a failed write of ``path``: "no space left on device" for a full disk
+    (whichever library wrote), else the OS's reason."""
+    path = Path(path)
+    if _no_space(e, path.parent if path.parent.exists() else Path(".")):
+        return OvdError(f"cannot write {path}: {NO_SPACE}")
+    return OvdError(f"cannot write {path}: {getattr(e, 'strerror', None) or describe(e)}")
+
+
+def _failed_write(path: Path, e: Exception) -> None:
+    """Turn a writer's exception into :func:`write_error`; exceptions that are not about the disk
+    (a bug, an ovd error) pass through unchanged."""
+    if isinstance(e, OvdError):
+        return
+    if isinstance(e, OSError) or _no_space(e, path.parent):
+        raise write_error(path, e) from None
+
+
+def check_writable(path: str | os.PathLike, what: str, folder: bool = False) -> Path:
+    """Refuse, before any work, an output that cannot be written: ``path`` is a folder where a file
+    is meant (or the reverse), or its nearest existing parent folder is not writable. ``what``
+    names the option in the error ("--results", "replay.stats")."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise OvdError(f"{what} {path}: " + ("a file of that name exists, expected a folder" if folder
+                                                  else "is a folder, expected a file path"))  # fmt: skip
+    parent = path if folder else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OvdError(f"{what} {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OvdError(f"{what} {path}: cannot write into {parent} (permission denied or read-only)")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed onto ``path``.
@@ -99,8 +153,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         crash_point(f"written {tmp_path.name}")
         os.replace(tmp_path, path)
         crash_point(f"renamed onto {path.name}")
-    except OSError as e:
-        raise OvdError(f"cannot write {path}: {e.strerror or e}") from None
+    except Exception as e:
+        _failed_write(path, e)
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -134,8 +189,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             crash_point(f"moved {path.name} aside")
         os.replace(tmp, path)
         crash_point(f"renamed onto {path.name}/")
-    except OSError as e:
-        raise OvdError(f"cannot write {path}: {e.strerror or e}") from None
+    except Exception as e:
+        _failed_write(path, e)
+        raise
     finally:
         for leftover in (tmp, old):
             if leftover.exists():

@@ -14,6 +14,7 @@ import socket
 from pathlib import Path
 
 from ovd.errors import OvdError
+from ovd.utils.io import write_error
 
 
 class OutputLock:
@@ -29,6 +30,7 @@ class OutputLock:
         self._fd: int | None = None
 
     def __enter__(self) -> OutputLock:
+        self._made_folder = not self.path.parent.exists()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -42,15 +44,31 @@ class OutputLock:
             raise OvdError(
                 f"{self.what} is in use by {holder} (lock {self.path}): wait for it to finish, or write elsewhere"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"PID {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"PID {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError as e:  # a full disk
+            os.close(fd)
+            raise write_error(self.path, e) from None
         self._fd = fd
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         if self._fd is not None:
             try:
+                if exc_type is not None and self._made_folder:
+                    self._remove_if_alone()
                 os.ftruncate(self._fd, 0)
             finally:
                 os.close(self._fd)  # closing the last descriptor releases the flock
                 self._fd = None
+
+    def _remove_if_alone(self) -> None:
+        """A refused command that made its output folder leaves no folder holding only this lock.
+        Done while the lock is held; a folder with anything else in it is kept, lock and all."""
+        try:
+            if [p.name for p in self.path.parent.iterdir()] == [self.path.name]:
+                self.path.unlink()
+                self.path.parent.rmdir()
+        except OSError:
+            pass

@@ -88,6 +88,37 @@ def describe_clash(clash: tuple[str, str, str]) -> str:
     return f"'{a}' and '{b}' are one name to the CLIP tokenizer (it reads both as '{key}')"
 
 
+def check_tokens(tokenizer, names: list[str], templates: list[str], texts: list[str], tokens: torch.Tensor) -> None:
+    """Refuse what the text tower would silently get wrong: a prompt longer than its context (the
+    tokenizer cuts it, so two names differing only after the cut get one embedding) and two names
+    whose prompts tokenize identically. ``texts`` / ``tokens``: every name with every template,
+    name-major, as :meth:`ClipModel.encode_text` builds them."""
+    ctx = int(tokens.shape[1])
+    try:  # one position more: a prompt that fits gives the same tokens plus padding
+        longer = tokenizer(texts, context_length=ctx + 1)
+    except TypeError:  # a tokenizer without a context_length argument: the identity check only
+        longer = None
+    if longer is not None:
+        cut = (longer[:, :ctx] != tokens).any(dim=1).nonzero().flatten().tolist()
+        if cut:
+            i = cut[0]
+            name, template = names[i // len(templates)], templates[i % len(templates)]
+            raise OvdError(
+                f"class name '{name}' is longer than the text tower reads: the prompt {texts[i]!r} "
+                f"(template {template!r}) needs more than its {ctx} tokens, and the rest would be cut off; "
+                f"shorten the name"
+            )
+    rows = tokens.view(len(names), len(templates) * ctx)
+    seen: dict[tuple, str] = {}
+    for name, row in zip(names, rows.tolist()):
+        other = seen.setdefault(tuple(row), name)
+        if other != name:
+            raise OvdError(
+                f"duplicate class name(s) in vocabulary: '{other}' and '{name}' are identical as the CLIP "
+                f"tokenizer sees them (same tokens with every template)"
+            )
+
+
 @contextlib.contextmanager
 def _hub_offline(offline: bool):
     """Force the hub client into cache-only mode (it reads this flag at call time)."""
@@ -445,7 +476,9 @@ class ClipModel:
         else:
             self.text_tower_calls += 1
             texts = [fill_template(t, n) for n in names for t in templates]
-            tokens = self.tokenizer(texts).to(self.device)
+            tokens = self.tokenizer(texts)
+            check_tokens(self.tokenizer, names, list(templates), texts, tokens)
+            tokens = tokens.to(self.device)
             emb = F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu()
             emb = emb.view(len(names), len(templates), -1).mean(dim=1)
             self._text_cache[key] = F.normalize(emb, dim=-1)
@@ -521,23 +554,55 @@ def write_text_embeddings(
     }
     if fingerprint:
         meta["clip_fingerprint"] = str(fingerprint)
+    emb = emb.detach().float().cpu().contiguous()
+    if not bool(torch.isfinite(emb).all()):
+        raise OvdError("text embeddings: non-finite values (NaN or infinity); nothing written")
+    meta["embeddings_sha256"] = _embeddings_digest(emb)
     with atomic_path(path) as tmp:
-        save_file({"embeddings": emb.float().contiguous()}, str(tmp), metadata=meta)
+        save_file({"embeddings": emb}, str(tmp), metadata=meta)
     return Path(path)
+
+
+def _embeddings_digest(emb: torch.Tensor) -> str:
+    """SHA-256 of the float32 embedding bytes (row-major): a stored vocabulary's content hash."""
+    return hashlib.sha256(emb.float().contiguous().numpy().tobytes()).hexdigest()
+
+
+UNIT_TOL = 1e-3  # a stored row's norm may differ from 1 by float32 rounding of the mean over templates, not more
 
 
 def load_text_embeddings(path: str | os.PathLike, embed_dim: int | None = None) -> tuple[torch.Tensor, list[str]]:
     """Read stored text embeddings → (C, D) tensor and the class names; checks the dimension."""
     tensors, meta = read_safetensors(path, "text embeddings file", TEXT_FORMAT)
+    damaged = f"damaged vocabulary file {path}:"
     if "embeddings" not in tensors:
-        raise OvdError(f"{path}: no 'embeddings' tensor")
+        raise OvdError(f"{damaged} no 'embeddings' tensor")
     emb = tensors["embeddings"]
-    names = json.loads(meta["names"])
-    if emb.ndim != 2 or emb.shape[0] != len(names):
-        raise OvdError(f"{path}: {emb.shape[0]} embeddings for {len(names)} class names")
+    try:
+        names = json.loads(meta["names"])
+    except KeyError:
+        raise OvdError(f"{damaged} no 'names' metadata (the class name of each row)") from None
+    except json.JSONDecodeError as e:
+        raise OvdError(f"{damaged} its 'names' metadata is not JSON ({e.msg})") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
+        raise OvdError(f"{damaged} its 'names' metadata must be a JSON list of non-empty class names")
+    if emb.ndim != 2 or emb.shape[0] != len(names) or emb.dtype != torch.float32:
+        raise OvdError(f"{damaged} {tuple(emb.shape)} {emb.dtype} embeddings for {len(names)} class names "
+                       f"(expected one float32 row per name)")  # fmt: skip
+    stored = meta.get("embeddings_sha256")  # files written before it was recorded have none
+    if stored is not None and stored != _embeddings_digest(emb):
+        raise OvdError(f"{damaged} its embeddings do not match their stored content hash (changed after writing)")
     if embed_dim is not None and emb.shape[1] != embed_dim:
         raise OvdError(
             f"text embeddings {path} are {emb.shape[1]}-d (made with {meta.get('clip_source')}), "
             f"but the model expects {embed_dim}-d: they were made with a different CLIP"
         )
+    if not bool(torch.isfinite(emb).all()):
+        bad = int((~torch.isfinite(emb)).any(dim=1).nonzero()[0])
+        raise OvdError(f"{damaged} non-finite values (NaN or infinity) in the row of '{names[bad]}'")
+    off = ((emb.norm(dim=1) - 1).abs() > UNIT_TOL).nonzero().flatten()
+    if len(off):
+        bad = int(off[0])
+        raise OvdError(f"{damaged} the row of '{names[bad]}' has norm {float(emb[bad].norm()):.4g}, expected "
+                       f"unit text embeddings ({len(off)} such rows)")  # fmt: skip
     return emb, names

@@ -8,7 +8,8 @@ import torch
 
 from ovd.errors import OvdError
 from ovd.utils.io import file_sha1
-from ovd.vlm.clip import clip_from_config, load_text_embeddings
+from ovd.vlm.clip import clip_from_config
+from ovd.vlm.vocab import check_vocabulary_clip, load_vocabulary, text_fingerprint
 
 
 class TextSource:
@@ -25,8 +26,12 @@ class TextSource:
         self._clip = None
         self.c = c
         if self.file:
-            self.stored, self.names = load_text_embeddings(self.file)
+            vocab = load_vocabulary(self.file)
+            self.stored, self.names = vocab.embeddings, vocab.names
             self.embed_dim = int(self.stored.shape[1])
+            if vocab.clip_fingerprint:  # the config's CLIP made the feature cache / the detector's space
+                check_vocabulary_clip(vocab, self.clip.embed_dim, text_fingerprint(self.clip), self.clip.source,
+                                      f"the config's CLIP (clip.model {c.model})")  # fmt: skip
             self.source = f"text-embeddings:{Path(self.file).resolve()}"
             self.fingerprint = file_sha1(self.file)[:16]  # the stored vectors themselves
         else:

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import torch
 
+from ovd.config_schema import template_problem
 from ovd.errors import OvdError
+from ovd.utils.io import check_writable
 from ovd.vlm.clip import (
     default_text_clean,
     describe_clash,
@@ -76,21 +78,12 @@ def read_classes_file(path: str | os.PathLike, clean=None) -> list[str]:
 
 
 def check_templates(templates) -> list[str]:
-    """Prompt templates: a non-empty list of strings, each holding one ``{}`` for the class name."""
-    templates = list(templates or [])
-    if not templates:
-        raise OvdError("no prompt templates: give at least one, e.g. --template 'a photo of a {}.'")
-    for t in templates:
-        if not isinstance(t, str) or t.count("{}") != 1:
-            raise OvdError(f"prompt template {t!r} must contain '{{}}' exactly once (where the class name goes)")
-        try:
-            t.format("x")
-        except (IndexError, KeyError, ValueError):
-            raise OvdError(f"prompt template {t!r}: other braces than one '{{}}' (write '{{{{' for a brace)") from None
-    dup = sorted({t for t in templates if templates.count(t) > 1})
-    if dup:
-        raise OvdError(f"prompt template given twice: {dup[0]!r}")
-    return templates
+    """Prompt templates: a non-empty list of strings, each holding one ``{}`` for the class name
+    (the same rule as the config key ``clip.templates``, :func:`ovd.config_schema.template_problem`)."""
+    problem = template_problem(templates)
+    if problem:
+        raise OvdError(problem.replace("e.g. ", "e.g. --template ") if problem.startswith("no prompt") else problem)
+    return list(templates)
 
 
 def text_fingerprint(clip) -> str:
@@ -172,6 +165,7 @@ def embed_vocabulary(clip, names, out: str | os.PathLike, templates, source: str
     import time
 
     templates = check_templates(templates)
+    check_writable(out, "--out")
     names = list(names)
     clash = vocabulary_clash(names, tokenizer_clean(clip.tokenizer))
     if clash:

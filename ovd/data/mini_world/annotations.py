@@ -1,16 +1,12 @@
 """The annotation files derived from the rendered scenes: COCO train (base only) / oracle / val, the
-LVIS copy of val, and TFA-style K-shot novel splits."""
+LVIS copy of val (the K-shot novel splits: ovd.data.fewshot)."""
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-import numpy as np
 import pycocotools.mask as mask_utils
 
-from ovd.errors import OvdError
-
-_FEWSHOT_TRIES = 200  # random image orders tried per novel class before giving up
 # Version of what the annotation files say about the (unchanged) images. 1: each object's
 # segmentation was its box's rectangle; 2: its visible silhouette (compressed RLE) and ``area``
 # that silhouette's pixel count, as in COCO. Recorded in world.json and each det file's ``info``.
@@ -61,60 +57,6 @@ def _det_files(
         else:
             det_files["val"] = full
     return det_files, dropped
-
-
-def fewshot_subset(oracle: dict, novel_ids: list[int], k: int, s: int) -> dict:
-    """TFA-style: for each novel class pick images until exactly k instances of it are annotated."""
-    rng = np.random.default_rng(s)
-    per_cls_img: dict[int, Counter] = defaultdict(Counter)
-    by_img_cls: dict[tuple[int, int], list[dict]] = defaultdict(list)
-    for a in oracle["annotations"]:
-        per_cls_img[a["category_id"]][a["image_id"]] += 1
-        by_img_cls[(a["image_id"], a["category_id"])].append(a)
-    names = {c["id"]: c["name"] for c in oracle["categories"]}
-    chosen_anns: list[dict] = []
-    chosen_imgs: set[int] = set()
-    for cid in novel_ids:  # one generator for all classes, in this order: the picks depend on it
-        picked = _pick_exactly_k(rng, per_cls_img[cid], k)
-        if picked is None:
-            raise OvdError(
-                f"mini-world too small for {k}-shot: cannot pick exactly {k} instances of "
-                f"'{names[cid]}' from {sum(per_cls_img[cid].values())} in det/train"
-            )
-        for im in picked:
-            chosen_imgs.add(im)
-            chosen_anns.extend(by_img_cls[(im, cid)])
-    images = [im for im in oracle["images"] if im["id"] in chosen_imgs]
-    anns = sorted(chosen_anns, key=lambda a: a["id"])
-    return {
-        "info": {**oracle["info"], "description": f"mini-world {k}-shot novel split, sampling seed {s}"},
-        "images": images,
-        "annotations": anns,
-        "categories": oracle["categories"],
-    }
-
-
-def _pick_exactly_k(rng: np.random.Generator, per_img: Counter, k: int) -> list[int] | None:
-    """Image ids holding exactly ``k`` instances in all (``per_img``: instances per image), or None.
-
-    Greedy over random image orders, skipping images that would overshoot.
-    """
-    img_ids = sorted(per_img)
-    for _ in range(_FEWSHOT_TRIES):
-        order = rng.permutation(len(img_ids))
-        sel, n = [], 0
-        for j in order:
-            im = img_ids[int(j)]
-            m = per_img[im]
-            if n + m > k:
-                continue
-            sel.append(im)
-            n += m
-            if n == k:
-                break
-        if n == k:
-            return sel
-    return None
 
 
 def _lvis_val(val: dict, train: dict) -> dict:

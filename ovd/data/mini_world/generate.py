@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from ovd.data.mini_world.annotations import ANNOTATION_VERSION, _det_files, _lvis_val, fewshot_subset
+from ovd.data.fewshot import fewshot_subset
+from ovd.data.mini_world.annotations import ANNOTATION_VERSION, _det_files, _lvis_val
 from ovd.data.mini_world.knobs import WorldKnobs, check_knobs
 from ovd.data.mini_world.presets import MiniPreset
 from ovd.data.mini_world.tasks import _det_layout, _run_tasks
@@ -270,7 +271,7 @@ def _write_fewshot(root: Path, oracle: dict, novel_ids: list[int], p: MiniPreset
     fewshot_summary = {}
     for kk in p.fewshot_shots:
         for s in p.fewshot_seeds:
-            fs = fewshot_subset(oracle, novel_ids, kk, s)
+            fs = fewshot_subset(oracle, novel_ids, kk, s, f"mini-world {kk}-shot novel split, sampling seed {s}")
             write_json(root / "det" / "fewshot" / f"{kk}shot_seed{s}.json", fs)
             fewshot_summary[f"{kk}shot_seed{s}"] = {
                 "images": len(fs["images"]),
