@@ -94,7 +94,7 @@ def test_open_export_refusals(trained, opened, capsys, tmp_path):
     msg = run_err(capsys, "export", "--ckpt", str(trained["ckpt"]), "--open", "--classes", "a,b", "--out", "x.onnx")
     assert "takes no vocabulary" in msg
     other = tmp_path / "d16.safetensors"
-    write_text_embeddings(other, torch.randn(3, 16), VOCAB3, "another-clip")
+    write_text_embeddings(other, torch.nn.functional.normalize(torch.randn(3, 16), dim=1), VOCAB3, "another-clip")
     with pytest.raises(OvdError, match="16-d"):
         OnnxBackend(opened["out"], text_embeddings=other)
     fixed = tmp_path / "plain.onnx"

@@ -84,7 +84,7 @@ def test_coco_aspect_gives_each_kind_its_box_shape():
         ratios = []
         for s in range(6):
             _, objects, _ = _render_det(np.random.default_rng(s), [cid] * 3, p, vocab=vocab)
-            ratios += [w / h for _, (x, y, w, h) in objects]
+            ratios += [box[2] / box[3] for _, box, *_ in objects]  # (class, xywh box, segmentation)
         target = by_id[cid]["aspect"]
         assert abs(math.log(np.median(ratios) / target)) < math.log(1.35), (cid, target, ratios)
 

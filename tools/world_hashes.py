@@ -2,8 +2,9 @@
 
 The world knobs must leave a default world byte for byte as the generator made it before them. The
 test fixture ``tests/data/world_v3_golden.json`` holds this fingerprint as computed by the generator
-*before* the knobs existed, made with (from the repository root, ``PARENT`` = the commit before the
-knobs)::
+*before* the knobs existed, at annotation version 2 (each object's silhouette as its segmentation;
+its 187 images hash as at annotation version 1, only the six JSON files differ), made with (from the
+repository root, ``PARENT`` = the silhouette-segmentation commit, which has no knobs)::
 
     git archive PARENT | tar -x -C /tmp/parent
     PYTHONPATH=/tmp/parent python tools/world_hashes.py --write tests/data/world_v3_golden.json

@@ -38,7 +38,8 @@ def fewshot_subset(oracle: dict, novel_ids: list[int], k: int, s: int, descripti
     images = [im for im in oracle["images"] if im["id"] in chosen_imgs]
     anns = sorted(chosen_anns, key=lambda a: a["id"])
     return {
-        "info": {"description": description or f"{k}-shot subset, sampling seed {s}"},
+        # the source's info (e.g. its annotation version) with this subset's description
+        "info": {**oracle.get("info", {}), "description": description or f"{k}-shot subset, sampling seed {s}"},
         "images": images,
         "annotations": anns,
         "categories": oracle["categories"],
