@@ -6,7 +6,7 @@ status 2 — no traceback for bad input.
 
 The one place where ovd imports its own modules inside functions: each subcommand imports what it
 runs, because importing everything (torch, torchvision, open_clip) takes 8.3 s on the 2-core
-development machine (``python -c "import ovd.engine.pipeline"``), against 0.4 s for ``ovd eval``'s
+development machine (``python -c "import ovd.pipeline"``), against 0.4 s for ``ovd eval``'s
 modules and 0.2 s for ``ovd config``'s — and ``ovd --help`` or a typo should answer at once.
 """
 
@@ -52,7 +52,7 @@ def _print_report(report: dict) -> None:
 
 
 def _cmd_data_mini(args: argparse.Namespace) -> int:
-    from ovd.data.mini_world import generate_mini_world
+    from ovd.mini_world import generate_mini_world
 
     knobs = {}
     for item in args.knob:
@@ -68,7 +68,7 @@ def _cmd_data_mini(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_mini_split(args: argparse.Namespace) -> int:
-    from ovd.data.mini_world import derive_shape_split
+    from ovd.mini_world import derive_shape_split
 
     shapes = [x.strip() for x in args.novel_shapes.split(",") if x.strip()]
     _print_report(derive_shape_split(args.world, shapes, args.name))
@@ -229,8 +229,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from ovd.engine.pipeline import run_pipeline
     from ovd.evaluation import format_metrics
+    from ovd.pipeline import run_pipeline
 
     report = run_pipeline(_load(args), until=args.until)
     if isinstance(report.get("test"), dict):

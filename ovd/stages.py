@@ -7,7 +7,7 @@ set only how its output is laid out on disk (``layout``), and the stages whose o
 output). A section name ("model") stands for every key of that section except those in
 :data:`NO_OUTPUT` and those the stage lists elsewhere. Every consumer reads this table:
 
-* ``ovd run``'s stamps (:mod:`ovd.engine.pipeline`): a stage reruns when a key it reads changes;
+* ``ovd run``'s stamps (:mod:`ovd.pipeline`): a stage reruns when a key it reads changes;
 * the training resume check and ``train.init_from`` (:mod:`ovd.engine.trainer`: the ``train.*``
   keys of the ``train`` stage, :data:`ARCHITECTURE`);
 * the proposal store's content hash (:mod:`ovd.mining.miner`: the ``miner.*`` keys of ``mine``);

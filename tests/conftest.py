@@ -11,8 +11,8 @@ import torch
 from _fixtures import REPO, tiny_clip_dir
 
 from ovd.config import load_config
-from ovd.data.mini_world import generate_mini_world
 from ovd.engine.trainer import run_train
+from ovd.mini_world import generate_mini_world
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -14,7 +14,6 @@ from ovd.data.coco import load_detection_dataset
 from ovd.data.images import load_image
 from ovd.data.loader import ImageSet, TrainBatchSampler, batch_keys, epoch_order, make_loader
 from ovd.engine.evaluator import predict_dataset
-from ovd.engine.pipeline import Pipeline
 from ovd.engine.predictor import Detector
 from ovd.engine.trainer import run_train
 from ovd.errors import OvdError
@@ -23,6 +22,7 @@ from ovd.mining.miner import run_mine
 from ovd.mining.proposal_store import ProposalStore
 from ovd.modeling.build import build_detector
 from ovd.modeling.checkpoint import load_checkpoint
+from ovd.pipeline import Pipeline
 from ovd.vlm.clip import ClipModel
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mini" / "smoke.yaml")

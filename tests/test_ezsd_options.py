@@ -16,11 +16,11 @@ from _fixtures import subset_json, tiny_clip_dir
 
 from ovd.config import load_config
 from ovd.config_schema import AdapterConfig, ModelConfig
-from ovd.engine.pipeline import Pipeline
 from ovd.errors import OvdError
 from ovd.mining.miner import run_mine, select
 from ovd.modeling.build import build_detector
 from ovd.modeling.zero_shot_classifier import ZeroShotClassifier
+from ovd.pipeline import Pipeline
 from ovd.vlm.adapter import EZSD_SCALE, adapter_loss, adapter_parameters, train_adapter
 from ovd.vlm.adapter_file import layernorm_parameters, load_adapter, save_adapter, text_layernorm_parameters
 from ovd.vlm.clip import ClipModel, clip_from_config, fill_template

@@ -15,10 +15,10 @@ from PIL import Image
 
 from ovd.data.coco import load_detection_dataset
 from ovd.data.masks import decode
-from ovd.data.mini_world import PRESETS, PRESETS_V2, generate_mini_world, mini_vocabulary, scene, tasks
-from ovd.data.mini_world.annotations import ANNOTATION_VERSION
 from ovd.data.train_set import DetectionTrainSet
 from ovd.errors import OvdError
+from ovd.mini_world import PRESETS, PRESETS_V2, generate_mini_world, mini_vocabulary, scene, tasks
+from ovd.mini_world.annotations import ANNOTATION_VERSION
 
 
 @pytest.mark.parametrize("version", [3, 2])
@@ -30,8 +30,8 @@ def test_silhouettes_are_the_visible_pixels(version):
     fills = []
     for index in range(6):
         rng = tasks._image_rng(0, tasks._DOMAIN_DET, "val", index)
-        layout = tasks._det_layout(0, "val", 6, p, n_cls)[index]
-        img, objects, _ = scene._render_det(rng, layout, p, version=version)
+        layout = tasks.det_layout(0, "val", 6, p, n_cls)[index]
+        img, objects, _ = scene.render_det(rng, layout, p, version=version)
         masks = np.stack([mask_utils.decode({**seg, "counts": seg["counts"].encode()}) for _, _, seg in objects])
         assert masks.shape[1:] == img.shape[:2]
         assert masks.sum(0).max() == 1  # disjoint

@@ -17,7 +17,7 @@ import pytest
 from _fixtures import CAT_ID, SPLIT, coco_gt, dump, lvis_dets, lvis_gt, run_err, scenario
 
 from ovd.cli import main
-from ovd.data.masks import _rle_string_counts, decode, encode, segmentation_problem
+from ovd.data.masks import decode, encode, rle_string_counts, segmentation_problem
 from ovd.errors import OvdError
 from ovd.evaluation import evaluate_detections, format_metrics
 from ovd.evaluation.lvis_compat import patch_lvis
@@ -309,7 +309,7 @@ def test_compressed_rle_counts_and_round_trip():
         h, w = int(rng.integers(1, 40)), int(rng.integers(1, 40))
         mask = (rng.random((h, w)) < rng.random()).astype(np.uint8)
         rle = compressed_rle(mask)
-        assert _rle_string_counts(rle["counts"]) == uncompressed_rle(mask)["counts"]
+        assert rle_string_counts(rle["counts"]) == uncompressed_rle(mask)["counts"]
         assert segmentation_problem(rle, h, w) is None
         for form in (rle, uncompressed_rle(mask)):
             assert np.array_equal(decode(form, h, w), mask)

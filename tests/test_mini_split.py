@@ -11,10 +11,10 @@ from _fixtures import run_err
 
 from ovd.cli import main
 from ovd.data.coco import load_detection_dataset
-from ovd.data.mini_world import SHAPES, derive_shape_split, generate_mini_world, mini_vocabulary
-from ovd.data.mini_world.kinds import _kinds_categories
 from ovd.data.splits import resolve_split
 from ovd.errors import OvdError
+from ovd.mini_world import SHAPES, derive_shape_split, generate_mini_world, mini_vocabulary
+from ovd.mini_world.kinds import kinds_categories
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_cli(world, capsys):
 
 def test_a_v3_world_is_refused_clearly(tmp_path, capsys):
     # what the split reads of a v3 world: its categories (kinds have no shape)
-    oracle = {"images": [], "annotations": [], "categories": _kinds_categories()}
+    oracle = {"images": [], "annotations": [], "categories": kinds_categories()}
     (tmp_path / "det").mkdir()
     (tmp_path / "det" / "train_oracle.json").write_text(json.dumps(oracle))
     with pytest.raises(OvdError, match="not a world version 2"):

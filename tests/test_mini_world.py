@@ -1,4 +1,4 @@
-"""Tests of the mini-world generator (the package ovd/data/mini_world/): world v3 (the default) and v2."""
+"""Tests of the mini-world generator (the package ovd/mini_world/): world v3 (the default) and v2."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pycocotools.mask as mask_utils
 import pytest
 from PIL import Image, ImageDraw
 
-from ovd.data.mini_world import (
+from ovd.errors import OvdError
+from ovd.mini_world import (
     GENERATOR_VERSION,
     GROUPS,
     NAMES,
@@ -26,9 +27,8 @@ from ovd.data.mini_world import (
     scene,
     tasks,
 )
-from ovd.data.mini_world.kinds import PALETTE, PATTERNS, SIZE_WORDS, kind_silhouette
-from ovd.data.mini_world.silhouettes import unit_silhouette
-from ovd.errors import OvdError
+from ovd.mini_world.kinds import PALETTE, PATTERNS, SIZE_WORDS, kind_silhouette
+from ovd.mini_world.silhouettes import unit_silhouette
 
 SMOKE = PRESETS["smoke"]
 N_CLS = len(mini_vocabulary())
@@ -327,9 +327,9 @@ def test_boxes_are_tight_on_rendered_scenes(version):
     keep = 0.9 if version == 2 else 0.8
     for index in range(8):
         rng = tasks._image_rng(0, tasks._DOMAIN_DET, "train", index)
-        layout = tasks._det_layout(0, "train", 8, p, n_cls)[index]
+        layout = tasks.det_layout(0, "train", 8, p, n_cls)[index]
         extents: list = []
-        img, objects, dropped = scene._render_det(rng, layout, p, extents, version=version)
+        img, objects, dropped = scene.render_det(rng, layout, p, extents, version=version)
         assert img.shape == (p.det_size, p.det_size, 3) and img.dtype == np.uint8
         assert dropped == 0 and [o[0] for o in objects] == layout
         for (_, (x, y, w, h), _), (x0, y0, x1, y1) in zip(objects, extents, strict=True):
@@ -524,7 +524,7 @@ def test_bad_arguments(tmp_path, world_seed1):
 
 def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real_save = tasks._save_png
+    real_save = tasks.save_png
 
     def failing_save(arr, path):
         calls["n"] += 1
@@ -532,7 +532,7 @@ def test_interrupted_run_leaves_nothing(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         real_save(arr, path)
 
-    monkeypatch.setattr(tasks, "_save_png", failing_save)  # the name _run_task looks up
+    monkeypatch.setattr(tasks, "save_png", failing_save)  # the name _run_task looks up
     # in this process: an interrupt raised inside a pool worker (not how Ctrl-C arrives) would hang
     monkeypatch.setattr(tasks, "_POOL_MIN_TASKS", 10**9)
     with pytest.raises(KeyboardInterrupt):

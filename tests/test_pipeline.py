@@ -13,9 +13,9 @@ from _fixtures import SMALL, run_err, subset_json
 
 from ovd.cli import main
 from ovd.config import load_config
-from ovd.engine.pipeline import STAGES, run_pipeline
 from ovd.errors import OvdError
 from ovd.mining.proposal_store import ProposalStore
+from ovd.pipeline import STAGES, run_pipeline
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mini" / "smoke.yaml")
 

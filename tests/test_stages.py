@@ -10,7 +10,7 @@ import pytest
 
 from ovd.config import load_config, schema_keys
 from ovd.config_schema import Config
-from ovd.engine.pipeline import STAGES, Pipeline
+from ovd.pipeline import STAGES, Pipeline
 from ovd.stages import NO_OUTPUT, reads, stamp_keys, unaccounted
 from ovd.stages import STAGES as TABLE
 

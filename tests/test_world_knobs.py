@@ -1,4 +1,4 @@
-"""World knobs (ovd/data/mini_world/knobs.py): defaults give the v3 world byte for byte, and each knob
+"""World knobs (ovd/mini_world/knobs.py): defaults give the v3 world byte for byte, and each knob
 changes the property it names."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from ovd.config_schema import WorldConfig
-from ovd.data.mini_world import NAMES, PRESETS, generate_mini_world, mini_split, mini_vocabulary
-from ovd.data.mini_world.knobs import ASPECT_RANGE, WORLD_KNOBS, WorldKnobs
-from ovd.data.mini_world.scene import _render_det
-from ovd.data.mini_world.web import _render_web_kind
 from ovd.errors import OvdError
+from ovd.mini_world import NAMES, PRESETS, generate_mini_world, mini_split, mini_vocabulary
+from ovd.mini_world.knobs import ASPECT_RANGE, WORLD_KNOBS, WorldKnobs
+from ovd.mini_world.scene import render_det
+from ovd.mini_world.web import render_web_kind
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ def test_coco_aspect_gives_each_kind_its_box_shape():
     for cid in (int(aspects.argmax()) + 1, int(aspects.argmin()) + 1, 1):
         ratios = []
         for s in range(6):
-            _, objects, _ = _render_det(np.random.default_rng(s), [cid] * 3, p, vocab=vocab)
+            _, objects, _ = render_det(np.random.default_rng(s), [cid] * 3, p, vocab=vocab)
             ratios += [box[2] / box[3] for _, box, *_ in objects]  # (class, xywh box, segmentation)
         target = by_id[cid]["aspect"]
         assert abs(math.log(np.median(ratios) / target)) < math.log(1.35), (cid, target, ratios)
@@ -91,8 +91,8 @@ def test_coco_aspect_gives_each_kind_its_box_shape():
 
 def test_scene_style_web_images_look_like_detection_crops():
     cls = mini_vocabulary()[0]
-    clean = [_render_web_kind(np.random.default_rng(s), cls, 64)[0] for s in range(6)]
-    scene = [_render_web_kind(np.random.default_rng(s), cls, 64, "scene")[0] for s in range(6)]
+    clean = [render_web_kind(np.random.default_rng(s), cls, 64)[0] for s in range(6)]
+    scene = [render_web_kind(np.random.default_rng(s), cls, 64, "scene")[0] for s in range(6)]
 
     def grain(img):  # clean: flat background with 1/255 noise; scene: textures, clutter, sensor noise
         return float(np.median(np.abs(np.diff(img.astype(float), axis=1))))

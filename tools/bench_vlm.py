@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ovd.config import load_config
-from ovd.data.mini_world import generate_mini_world
+from ovd.mini_world import generate_mini_world
 from ovd.utils.io import write_json
 from ovd.vlm.adapter import run_adapt
 from ovd.vlm.crop_eval import run_crop_eval

@@ -16,7 +16,7 @@ before / after the load (after the warm-up, so the model and caches are already 
 1 if any answer was wrong, any request got a 5xx or an unexpected status, or RSS grew more than
 ``--max-rss-growth-mb``.
 
-    python tools/load_test.py --ckpt work_dirs/mini-smoke/train/final.pt --world data/mini_world \\
+    python tools/load_test.py --ckpt work_dirs/mini-smoke/train/final.pt --world data/mini-smoke \\
         --clients 8 --requests 50 --max-seconds 300 [--out load.json]
 """
 

@@ -37,9 +37,9 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from ovd.config import load_config  # noqa: E402
 from ovd.engine.evaluator import run_test  # noqa: E402
-from ovd.engine.pipeline import run_pipeline  # noqa: E402
 from ovd.engine.trainer import run_train  # noqa: E402
 from ovd.errors import OvdError  # noqa: E402
+from ovd.pipeline import run_pipeline  # noqa: E402
 from ovd.student.train import run_settings, run_student, student_model_config  # noqa: E402
 from ovd.utils.io import file_sha1, read_json, write_json  # noqa: E402
 

@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 from run_ablation import METRICS, Job, probes  # noqa: E402  (the ablation's job and probe parsing)
 
 from ovd.config import load_config  # noqa: E402
-from ovd.engine.pipeline import STAGES, Pipeline  # noqa: E402
+from ovd.pipeline import STAGES, Pipeline  # noqa: E402
 
 VARIANTS = {
     "a": ("a_base_only", "(a) text-only"),

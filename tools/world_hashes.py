@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ovd.data.mini_world import PRESETS_V3, MiniPreset, generate_mini_world
+from ovd.mini_world import PRESETS_V3, MiniPreset, generate_mini_world
 
 #: Small enough for a test (seconds), big enough to use every renderer: class and non-class web
 #: images of every kind, and scenes with several objects.

@@ -20,7 +20,7 @@ from ovd.data.validate import is_int, is_number
 MASK_THRESHOLD = 0.5  # torchvision's Mask R-CNN convention: a pixel is in the mask at probability >= 0.5
 
 
-def _rle_string_counts(s: str) -> list[int] | None:
+def rle_string_counts(s: str) -> list[int] | None:
     """The run lengths of a compressed RLE string, or None if it is malformed.
 
     Hand-written (pycocotools' ``rleFrString`` in Python) because pycocotools exposes the counts of
@@ -78,7 +78,7 @@ def segmentation_problem(seg, height: int | None, width: int | None) -> str | No
             if not all(is_int(c) and c >= 0 for c in counts):
                 return "uncompressed RLE 'counts' must be non-negative integers"
         elif isinstance(counts, str):
-            counts = _rle_string_counts(counts)
+            counts = rle_string_counts(counts)
             if counts is None or any(c < 0 for c in counts):
                 return "compressed RLE 'counts' is not a valid RLE string"
         else:

@@ -158,7 +158,7 @@ def check_size(size: Sequence[int] | None) -> tuple[int, int] | None:
     return int(size[0]), int(size[1])
 
 
-def _example_image(h: int, w: int) -> torch.Tensor:
+def example_image(h: int, w: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     return torch.rand((3, h, w), generator=g)
 
@@ -197,7 +197,7 @@ def export_onnx(
     t0 = time.time()
     wrapped = OnnxDetector(model)
     side = int(model.transform.min_size[-1])
-    example = _example_image(*(size or (side, side)))
+    example = example_image(*(size or (side, side)))
     dynamic_axes = {n: {0: "detections"} for n in wrapped.output_names}
     if size is None:
         dynamic_axes[INPUT_NAME] = {1: "height", 2: "width"}
@@ -277,7 +277,7 @@ def _check_parity(wrapped: OnnxDetector, data: bytes, example: torch.Tensor, dyn
     images = [example]
     if dynamic:  # another aspect ratio and scale than the trace's
         h, w = example.shape[-2:]
-        images.append(_example_image(max(16, h * 3 // 4), w * 5 // 4))
+        images.append(example_image(max(16, h * 3 // 4), w * 5 // 4))
     worst = {"images": 0, "detections": 0, "max_box_diff": 0.0, "max_score_diff": 0.0}
     if wrapped.masks:
         worst["max_mask_diff"] = 0.0

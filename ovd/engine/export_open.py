@@ -37,12 +37,12 @@ from torch import nn
 from ovd.engine.export import (
     OUTPUT_NAMES,
     ExactResizeTransform,
-    _example_image,
     box_tolerance,
     check_opset,
     check_out_path,
     check_size,
     compare_detections,
+    example_image,
     onnx_session,
 )
 from ovd.errors import OvdError, describe
@@ -154,7 +154,7 @@ def export_open_onnx(
     dim = int(model.roi_heads.classifier.embed_dim)
     wrapped = OpenOnnxDetector(model)
     side = int(model.transform.min_size[-1])
-    example = _example_image(*(size or (side, side)))
+    example = example_image(*(size or (side, side)))
     data = _trace_open(wrapped, example, _example_text(TRACE_VOCAB_SIZE, dim, 0), opset, size is None)
     report = {"out": str(out), "embed_dim": dim, "opset": opset,
               "input_size": "dynamic" if size is None else list(size)}  # fmt: skip
@@ -162,7 +162,7 @@ def export_open_onnx(
         images = [example]
         if size is None:
             h, w = example.shape[-2:]
-            images.append(_example_image(max(16, h * 3 // 4), w * 5 // 4))
+            images.append(example_image(max(16, h * 3 // 4), w * 5 // 4))
         vocabs = [_example_text(n, dim, k + 1) for k, n in enumerate(CHECK_VOCAB_SIZES)]
         report["check"] = check_open_parity(wrapped, data, images, vocabs)
         if report["check"]["detections"] < 10:

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ovd.data.mini_world.kinds import _kinds_categories, kinds_split, kinds_vocabulary
-from ovd.data.mini_world.knobs import WorldKnobs
-from ovd.data.mini_world.presets import PRESETS_V2, PRESETS_V3, MiniPreset
-from ovd.data.mini_world.vocabulary import _coco_categories, colour_shape_split, colour_shape_vocabulary
 from ovd.errors import OvdError
+from ovd.mini_world.kinds import kinds_categories, kinds_split, kinds_vocabulary
+from ovd.mini_world.knobs import WorldKnobs
+from ovd.mini_world.presets import PRESETS_V2, PRESETS_V3, MiniPreset
+from ovd.mini_world.vocabulary import colour_shape_categories, colour_shape_split, colour_shape_vocabulary
 
 #: The newest world version: what a world is generated as unless another is asked for.
 GENERATOR_VERSION = 3
@@ -40,7 +40,7 @@ def mini_split(version: int = GENERATOR_VERSION) -> dict:
 
 def coco_categories(version: int, knobs: WorldKnobs | None = None) -> list[dict]:
     """The ``categories`` list every annotation file of a world version carries."""
-    return _coco_categories() if check_version(version) == 2 else _kinds_categories(knobs)
+    return colour_shape_categories() if check_version(version) == 2 else kinds_categories(knobs)
 
 
 def presets(version: int) -> dict[str, MiniPreset]:

@@ -28,12 +28,12 @@ captions), ``presets``, ``versions`` (what each version uses), ``draw`` (raster 
 
 from __future__ import annotations
 
-from ovd.data.mini_world.generate import generate_mini_world
-from ovd.data.mini_world.kinds import GROUPS, NAMES
-from ovd.data.mini_world.presets import PRESETS, PRESETS_V2, PRESETS_V3, MiniPreset
-from ovd.data.mini_world.shape_split import derive_shape_split
-from ovd.data.mini_world.versions import GENERATOR_VERSION, SUPPORTED_VERSIONS, mini_split, mini_vocabulary
-from ovd.data.mini_world.vocabulary import COLOURS, SHAPES
+from ovd.mini_world.generate import generate_mini_world
+from ovd.mini_world.kinds import GROUPS, NAMES
+from ovd.mini_world.presets import PRESETS, PRESETS_V2, PRESETS_V3, MiniPreset
+from ovd.mini_world.shape_split import derive_shape_split
+from ovd.mini_world.versions import GENERATOR_VERSION, SUPPORTED_VERSIONS, mini_split, mini_vocabulary
+from ovd.mini_world.vocabulary import COLOURS, SHAPES
 
 __all__ = [
     "COLOURS",

@@ -7,7 +7,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-_SS = 4  # supersampling factor for anti-aliased shape masks
+SUPERSAMPLE = 4  # supersampling factor for anti-aliased shape masks
 
 
 def _unit_polygons(shape: str) -> list[tuple[np.ndarray, int]]:
@@ -46,10 +46,10 @@ def _unit_polygons(shape: str) -> list[tuple[np.ndarray, int]]:
     raise ValueError(shape)
 
 
-_MAX_ROT = {"circle": 0.0, "ring": 0.0, "square": 12.0, "triangle": 15.0, "star": 36.0, "cross": 12.0}
+MAX_ROT = {"circle": 0.0, "ring": 0.0, "square": 12.0, "triangle": 15.0, "star": 36.0, "cross": 12.0}
 
 
-def _shape_polys(shape: str, cx: float, cy: float, sx: float, sy: float, angle_deg: float):
+def shape_polys(shape: str, cx: float, cy: float, sx: float, sy: float, angle_deg: float):
     """Polygons of ``shape`` scaled to half-extents (sx/2, sy/2), rotated, centred at (cx, cy)."""
     a = math.radians(angle_deg)
     rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
@@ -60,7 +60,7 @@ def _shape_polys(shape: str, cx: float, cy: float, sx: float, sy: float, angle_d
     return out
 
 
-def _poly_extent(polys) -> tuple[float, float, float, float]:
+def poly_extent(polys) -> tuple[float, float, float, float]:
     pts = np.concatenate([p for p, _ in polys])
     return float(pts[:, 0].min()), float(pts[:, 1].min()), float(pts[:, 0].max()), float(pts[:, 1].max())
 
@@ -73,38 +73,38 @@ def _region(x0: float, y0: float, x1: float, y1: float, w: int, h: int) -> tuple
     return rx0, ry0, rx1, ry1
 
 
-def _render_alpha(draw_fn, extent, w: int, h: int) -> np.ndarray:
-    """Full-frame float32 alpha (h, w) of what ``draw_fn(draw, ox, oy)`` draws at supersampling _SS.
+def render_alpha(draw_fn, extent, w: int, h: int) -> np.ndarray:
+    """Full-frame float32 alpha (h, w) of what ``draw_fn(draw, ox, oy)`` draws at supersampling SUPERSAMPLE.
 
     ``draw_fn`` gets an ImageDraw on a canvas covering only the item's region and maps image
-    coordinates (x, y) to canvas coordinates with ``(x - ox) * _SS - 0.5``.
+    coordinates (x, y) to canvas coordinates with ``(x - ox) * SUPERSAMPLE - 0.5``.
     """
     alpha = np.zeros((h, w), np.float32)
     reg = _region(*extent, w, h)
     if reg is None:
         return alpha
     rx0, ry0, rx1, ry1 = reg
-    canvas = Image.new("L", ((rx1 - rx0) * _SS, (ry1 - ry0) * _SS), 0)
+    canvas = Image.new("L", ((rx1 - rx0) * SUPERSAMPLE, (ry1 - ry0) * SUPERSAMPLE), 0)
     draw_fn(ImageDraw.Draw(canvas), rx0, ry0)
-    small = np.asarray(canvas.reduce(_SS), dtype=np.float32) / 255.0
+    small = np.asarray(canvas.reduce(SUPERSAMPLE), dtype=np.float32) / 255.0
     alpha[ry0:ry1, rx0:rx1] = small
     return alpha
 
 
-def _to_canvas(pts: np.ndarray, ox: int, oy: int) -> list[tuple[float, float]]:
-    q = (np.asarray(pts, float) - [ox, oy]) * _SS - 0.5
+def to_canvas(pts: np.ndarray, ox: int, oy: int) -> list[tuple[float, float]]:
+    q = (np.asarray(pts, float) - [ox, oy]) * SUPERSAMPLE - 0.5
     return [(float(x), float(y)) for x, y in q]
 
 
-def _polys_alpha(polys, w: int, h: int) -> np.ndarray:
+def polys_alpha(polys, w: int, h: int) -> np.ndarray:
     def fn(draw, ox, oy):
         for pts, fill in polys:
-            draw.polygon(_to_canvas(pts, ox, oy), fill=fill)
+            draw.polygon(to_canvas(pts, ox, oy), fill=fill)
 
-    return _render_alpha(fn, _poly_extent(polys), w, h)
+    return render_alpha(fn, poly_extent(polys), w, h)
 
 
-def _alpha_slices(alpha: np.ndarray) -> tuple[slice, slice] | None:
+def alpha_slices(alpha: np.ndarray) -> tuple[slice, slice] | None:
     """Row/column slices of the smallest window holding all non-zero alpha (None if empty)."""
     rows, cols = np.flatnonzero(alpha.any(1)), np.flatnonzero(alpha.any(0))
     if len(rows) == 0:
@@ -112,13 +112,13 @@ def _alpha_slices(alpha: np.ndarray) -> tuple[slice, slice] | None:
     return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
 
 
-def _composite(img: np.ndarray, alpha: np.ndarray, colour, sl: tuple[slice, slice] | None = None) -> None:
+def composite(img: np.ndarray, alpha: np.ndarray, colour, sl: tuple[slice, slice] | None = None) -> None:
     """In place: img = img * (1 - alpha) + colour * alpha, within window ``sl``.
 
     ``colour`` is an RGB triple, or an (h, w, 3) field covering exactly the window ``sl``.
     """
     if sl is None:
-        sl = _alpha_slices(alpha)
+        sl = alpha_slices(alpha)
         if sl is None:
             return
     a = alpha[sl][..., None]
@@ -127,7 +127,7 @@ def _composite(img: np.ndarray, alpha: np.ndarray, colour, sl: tuple[slice, slic
     win += np.asarray(colour, np.float32) * a
 
 
-def _hue_matrix(deg: float) -> np.ndarray:
+def hue_matrix(deg: float) -> np.ndarray:
     """3x3 RGB matrix rotating hue by ``deg`` degrees in YIQ space (luma preserved)."""
     t = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
     a = math.radians(deg)
@@ -135,33 +135,33 @@ def _hue_matrix(deg: float) -> np.ndarray:
     return (np.linalg.inv(t) @ r @ t).astype(np.float32)
 
 
-def _apply_matrix(img: np.ndarray, m: np.ndarray) -> np.ndarray:
+def apply_matrix(img: np.ndarray, m: np.ndarray) -> np.ndarray:
     return np.einsum("hwk,ck->hwc", img, m)
 
 
-def _jitter_colour(rng: np.random.Generator, rgb, hue_deg: float, val: tuple[float, float], desat: float) -> np.ndarray:
+def jitter_colour(rng: np.random.Generator, rgb, hue_deg: float, val: tuple[float, float], desat: float) -> np.ndarray:
     c = np.asarray(rgb, np.float32) / 255.0
-    c = _hue_matrix(rng.uniform(-hue_deg, hue_deg)) @ c
+    c = hue_matrix(rng.uniform(-hue_deg, hue_deg)) @ c
     c = c * rng.uniform(*val)
     g = c.mean()
     c = c + (g - c) * rng.uniform(0, desat)
     return np.clip(c, 0, 1).astype(np.float32)
 
 
-def _grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+def pixel_grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     return xx + 0.5, yy + 0.5
 
 
-def _save_png(arr: np.ndarray, path: str) -> None:
+def save_png(arr: np.ndarray, path: str) -> None:
     Image.fromarray(arr, "RGB").save(path, format="PNG", compress_level=4)
 
 
-def _to_uint8(img: np.ndarray) -> np.ndarray:
+def to_uint8(img: np.ndarray) -> np.ndarray:
     return (np.clip(img, 0, 1) * 255.0 + 0.5).astype(np.uint8)
 
 
-def _box_from_alpha(alpha: np.ndarray, thr: float = 0.5) -> list[float] | None:
+def box_from_alpha(alpha: np.ndarray, thr: float = 0.5) -> list[float] | None:
     ys, xs = np.nonzero(alpha >= thr)
     if len(xs) == 0:
         return None

@@ -13,7 +13,7 @@ import pycocotools.mask as mask_utils
 ANNOTATION_VERSION = 2
 
 
-def _det_files(
+def det_annotation_files(
     det_meta: dict[str, list[dict]], det_results: list, preset: str, seed: int, categories: list[dict], novel_ids
 ) -> tuple[dict[str, dict], int]:
     """COCO dicts ``train`` (base classes only), ``train_oracle`` and ``val``, and the dropped-object count.
@@ -59,7 +59,7 @@ def _det_files(
     return det_files, dropped
 
 
-def _lvis_val(val: dict, train: dict) -> dict:
+def lvis_val(val: dict, train: dict) -> dict:
     """det/val in LVIS format; category frequencies come from ``train`` (the base-only file)."""
     present: dict[int, set] = defaultdict(set)
     for a in val["annotations"]:

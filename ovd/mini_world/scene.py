@@ -10,32 +10,32 @@ import numpy as np
 import pycocotools.mask as mask_utils
 from PIL import Image, ImageFilter
 
-from ovd.data.mini_world.draw import (
-    _MAX_ROT,
-    _alpha_slices,
-    _apply_matrix,
-    _box_from_alpha,
-    _composite,
-    _hue_matrix,
-    _poly_extent,
-    _polys_alpha,
-    _shape_polys,
-    _to_uint8,
+from ovd.mini_world.draw import (
+    MAX_ROT,
+    alpha_slices,
+    apply_matrix,
+    box_from_alpha,
+    composite,
+    hue_matrix,
+    poly_extent,
+    polys_alpha,
+    shape_polys,
+    to_uint8,
 )
-from ovd.data.mini_world.kinds import kind_silhouette
-from ovd.data.mini_world.patterns import _kind_field
-from ovd.data.mini_world.presets import MiniPreset
-from ovd.data.mini_world.silhouettes import instance_polys
-from ovd.data.mini_world.textures import (
-    _CLUTTER_KINDS,
-    _FRONT_KINDS,
-    _clutter_alpha,
-    _clutter_colour,
-    _det_background,
-    _object_fill,
+from ovd.mini_world.kinds import kind_silhouette
+from ovd.mini_world.patterns import kind_field
+from ovd.mini_world.presets import MiniPreset
+from ovd.mini_world.silhouettes import instance_polys
+from ovd.mini_world.textures import (
+    CLUTTER_KINDS,
+    FRONT_KINDS,
+    clutter_alpha,
+    clutter_colour,
+    det_background,
+    object_fill,
 )
-from ovd.data.mini_world.versions import GENERATOR_VERSION, mini_vocabulary
-from ovd.data.mini_world.vocabulary import COLOURS
+from ovd.mini_world.versions import GENERATOR_VERSION, mini_vocabulary
+from ovd.mini_world.vocabulary import COLOURS
 
 _MAX_OCCLUDED = 0.15  # at most this fraction of an annotated object's pixels may be covered
 _MAX_BOX_COVERED = 0.3  # ... and at most this fraction of its box
@@ -76,7 +76,7 @@ class _Placed:
         self.free *= 1 - alpha
 
 
-def _render_det(
+def render_det(
     rng: np.random.Generator,
     cat_ids: list[int],
     p: MiniPreset,
@@ -94,12 +94,12 @@ def _render_det(
     """
     # the steps draw from ``rng`` in this fixed order: reordering them changes every scene
     size = p.det_size
-    img = _det_background(rng, size, size)
+    img = det_background(rng, size, size)
     _draw_back_clutter(rng, img, p)
     placed, dropped = _place_objects(rng, img, cat_ids, p, version, vocab)
     _draw_front_clutter(rng, img, placed)
     objects, empty = _visible_boxes(placed, extents)
-    return _camera(rng, img), objects, dropped + empty
+    return camera(rng, img), objects, dropped + empty
 
 
 def _fits(placed: list[_Placed], alpha: np.ndarray) -> bool:
@@ -112,8 +112,8 @@ def _draw_back_clutter(rng: np.random.Generator, img: np.ndarray, p: MiniPreset)
     h = w = p.det_size
     n_back = int(rng.integers(p.det_clutter[0], p.det_clutter[1] + 1))
     for _ in range(n_back):
-        kind = _CLUTTER_KINDS[int(rng.integers(len(_CLUTTER_KINDS)))]
-        _composite(img, _clutter_alpha(rng, kind, h, w), _clutter_colour(rng, kind))
+        kind = CLUTTER_KINDS[int(rng.integers(len(CLUTTER_KINDS)))]
+        composite(img, clutter_alpha(rng, kind, h, w), clutter_colour(rng, kind))
 
 
 def _place_objects(
@@ -140,13 +140,13 @@ def _place_objects(
         alpha, polys, cx, cy, ext, ang = pose
         for o in placed:
             o.cover(alpha)
-        placed.append(_Placed(cid, alpha, _poly_extent(polys)))
-        sl = _alpha_slices(alpha)
+        placed.append(_Placed(cid, alpha, poly_extent(polys)))
+        sl = alpha_slices(alpha)
         if version == 2:
-            field = _object_fill(rng, COLOURS[cls["colour"]], cx, cy, ext, sl)
+            field = object_fill(rng, COLOURS[cls["colour"]], cx, cy, ext, sl)
         else:
-            field = _kind_field(rng, cls, sl, cx, cy, ext, ang, det=True)
-        _composite(img, alpha, field, sl)
+            field = kind_field(rng, cls, sl, cx, cy, ext, ang, det=True)
+        composite(img, alpha, field, sl)
     return placed, dropped
 
 
@@ -157,8 +157,8 @@ def _pose_fn(cls: dict, version: int):
 
         def v2(rng: np.random.Generator, ext: float):
             asp = rng.uniform(0.9, 1.1)
-            ang = rng.uniform(-_MAX_ROT[shape], _MAX_ROT[shape])
-            return _shape_polys(shape, 0.0, 0.0, ext * asp, ext / asp, ang), ang
+            ang = rng.uniform(-MAX_ROT[shape], MAX_ROT[shape])
+            return shape_polys(shape, 0.0, 0.0, ext * asp, ext / asp, ang), ang
 
         return v2
     family, args = kind_silhouette(cls)
@@ -177,11 +177,11 @@ def _find_pose(rng: np.random.Generator, pose_fn, placed: list[_Placed], p: Mini
         if attempt and attempt % _SHRINK_EVERY == 0:
             ext = max(p.det_object_px[0], ext * 0.85)
         polys, ang = pose_fn(rng, ext)
-        x0, y0, x1, y1 = _poly_extent(polys)
+        x0, y0, x1, y1 = poly_extent(polys)
         cx = rng.uniform(1 - x0, w - 1 - x1)
         cy = rng.uniform(1 - y0, h - 1 - y1)
         polys = [(q + [cx, cy], f) for q, f in polys]
-        alpha = _polys_alpha(polys, w, h)
+        alpha = polys_alpha(polys, w, h)
         if _fits(placed, alpha):
             return alpha, polys, cx, cy, ext, ang
     return None
@@ -191,13 +191,13 @@ def _draw_front_clutter(rng: np.random.Generator, img: np.ndarray, placed: list[
     """In place: a few thin distractors in front, never hiding more than allowed of any object."""
     h, w = img.shape[:2]
     for _ in range(int(rng.integers(0, 3))):
-        kind = _FRONT_KINDS[int(rng.integers(len(_FRONT_KINDS)))]
-        alpha = _clutter_alpha(rng, kind, h, w)
-        colour = _clutter_colour(rng, kind)
+        kind = FRONT_KINDS[int(rng.integers(len(FRONT_KINDS)))]
+        alpha = clutter_alpha(rng, kind, h, w)
+        colour = clutter_colour(rng, kind)
         if _fits(placed, alpha):
             for o in placed:
                 o.cover(alpha)
-            _composite(img, alpha, colour)
+            composite(img, alpha, colour)
 
 
 def _visible_boxes(placed: list[_Placed], extents: list | None) -> tuple[list[tuple[int, list[float], dict]], int]:
@@ -210,7 +210,7 @@ def _visible_boxes(placed: list[_Placed], extents: list | None) -> tuple[list[tu
     empty = 0
     for o in placed:
         visible = o.alpha * o.free
-        box = _box_from_alpha(visible)
+        box = box_from_alpha(visible)
         if box is None:  # cannot happen with >= 85% visible, but never emit an empty box
             empty += 1
             continue
@@ -221,15 +221,15 @@ def _visible_boxes(placed: list[_Placed], extents: list | None) -> tuple[list[tu
     return objects, empty
 
 
-def _camera(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+def camera(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
     """Per-image lighting and colour shift, then blur and sensor noise (the domain shift from web)."""
     h, w = img.shape[:2]
     img = img * (1 + rng.uniform(-0.08, 0.08, 3)).astype(np.float32)  # colour cast
-    img = _apply_matrix(img, _hue_matrix(rng.uniform(-10, 10)))
+    img = apply_matrix(img, hue_matrix(rng.uniform(-10, 10)))
     img = img * rng.uniform(0.8, 1.15)
     mean = float(img.mean())
     img = (img - mean) * rng.uniform(0.75, 1.1) + mean
     img = np.clip(img, 0, 1) ** rng.uniform(0.85, 1.2)
-    pil = Image.fromarray(_to_uint8(img), "RGB").filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8)))
+    pil = Image.fromarray(to_uint8(img), "RGB").filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.8)))
     out = np.asarray(pil, np.float32) + rng.normal(0, rng.uniform(2, 8), (h, w, 3))
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)

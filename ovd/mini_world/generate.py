@@ -14,11 +14,12 @@ from typing import Any
 import numpy as np
 
 from ovd.data.fewshot import fewshot_subset
-from ovd.data.mini_world.annotations import ANNOTATION_VERSION, _det_files, _lvis_val
-from ovd.data.mini_world.knobs import WorldKnobs, check_knobs
-from ovd.data.mini_world.presets import MiniPreset
-from ovd.data.mini_world.tasks import _det_layout, _run_tasks
-from ovd.data.mini_world.versions import (
+from ovd.errors import OvdError
+from ovd.mini_world.annotations import ANNOTATION_VERSION, det_annotation_files, lvis_val
+from ovd.mini_world.knobs import WorldKnobs, check_knobs
+from ovd.mini_world.presets import MiniPreset
+from ovd.mini_world.tasks import det_layout, run_tasks
+from ovd.mini_world.versions import (
     GENERATOR_VERSION,
     check_version,
     coco_categories,
@@ -26,7 +27,6 @@ from ovd.data.mini_world.versions import (
     mini_vocabulary,
     presets,
 )
-from ovd.errors import OvdError
 from ovd.utils.io import read_json, write_json
 
 _WORLD_FILES = (
@@ -154,13 +154,13 @@ def _generate_into(root: Path, p: MiniPreset, seed: int, progress: bool, version
 
     web_meta, web_tasks = _plan_web(root, p, seed, version, knobs)
     det_meta, det_tasks = _plan_det(root, p, seed, version, knobs)
-    results = _run_tasks(web_tasks + det_tasks, f"mini-world {p.name}", progress)
+    results = run_tasks(web_tasks + det_tasks, f"mini-world {p.name}", progress)
 
     _write_web(root, web_meta, results[: len(web_tasks)], categories)
-    det_files, dropped = _det_files(det_meta, results[len(web_tasks) :], p.name, seed, categories, novel_ids)
+    det_files, dropped = det_annotation_files(det_meta, results[len(web_tasks) :], p.name, seed, categories, novel_ids)
     for name in ("train", "train_oracle", "val"):
         write_json(root / "det" / f"{name}.json", det_files[name])
-    lvis = _lvis_val(det_files["val"], det_files["train"])
+    lvis = lvis_val(det_files["val"], det_files["train"])
     write_json(root / "det" / "val_lvis.json", lvis)
     fewshot_summary = _write_fewshot(root, det_files["train_oracle"], novel_ids, p)
     write_json(root / "split.json", split)
@@ -246,7 +246,7 @@ def _plan_det(
     det_meta: dict[str, list[dict]] = {}
     for sp, n_img in (("train", p.det_train_images), ("val", p.det_val_images)):
         (root / "det" / "images" / sp).mkdir(parents=True)
-        layout = _det_layout(seed, sp, n_img, p, len(mini_vocabulary(version)))
+        layout = det_layout(seed, sp, n_img, p, len(mini_vocabulary(version)))
         recs = []
         for i in range(n_img):
             fn = f"{sp}/{i + 1:06d}.png"

@@ -14,7 +14,7 @@ from functools import cache
 
 import numpy as np
 
-from ovd.data.mini_world.knobs import ASPECT_MAX_ROTATION
+from ovd.mini_world.knobs import ASPECT_MAX_ROTATION
 
 Polys = list[tuple[np.ndarray, int]]
 

@@ -32,7 +32,7 @@ _CAPTION_TEMPLATES = (
 )
 
 
-def _article(word: str) -> str:
+def article(word: str) -> str:
     return "an" if word[:1].lower() in "aeiou" else "a"
 
 
@@ -66,7 +66,7 @@ def colour_shape_split() -> dict:
     return {"base": base, "novel": novel}
 
 
-def _coco_categories() -> list[dict]:
+def colour_shape_categories() -> list[dict]:
     return [
         {
             "id": c["id"],
@@ -79,14 +79,14 @@ def _coco_categories() -> list[dict]:
     ]
 
 
-def _web_caption(rng: np.random.Generator, cls: dict) -> str:
+def web_caption(rng: np.random.Generator, cls: dict) -> str:
     t = _CAPTION_TEMPLATES[int(rng.integers(len(_CAPTION_TEMPLATES)))]
     cap = t.format(
         name=cls["name"],
         colour=cls["colour"],
         shape=cls["shape"],
-        a_name=_article(cls["name"]),
-        a_colour=_article(cls["colour"]),
-        a_shape=_article(cls["shape"]),
+        a_name=article(cls["name"]),
+        a_colour=article(cls["colour"]),
+        a_shape=article(cls["shape"]),
     )
     return cap[0].lower() + cap[1:]

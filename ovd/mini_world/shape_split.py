@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ovd.data.mini_world.vocabulary import SHAPES, colour_shape_vocabulary
 from ovd.errors import OvdError
+from ovd.mini_world.vocabulary import SHAPES, colour_shape_vocabulary
 from ovd.utils.io import read_json, write_json
 
 

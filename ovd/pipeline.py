@@ -22,11 +22,11 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ovd.config_schema import Config
-from ovd.data.mini_world import derive_shape_split, generate_mini_world
-from ovd.data.mini_world.knobs import WORLD_KNOBS
 from ovd.engine.evaluator import run_test
 from ovd.engine.trainer import run_train
 from ovd.errors import OvdError
+from ovd.mini_world import derive_shape_split, generate_mini_world
+from ovd.mini_world.knobs import WORLD_KNOBS
 from ovd.mining.feature_cache import run_extract
 from ovd.mining.miner import run_mine
 from ovd.stages import STAGES as STAGE_TABLE

@@ -9,29 +9,29 @@ import math
 
 import numpy as np
 
-from ovd.data.mini_world.draw import (
-    _MAX_ROT,
-    _alpha_slices,
-    _composite,
-    _grid,
-    _jitter_colour,
-    _poly_extent,
-    _polys_alpha,
-    _shape_polys,
-    _to_uint8,
+from ovd.mini_world.draw import (
+    MAX_ROT,
+    alpha_slices,
+    composite,
+    jitter_colour,
+    pixel_grid,
+    poly_extent,
+    polys_alpha,
+    shape_polys,
+    to_uint8,
 )
-from ovd.data.mini_world.kinds import kind_silhouette
-from ovd.data.mini_world.patterns import _kind_field
-from ovd.data.mini_world.scene import _camera
-from ovd.data.mini_world.silhouettes import instance_polys
-from ovd.data.mini_world.textures import _CLUTTER_KINDS, _clutter_alpha, _clutter_colour, _det_background
-from ovd.data.mini_world.vocabulary import COLOURS, SHAPES, _article
+from ovd.mini_world.kinds import kind_silhouette
+from ovd.mini_world.patterns import kind_field
+from ovd.mini_world.scene import camera
+from ovd.mini_world.silhouettes import instance_polys
+from ovd.mini_world.textures import CLUTTER_KINDS, clutter_alpha, clutter_colour, det_background
+from ovd.mini_world.vocabulary import COLOURS, SHAPES, article
 
 
 def _web_background(rng: np.random.Generator, size: int) -> np.ndarray:
     """Clean light neutral background: plain or a gentle linear/radial grade."""
     h = w = size
-    xx, yy = _grid(h, w)
+    xx, yy = pixel_grid(h, w)
     base = rng.uniform(0.86, 0.99)
     tint = np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0, 0.06), 1.0), np.float32)
     kind = int(rng.integers(3))
@@ -49,26 +49,26 @@ def _web_background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 def _centred(rng: np.random.Generator, polys, size: int):
     """``polys`` (centred on the origin) moved near the image centre (+-3 px), kept inside the image."""
-    x0, y0, x1, y1 = _poly_extent(polys)
+    x0, y0, x1, y1 = poly_extent(polys)
     cx = np.clip(size / 2 + rng.uniform(-3, 3), 1 - x0, size - 1 - x1)
     cy = np.clip(size / 2 + rng.uniform(-3, 3), 1 - y0, size - 1 - y1)
     return [(p + [cx, cy], f) for p, f in polys], float(cx), float(cy)
 
 
-def _render_web(rng: np.random.Generator, cls: dict, size: int) -> np.ndarray:
+def render_web(rng: np.random.Generator, cls: dict, size: int) -> np.ndarray:
     """A v2 web image: one large, near-centred, flat-coloured shape."""
     img = _web_background(rng, size)
     shape = cls["shape"]
     ext = rng.uniform(0.5, 0.85) * size
-    ang = rng.uniform(-_MAX_ROT[shape], _MAX_ROT[shape])
-    polys, _, _ = _centred(rng, _shape_polys(shape, 0.0, 0.0, ext, ext, ang), size)
-    colour = _jitter_colour(rng, COLOURS[cls["colour"]], hue_deg=3.0, val=(0.95, 1.03), desat=0.05)
-    _composite(img, _polys_alpha(polys, size, size), colour)
+    ang = rng.uniform(-MAX_ROT[shape], MAX_ROT[shape])
+    polys, _, _ = _centred(rng, shape_polys(shape, 0.0, 0.0, ext, ext, ang), size)
+    colour = jitter_colour(rng, COLOURS[cls["colour"]], hue_deg=3.0, val=(0.95, 1.03), desat=0.05)
+    composite(img, polys_alpha(polys, size, size), colour)
     img += rng.normal(0, 1.0 / 255, img.shape).astype(np.float32)
-    return _to_uint8(img)
+    return to_uint8(img)
 
 
-def _render_web_kind(rng: np.random.Generator, cls: dict, size: int, style: str = "clean") -> tuple[np.ndarray, float]:
+def render_web_kind(rng: np.random.Generator, cls: dict, size: int, style: str = "clean") -> tuple[np.ndarray, float]:
     """A v3 web image: one large, near-centred object of kind ``cls`` in its clean palette and pattern.
 
     Returns the image and the object's extent as a fraction of the image side (for size words).
@@ -81,31 +81,31 @@ def _render_web_kind(rng: np.random.Generator, cls: dict, size: int, style: str 
     ext = frac * size
     polys, ang = instance_polys(rng, *kind_silhouette(cls), ext, cls.get("aspect"))
     polys, cx, cy = _centred(rng, polys, size)
-    alpha = _polys_alpha(polys, size, size)
-    sl = _alpha_slices(alpha)
-    _composite(img, alpha, _kind_field(rng, cls, sl, cx, cy, ext, ang, det=False), sl)
+    alpha = polys_alpha(polys, size, size)
+    sl = alpha_slices(alpha)
+    composite(img, alpha, kind_field(rng, cls, sl, cx, cy, ext, ang, det=False), sl)
     img += rng.normal(0, 1.0 / 255, img.shape).astype(np.float32)
-    return _to_uint8(img), float(frac)
+    return to_uint8(img), float(frac)
 
 
 def _render_web_kind_scene(rng: np.random.Generator, cls: dict, size: int) -> tuple[np.ndarray, float]:
     """A web image that looks like a detection crop: the detection domain's textured background and
     clutter, a smaller off-centre object with the shaded detection fill, then the camera shift."""
-    img = _det_background(rng, size, size)
+    img = det_background(rng, size, size)
     for _ in range(int(rng.integers(1, 4))):
-        kind = _CLUTTER_KINDS[int(rng.integers(len(_CLUTTER_KINDS)))]
-        _composite(img, _clutter_alpha(rng, kind, size, size), _clutter_colour(rng, kind))
+        kind = CLUTTER_KINDS[int(rng.integers(len(CLUTTER_KINDS)))]
+        composite(img, clutter_alpha(rng, kind, size, size), clutter_colour(rng, kind))
     frac = rng.uniform(0.35, 0.8)
     ext = frac * size
     polys, ang = instance_polys(rng, *kind_silhouette(cls), ext, cls.get("aspect"))
-    x0, y0, x1, y1 = _poly_extent(polys)
+    x0, y0, x1, y1 = poly_extent(polys)
     cx = rng.uniform(1 - x0, max(1 - x0, size - 1 - x1))
     cy = rng.uniform(1 - y0, max(1 - y0, size - 1 - y1))
     polys = [(q + [cx, cy], f) for q, f in polys]
-    alpha = _polys_alpha(polys, size, size)
-    sl = _alpha_slices(alpha)
-    _composite(img, alpha, _kind_field(rng, cls, sl, cx, cy, ext, ang, det=True), sl)
-    return _camera(rng, img), float(frac)
+    alpha = polys_alpha(polys, size, size)
+    sl = alpha_slices(alpha)
+    composite(img, alpha, kind_field(rng, cls, sl, cx, cy, ext, ang, det=True), sl)
+    return camera(rng, img), float(frac)
 
 
 _TEXTURE_NAMES = ("a blotchy texture", "a striped pattern", "a checkered pattern", "a smooth gradient")
@@ -113,12 +113,12 @@ _NEUTRAL = {"black": 0.08, "gray": 0.5, "white": 0.93}
 _STROKE_NAMES = {"bar": "a thin bar", "line": "a thin line", "scribble": "a scribble", "arc": "a curved line"}
 
 
-def _render_web_nonclass(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
+def render_web_nonclass(rng: np.random.Generator, size: int) -> tuple[np.ndarray, str]:
     """A web image of something outside the vocabulary, with a caption that says what it is."""
     kind = int(rng.integers(3))
     if kind == 0:  # a texture / background, nothing on it
         tex = int(rng.integers(len(_TEXTURE_NAMES)))
-        img = _det_background(rng, size, size, kind=tex)
+        img = det_background(rng, size, size, kind=tex)
         cap = f"a photo of {_TEXTURE_NAMES[tex]}."
     else:
         img = np.full((size, size, 3), rng.uniform(0.86, 0.99), np.float32)
@@ -126,16 +126,16 @@ def _render_web_nonclass(rng: np.random.Generator, size: int) -> tuple[np.ndarra
             shape = SHAPES[int(rng.integers(len(SHAPES)))]
             tone = list(_NEUTRAL)[int(rng.integers(len(_NEUTRAL)))]
             if tone == "white":
-                img = _det_background(rng, size, size, kind=3) * 0.6
+                img = det_background(rng, size, size, kind=3) * 0.6
             ext = rng.uniform(0.5, 0.85) * size
-            polys = _shape_polys(shape, size / 2, size / 2, ext, ext, rng.uniform(-_MAX_ROT[shape], _MAX_ROT[shape]))
-            _composite(img, _polys_alpha(polys, size, size), np.full(3, _NEUTRAL[tone], np.float32))
-            cap = f"a photo of {_article(tone)} {tone} {shape}."
+            polys = shape_polys(shape, size / 2, size / 2, ext, ext, rng.uniform(-MAX_ROT[shape], MAX_ROT[shape]))
+            composite(img, polys_alpha(polys, size, size), np.full(3, _NEUTRAL[tone], np.float32))
+            cap = f"a photo of {article(tone)} {tone} {shape}."
         else:  # strokes
             stroke = ("bar", "line", "scribble", "arc")[int(rng.integers(4))]
-            colour = _clutter_colour(rng, stroke)
+            colour = clutter_colour(rng, stroke)
             for _ in range(int(rng.integers(1, 4))):
-                _composite(img, _clutter_alpha(rng, stroke, size, size), colour)
+                composite(img, clutter_alpha(rng, stroke, size, size), colour)
             cap = f"a photo of {_STROKE_NAMES[stroke]}."
     img += rng.normal(0, 1.0 / 255, img.shape).astype(np.float32)
-    return _to_uint8(img), cap
+    return to_uint8(img), cap

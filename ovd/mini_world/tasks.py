@@ -10,12 +10,12 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from ovd.data.mini_world.draw import _save_png
-from ovd.data.mini_world.kinds import _kind_caption
-from ovd.data.mini_world.presets import MiniPreset
-from ovd.data.mini_world.scene import _render_det
-from ovd.data.mini_world.vocabulary import _web_caption
-from ovd.data.mini_world.web import _render_web, _render_web_kind, _render_web_nonclass
+from ovd.mini_world.draw import save_png
+from ovd.mini_world.kinds import kind_caption
+from ovd.mini_world.presets import MiniPreset
+from ovd.mini_world.scene import render_det
+from ovd.mini_world.vocabulary import web_caption
+from ovd.mini_world.web import render_web, render_web_kind, render_web_nonclass
 
 _DOMAIN_WEB, _DOMAIN_DET = 1, 2
 _SPLIT_CODES = {"train": 1, "val": 2}
@@ -32,23 +32,23 @@ def _run_task(task: tuple) -> Any:
     if kind == "web":
         rng = _image_rng(seed, _DOMAIN_WEB, split, index)
         if payload is None:  # no class in the picture
-            arr, caption = _render_web_nonclass(rng, preset.web_size)
+            arr, caption = render_web_nonclass(rng, preset.web_size)
         elif version == 2:
-            arr = _render_web(rng, payload, preset.web_size)
-            caption = _web_caption(rng, payload)
+            arr = render_web(rng, payload, preset.web_size)
+            caption = web_caption(rng, payload)
         else:
             style = knobs["web_style"] if knobs else "clean"
-            arr, size_frac = _render_web_kind(rng, payload, preset.web_size, style)
-            caption = _kind_caption(rng, payload, size_frac)
-        _save_png(arr, path)
+            arr, size_frac = render_web_kind(rng, payload, preset.web_size, style)
+            caption = kind_caption(rng, payload, size_frac)
+        save_png(arr, path)
         return caption
     rng = _image_rng(seed, _DOMAIN_DET, split, index)
-    arr, objects, dropped = _render_det(rng, payload, preset, version=version, vocab=knobs and knobs["vocab"])
-    _save_png(arr, path)
+    arr, objects, dropped = render_det(rng, payload, preset, version=version, vocab=knobs and knobs["vocab"])
+    save_png(arr, path)
     return objects, dropped
 
 
-def _det_layout(seed: int, split: str, n_images: int, p: MiniPreset, n_cls: int) -> list[list[int]]:
+def det_layout(seed: int, split: str, n_images: int, p: MiniPreset, n_cls: int) -> list[list[int]]:
     """Category ids per scene: object counts uniform in det_objects, classes balanced over all n_cls."""
     rng = np.random.default_rng([seed, _DOMAIN_DET, _SPLIT_CODES[split], 10**9])
     counts = rng.integers(p.det_objects[0], p.det_objects[1] + 1, n_images)
@@ -63,7 +63,7 @@ def _det_layout(seed: int, split: str, n_images: int, p: MiniPreset, n_cls: int)
     return out
 
 
-def _run_tasks(tasks: list[tuple], desc: str, progress: bool) -> list:
+def run_tasks(tasks: list[tuple], desc: str, progress: bool) -> list:
     """``_run_task`` of every task, in task order (in 2 worker processes for big worlds)."""
     workers = min(2, os.cpu_count() or 1)
     bar = tqdm(total=len(tasks), desc=desc, unit="img", disable=not progress)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ovd.data.mini_world.knobs import WorldKnobs, kind_aspect
+from ovd.mini_world.knobs import WorldKnobs, kind_aspect
 
 #: Invented names, 2-3 syllables. Chosen once from random consonant-vowel syllables, keeping a name
 #: only if the CLIP BPE splits it into 2-3 tokens (whole-word tokens are real words), none of them
@@ -200,7 +200,7 @@ def kinds_split() -> dict:
     return {"base": base, "novel": novel}
 
 
-def _kinds_categories(knobs: WorldKnobs | None = None) -> list[dict]:
+def kinds_categories(knobs: WorldKnobs | None = None) -> list[dict]:
     """COCO categories: the group word is the supercategory (as "animal" is for "cow")."""
     return [
         {"id": c["id"], "name": c["name"], "supercategory": c["group"], "colour": c["colour"], "pattern": c["pattern"]}
@@ -221,13 +221,13 @@ _CAPTION_TEMPLATES = (
 )
 
 
-def _article(word: str) -> str:
+def article(word: str) -> str:
     return "an" if word[:1].lower() in "aeiou" else "a"
 
 
-def _kind_caption(rng: np.random.Generator, cls: dict, size_frac: float) -> str:
+def kind_caption(rng: np.random.Generator, cls: dict, size_frac: float) -> str:
     """A web caption: the name with context words (colour, pattern, size, group word)."""
     size = SIZE_WORDS[int(np.searchsorted([0.62, 0.74], size_frac))]
     t = _CAPTION_TEMPLATES[int(rng.integers(len(_CAPTION_TEMPLATES)))]
     words = {"name": cls["name"], "colour": cls["colour"], "pattern": cls["pattern"], "size": size}
-    return t.format(group=cls["group"], **words, **{f"a_{k}": _article(v) for k, v in words.items()})
+    return t.format(group=cls["group"], **words, **{f"a_{k}": article(v) for k, v in words.items()})

@@ -8,25 +8,25 @@ import math
 import numpy as np
 from PIL import Image
 
-from ovd.data.mini_world.draw import (
-    _MAX_ROT,
-    _SS,
-    _grid,
-    _jitter_colour,
-    _polys_alpha,
-    _render_alpha,
-    _shape_polys,
-    _to_canvas,
+from ovd.mini_world.draw import (
+    MAX_ROT,
+    SUPERSAMPLE,
+    jitter_colour,
+    pixel_grid,
+    polys_alpha,
+    render_alpha,
+    shape_polys,
+    to_canvas,
 )
-from ovd.data.mini_world.vocabulary import SHAPES
+from ovd.mini_world.vocabulary import SHAPES
 
 
 def _rand_bg_colour(rng: np.random.Generator) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0, 0.35), rng.uniform(0.1, 0.9)), np.float32)
 
 
-def _det_background(rng: np.random.Generator, h: int, w: int, kind: int | None = None) -> np.ndarray:
-    xx, yy = _grid(h, w)
+def det_background(rng: np.random.Generator, h: int, w: int, kind: int | None = None) -> np.ndarray:
+    xx, yy = pixel_grid(h, w)
     c1, c2 = _rand_bg_colour(rng), _rand_bg_colour(rng)
     kind = int(rng.integers(4)) if kind is None else kind
     a = rng.uniform(0, np.pi)
@@ -49,15 +49,13 @@ def _det_background(rng: np.random.Generator, h: int, w: int, kind: int | None =
     return np.clip(img, 0, 1).astype(np.float32)
 
 
-def _object_fill(
-    rng: np.random.Generator, rgb, cx: float, cy: float, ext: float, sl: tuple[slice, slice]
-) -> np.ndarray:
+def object_fill(rng: np.random.Generator, rgb, cx: float, cy: float, ext: float, sl: tuple[slice, slice]) -> np.ndarray:
     """Colour field over window ``sl`` for one object: jittered class colour, shading and fill texture."""
     yy, xx = np.mgrid[sl].astype(np.float32)
     xx += 0.5
     yy += 0.5
     hh, ww = xx.shape
-    base = _jitter_colour(rng, rgb, hue_deg=3.0, val=(0.8, 1.05), desat=0.25)
+    base = jitter_colour(rng, rgb, hue_deg=3.0, val=(0.8, 1.05), desat=0.25)
     a = rng.uniform(0, 2 * np.pi)
     lin = ((xx - cx) * math.cos(a) + (yy - cy) * math.sin(a)) / (ext / 2)
     f = 1 + rng.uniform(0.1, 0.3) * lin
@@ -78,19 +76,19 @@ def _object_fill(
     return np.clip(field, 0, 1).astype(np.float32)
 
 
-def _clutter_alpha(rng: np.random.Generator, kind: str, h: int, w: int) -> np.ndarray:
+def clutter_alpha(rng: np.random.Generator, kind: str, h: int, w: int) -> np.ndarray:
     cx, cy = rng.uniform(-5, w + 5), rng.uniform(-5, h + 5)
     if kind == "shape":  # a vocabulary shape, but in gray / black / white (not a class)
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
         ext = math.exp(rng.uniform(math.log(10), math.log(40)))
-        polys = _shape_polys(shape, cx, cy, ext, ext, rng.uniform(-_MAX_ROT[shape], _MAX_ROT[shape]))
-        return _polys_alpha(polys, w, h)
+        polys = shape_polys(shape, cx, cy, ext, ext, rng.uniform(-MAX_ROT[shape], MAX_ROT[shape]))
+        return polys_alpha(polys, w, h)
     if kind == "bar":  # long thin rectangle
         L, t = rng.uniform(15, 60), rng.uniform(2, 5)
         a = math.radians(rng.uniform(0, 180))
         pts = np.array([[-L / 2, -t / 2], [L / 2, -t / 2], [L / 2, t / 2], [-L / 2, t / 2]])
         rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-        return _polys_alpha([(pts @ rot.T + [cx, cy], 255)], w, h)
+        return polys_alpha([(pts @ rot.T + [cx, cy], 255)], w, h)
     width = float(rng.uniform(1.0, 3.0))
     if kind == "line":
         L, a = rng.uniform(15, 70), rng.uniform(0, 2 * np.pi)
@@ -107,12 +105,12 @@ def _clutter_alpha(rng: np.random.Generator, kind: str, h: int, w: int) -> np.nd
     ext = (pts[:, 0].min() - width, pts[:, 1].min() - width, pts[:, 0].max() + width, pts[:, 1].max() + width)
 
     def fn(draw, ox, oy):
-        draw.line(_to_canvas(pts, ox, oy), fill=255, width=max(1, round(width * _SS)), joint="curve")
+        draw.line(to_canvas(pts, ox, oy), fill=255, width=max(1, round(width * SUPERSAMPLE)), joint="curve")
 
-    return _render_alpha(fn, ext, w, h)
+    return render_alpha(fn, ext, w, h)
 
 
-def _clutter_colour(rng: np.random.Generator, kind: str) -> np.ndarray:
+def clutter_colour(rng: np.random.Generator, kind: str) -> np.ndarray:
     if kind == "shape":
         band = int(rng.integers(3))
         g = (rng.uniform(0.02, 0.15), rng.uniform(0.35, 0.65), rng.uniform(0.85, 1.0))[band]
@@ -120,5 +118,5 @@ def _clutter_colour(rng: np.random.Generator, kind: str) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0, 1), rng.uniform(0.15, 1)), np.float32)
 
 
-_CLUTTER_KINDS = ("shape", "shape", "bar", "line", "scribble", "arc")
-_FRONT_KINDS = ("line", "scribble", "arc")
+CLUTTER_KINDS = ("shape", "shape", "bar", "line", "scribble", "arc")
+FRONT_KINDS = ("line", "scribble", "arc")

@@ -8,8 +8,8 @@ import math
 
 import numpy as np
 
-from ovd.data.mini_world.draw import _jitter_colour
-from ovd.data.mini_world.kinds import OWN_PALETTE, PALETTE
+from ovd.mini_world.draw import jitter_colour
+from ovd.mini_world.kinds import OWN_PALETTE, PALETTE
 
 _COLOURS = {**PALETTE, **OWN_PALETTE}  # the novel-only colours exist under novel_attributes=own
 
@@ -48,7 +48,7 @@ def _pattern_mask(rng: np.random.Generator, pattern: str, u: np.ndarray, v: np.n
     return np.zeros_like(u)
 
 
-def _kind_field(
+def kind_field(
     rng: np.random.Generator,
     cls: dict,
     sl: tuple[slice, slice],
@@ -70,8 +70,8 @@ def _kind_field(
     u = (xx - cx) * math.cos(a) + (yy - cy) * math.sin(a)  # object axes: the pattern turns with it
     v = -(xx - cx) * math.sin(a) + (yy - cy) * math.cos(a)
     val, desat = ((0.8, 1.05), 0.25) if det else ((0.92, 1.04), 0.05)
-    c1 = _jitter_colour(rng, _COLOURS[cls["colour"]], hue_deg=6.0, val=val, desat=desat)
-    c2 = _jitter_colour(rng, _COLOURS[cls["colour2"]], hue_deg=6.0, val=val, desat=desat)
+    c1 = jitter_colour(rng, _COLOURS[cls["colour"]], hue_deg=6.0, val=val, desat=desat)
+    c2 = jitter_colour(rng, _COLOURS[cls["colour2"]], hue_deg=6.0, val=val, desat=desat)
     t = _pattern_mask(rng, cls["pattern"], u, v, ext)[..., None]
     field = c1[None, None, :] * (1 - t) + c2[None, None, :] * t
     if not det:
