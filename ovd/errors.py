@@ -5,6 +5,8 @@ file / field at fault and what was expected. Code deep inside torch never sees b
 checked at the boundary (loaders, config, CLI) and turned into an ``OvdError`` there.
 """
 
+import re
+
 
 class OvdError(Exception):
     """A clear, single-line error about the user's input or environment."""
@@ -21,8 +23,6 @@ def describe(exc: BaseException, limit: int = 200, lines: int = 1) -> str:
     torch's refusal of a pickle with arbitrary objects (``weights_only=True``) is reworded: its own
     text advises ``weights_only=False``, which would run code from the file; ovd never does that.
     """
-    import re
-
     name = exc.__class__.__name__
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # ANSI colour codes (torch bolds some advice)
     if _WEIGHTS_ONLY in text or "Unsupported global" in text:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pycocotools.coco import COCO
+
 from ovd.data.boxes import xywh_to_xyxy
 from ovd.data.masks import segmentation_problem
 from ovd.data.validate import is_box, is_int, is_number, listing
@@ -244,8 +246,6 @@ def _build_api(data: dict, is_lvis: bool):
         api.dataset = data
         api._create_index()
         return api
-    from pycocotools.coco import COCO
-
     api = COCO()
     api.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress chatter

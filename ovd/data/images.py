@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -67,8 +68,6 @@ def _pixels(im: Image.Image) -> str:
 def _open_checked(path: Path):
     """``Image.open`` with Pillow's decompression-bomb guard turned into a clear refusal: an image
     over ``Image.MAX_IMAGE_PIXELS`` (89 M pixels) is refused before any pixel is decoded."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:

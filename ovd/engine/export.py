@@ -43,6 +43,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -349,8 +350,6 @@ def compare_detections(
     nearest (max-abs coordinate difference), so a reordering of near-equal scores is not a
     difference. ``ok``: same count, every detection paired within ``box_tol`` px and ``score_tol``
     (and its mask within ``mask_tol`` per pixel, ``max_mask_diff``)."""
-    import numpy as np
-
     rb, rs, rl = (np.asarray(a) for a in ref[:3])
     gb, gs, gl = (np.asarray(a) for a in got[:3])
     masks = len(ref) > 3

@@ -46,7 +46,9 @@ from ovd.engine.export import (
     onnx_session,
 )
 from ovd.errors import OvdError, describe
+from ovd.modeling.checkpoint import load_checkpoint, model_from_checkpoint
 from ovd.utils.io import atomic_path
+from ovd.vlm.vocab import check_vocabulary_clip, load_vocabulary
 
 OPEN_FORMAT = "ovd-onnx-open/1"
 IMAGE_INPUT = "image"
@@ -211,8 +213,6 @@ def run_export_open(
     """``ovd export --open``: the checkpoint's detector with the text embeddings as an input. The
     metadata records what is needed to make embeddings that fit: the CLIP (``clip_spec``, its text
     ``clip_fingerprint``) and the prompt ``templates``."""
-    from ovd.modeling.checkpoint import load_checkpoint, model_from_checkpoint
-
     out = check_out_path(out)
     opset = check_opset(opset)
     size = check_size(size)
@@ -255,8 +255,6 @@ def read_open_metadata(path: str | os.PathLike) -> dict:
 def load_open_vocabulary(path: str | os.PathLike, meta: dict, what: str = "the exported detector"):
     """A stored vocabulary (``ovd vocab embed``) checked against an open export's CLIP: its
     dimension, and its CLIP fingerprint where both record one. Returns the StoredVocabulary."""
-    from ovd.vlm.vocab import check_vocabulary_clip, load_vocabulary
-
     vocab = load_vocabulary(path)
     check_vocabulary_clip(vocab, meta["embed_dim"], meta.get("clip_fingerprint") or None,
                           meta.get("clip_source") or None, what)  # fmt: skip

@@ -28,6 +28,9 @@ import os
 import warnings
 from typing import Any
 
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
 from ovd.data.coco import DetectionDataset, load_detection_dataset
 from ovd.data.masks import compressed, segmentation_problem
 from ovd.data.splits import Split, resolve_split
@@ -118,8 +121,6 @@ def _undefined_to_none(v: float) -> float | None:
 
 # --- COCO -------------------------------------------------------------------------------------------
 def _coco_results(gt: DetectionDataset, dets: list[dict]):
-    from pycocotools.coco import COCO
-
     with contextlib.redirect_stdout(io.StringIO()):
         if dets:
             return gt.api.loadRes(dets)
@@ -131,8 +132,6 @@ def _coco_results(gt: DetectionDataset, dets: list[dict]):
 
 
 def _coco_ap(gt: DetectionDataset, res, cat_ids: list[int], iou_type: str = "bbox") -> tuple[float | None, ...]:
-    from pycocotools.cocoeval import COCOeval
-
     ev = COCOeval(gt.api, res, iou_type)
     ev.params.catIds = list(cat_ids)
     with contextlib.redirect_stdout(io.StringIO()):

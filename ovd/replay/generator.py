@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
 from ovd.errors import OvdError
@@ -194,8 +195,6 @@ def fit_generator(gen: FeatureGenerator, heads, stats: ReplayStats, r, progress_
 
 
 def save_generator(path, gen: FeatureGenerator, meta: dict) -> int:
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -143,8 +144,6 @@ def _meta_json(meta: dict) -> dict[str, str]:
 
 def save_stats(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> int:
     """Write atomically (never half-written); returns the file's bytes."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

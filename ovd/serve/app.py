@@ -31,8 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
+import uvicorn
 from PIL import Image
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -42,7 +42,9 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ovd.data.images import pil_to_tensor
+from ovd.data.masks import MASK_THRESHOLD, encode
 from ovd.errors import OvdError, describe
+from ovd.serve.backends import build_backend
 
 STATIC = Path(__file__).resolve().parent / "static"
 FIELDS = {"image", "classes", "score_thr"}
@@ -101,13 +103,10 @@ def decode_image(data: bytes, limits: Limits) -> torch.Tensor:
 
 
 def mask_rle(mask: torch.Tensor) -> dict:
-    """A (H, W) mask (bool, or float probabilities thresholded at 0.5) as COCO RLE (pycocotools)."""
-    from pycocotools import mask as mask_utils
-
+    """A (H, W) mask (bool, or float probabilities thresholded as ``ovd test`` does) as COCO RLE."""
     m = mask.squeeze(0) if mask.ndim == 3 else mask
-    binary = (m > 0.5) if m.is_floating_point() else m.bool()
-    rle = mask_utils.encode(np.asfortranarray(binary.cpu().numpy().astype(np.uint8)))
-    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+    binary = (m >= MASK_THRESHOLD) if m.is_floating_point() else m.bool()
+    return encode(binary[None])[0]
 
 
 def detections_json(pred: dict) -> list[dict]:
@@ -312,10 +311,6 @@ def serve(
     limits: Limits | None = None,
 ) -> None:
     """``ovd serve``: load the model (every option checked first), then run uvicorn until stopped."""
-    import uvicorn
-
-    from ovd.serve.backends import build_backend
-
     if not 0 <= int(port) <= 65535:
         raise OvdError(f"--port {port}: expected 0-65535")
     backend = build_backend(ckpt, onnx, classes_file, text_embeddings)

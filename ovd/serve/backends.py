@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ovd.engine.export import onnx_session
+from ovd.engine.export_open import IMAGE_INPUT, TEXT_INPUT, load_open_vocabulary, read_open_metadata
 from ovd.engine.predictor import Detector, parse_classes
 from ovd.errors import OvdError
 from ovd.vlm.clip import ClipModel, tokenizer_clean
@@ -92,8 +94,6 @@ class OnnxBackend:
     kind = "onnx"
 
     def __init__(self, path, classes_file=None, text_embeddings=None, threads: int = 1):
-        from ovd.engine.export import onnx_session
-        from ovd.engine.export_open import IMAGE_INPUT, TEXT_INPUT, load_open_vocabulary, read_open_metadata
 
         self.source = str(path)
         self.meta = read_open_metadata(path)

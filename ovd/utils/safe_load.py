@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from ovd.errors import OvdError, describe
 
@@ -41,8 +43,6 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     check_nonempty(path, "weights file")
     if path.suffix == ".safetensors":
         try:
-            from safetensors.torch import load_file
-
             return load_file(str(path))
         except Exception as e:  # safetensors raises its own error types for corrupt headers
             raise OvdError(f"cannot read weights file {path}: {describe(e)}") from None
@@ -59,8 +59,6 @@ def read_safetensors(path: str | os.PathLike, what: str, fmt: str) -> tuple[dict
 
     ``what`` names the kind of file in errors ("adapter file", "text embeddings file", ...).
     """
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise OvdError(f"{what} not found: {path}")

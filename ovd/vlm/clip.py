@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torchvision.ops import roi_align
 
 from ovd.errors import OvdError, describe
@@ -497,8 +498,6 @@ def save_local_dir(
 
     The folder is replaced as a whole (built beside it, then renamed): weights and config always
     belong together, whatever kills the writer, and files of an earlier save do not survive."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     cfg = {"model_cfg": model_cfg, "preprocess_cfg": {"size": image_size, "mean": list(mean), "std": list(std)}}
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
@@ -537,8 +536,6 @@ def write_text_embeddings(
     """Write (C, D) embeddings of ``names`` in the stored-vocabulary format (atomically).
     ``fingerprint``: the CLIP's :meth:`ClipModel.fingerprint` (recorded as ``clip_fingerprint``, so a
     detector can refuse a vocabulary made with another CLIP of the same dimension)."""
-    from safetensors.torch import save_file
-
     names = list(names)
     if emb.ndim != 2 or emb.shape[0] != len(names) or len(set(names)) != len(names):
         raise OvdError(f"text embeddings: need one row per distinct class name ({emb.shape} for {len(names)} names)")

@@ -13,11 +13,14 @@ names without loading the text tower, and refuses a file made with another CLIP.
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from ovd.config_schema import template_problem
 from ovd.errors import OvdError
@@ -116,10 +119,6 @@ class StoredVocabulary:
 def load_vocabulary(path: str | os.PathLike, embed_dim: int | None = None) -> StoredVocabulary:
     """Read a stored vocabulary (``ovd vocab embed`` / ``clip.text_embeddings`` format); with
     ``embed_dim``, one clear error when its dimension differs."""
-    import json
-
-    from safetensors import safe_open
-
     emb, names = load_text_embeddings(path, embed_dim)  # format, shape and dimension checks
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
@@ -162,8 +161,6 @@ def check_vocabulary_clip(
 def embed_vocabulary(clip, names, out: str | os.PathLike, templates, source: str | None = None) -> dict:
     """Embed ``names`` with ``clip``'s text tower (mean over ``templates``) and store them at ``out``
     (atomically) with the CLIP's source and text fingerprint. Returns a small report."""
-    import time
-
     templates = check_templates(templates)
     check_writable(out, "--out")
     names = list(names)
