@@ -1,4 +1,4 @@
-"""Bad input ends in one clear error line — never a traceback, never a silently wrong result (issue 9).
+"""Bad input ends in one clear error line — never a traceback, never a silently wrong result.
 
 ``test_cli_refuses_bad_input`` is one table: per row a command line (``{placeholders}`` are files of
 the module fixture), how the bad file / config is made, and a fragment the error must contain. Each

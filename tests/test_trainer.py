@@ -1,4 +1,4 @@
-"""Training engine mechanics: exact resume, checkpoints, logs, schedules (issue 5, first part)."""
+"""Training engine mechanics: exact resume, checkpoints, logs, schedules."""
 
 from __future__ import annotations
 

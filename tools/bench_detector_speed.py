@@ -8,7 +8,7 @@ the same machine load; the ratio is the median of ours / the median of stock.
 
     python tools/bench_detector_speed.py configs/mini/bench.yaml [--images 32] [--rounds 5] [--out F]
 
-Targets (issue 5): inference ≤ 1.1×, training step ≤ 1.3× (distillation boxes included).
+Targets: inference ≤ 1.1×, training step ≤ 1.3× (distillation boxes included).
 
 Both models are untrained (random heads), so the score threshold would let different numbers of
 boxes into NMS (the cosine classifier's scaled logits are peakier than a random linear layer's):

@@ -1,4 +1,4 @@
-"""Data-free few-shot replay (NIFF-style, issue 12): data watchers (class-wise RoI statistics of the
+"""Data-free few-shot replay (NIFF-style): data watchers (class-wise RoI statistics of the
 frozen base detector), a generator of base RoI features fitted to them, and few-shot fine-tuning that
 replays forged base features with distillation instead of keeping base images. See docs/replay.md.
 
