@@ -158,10 +158,9 @@ def _cmd_detect(args: argparse.Namespace) -> int:
 
 
 def _cmd_vocab_embed(args: argparse.Namespace) -> int:
-    from ovd.detect_cli import resolve_vocabulary
     from ovd.vlm.clip import clip_from_config
     from ovd.vlm.text import clip_source, text_adapter_of
-    from ovd.vlm.vocab import check_templates, embed_vocabulary
+    from ovd.vlm.vocab import check_templates, embed_vocabulary, resolve_vocabulary
 
     cfg = _load(args)
     templates = check_templates(args.template if args.template else cfg.clip.templates)

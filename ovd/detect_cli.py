@@ -21,11 +21,11 @@ from ovd.data.images import check_images
 from ovd.data.loader import ImageFiles, make_loader
 from ovd.data.masks import encode
 from ovd.engine.draw import draw_detections
-from ovd.engine.predictor import Detector, parse_classes
+from ovd.engine.predictor import Detector
 from ovd.errors import OvdError
 from ovd.utils.io import atomic_path, check_writable, read_json, write_json
 from ovd.vlm.clip import default_text_clean
-from ovd.vlm.vocab import load_vocabulary, read_classes_file
+from ovd.vlm.vocab import load_vocabulary, resolve_vocabulary
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _GLOB_CHARS = set("*?[")
@@ -64,28 +64,6 @@ def expand_images(inputs: Sequence[str]) -> list[Path]:
     if not out:
         raise OvdError("no images given")
     return out
-
-
-def resolve_vocabulary(
-    classes: str | Sequence[str] | None = None,
-    classes_file: str | os.PathLike | None = None,
-    text_embeddings: str | os.PathLike | None = None,
-) -> tuple[str, object]:
-    """Exactly one of the three ways to name the classes → ("names", [names]) or ("file", path)."""
-    given = [k for k, v in (("--classes", classes), ("--classes-file", classes_file),
-                            ("--text-embeddings", text_embeddings)) if v is not None]  # fmt: skip
-    if len(given) != 1:
-        raise OvdError(
-            "give exactly one of --classes, --classes-file and --text-embeddings"
-            + (f" (got {' and '.join(given)})" if given else "")
-        )
-    if classes is not None:
-        return "names", parse_classes(classes)
-    if classes_file is not None:
-        return "names", read_classes_file(classes_file)
-    if not Path(text_embeddings).is_file():
-        raise OvdError(f"text embeddings file not found: {text_embeddings}")
-    return "file", Path(text_embeddings)
 
 
 def match_ground_truth(gt: str | os.PathLike, paths: Sequence[Path], names: Sequence[str]):

@@ -18,10 +18,11 @@ from _fixtures import run_err, subset_json, tiny_clip_dir
 from PIL import Image
 
 from ovd.cli import main
-from ovd.engine.predictor import Detector, as_image_tensor, parse_classes
+from ovd.engine.predictor import Detector, as_image_tensor
 from ovd.errors import OvdError
 from ovd.modeling.checkpoint import load_checkpoint
 from ovd.vlm.clip import ClipModel
+from ovd.vlm.vocab import parse_classes
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mini" / "smoke.yaml")
 

@@ -49,10 +49,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from ovd.detect_cli import resolve_vocabulary
 from ovd.engine.predictor import Detector
 from ovd.errors import OvdError, describe
 from ovd.utils.io import atomic_path, check_writable
+from ovd.vlm.vocab import resolve_vocabulary
 
 EXPORT_FORMAT = "ovd-onnx/1"
 DEFAULT_OPSET = 17

@@ -24,30 +24,8 @@ from ovd.data.masks import MASK_THRESHOLD
 from ovd.errors import OvdError
 from ovd.modeling.checkpoint import load_checkpoint, model_from_checkpoint
 from ovd.vlm.adapter_file import apply_adapter
-from ovd.vlm.clip import ClipModel, describe_clash, tokenizer_clean, vocabulary_clash
-from ovd.vlm.vocab import check_vocabulary_clip, load_vocabulary, text_fingerprint
-
-
-def parse_classes(classes: str | Sequence[str], clean=None) -> list[str]:
-    """Class names from a list or a comma-separated string; empty or duplicate names are errors.
-
-    Duplicates are found the way the CLIP tokenizer reads names (``clean``: its cleaning function,
-    default open_clip's: lower-cased, whitespace collapsed), so "red square" and "Red Square" —
-    one text embedding — are refused rather than silently becoming two identical classes."""
-    try:
-        names = classes.split(",") if isinstance(classes, str) else list(classes)
-    except TypeError:
-        names = None
-    if names is None or not all(isinstance(c, str) for c in names):
-        raise OvdError(f"classes must be a comma-separated string or a list of strings, got {classes!r:.80}")
-    names = [c.strip() for c in names]
-    names = [c for c in names if c]
-    if not names:
-        raise OvdError("empty class list: give at least one class name, e.g. --classes 'red circle,blue star'")
-    clash = vocabulary_clash(names, clean)
-    if clash:
-        raise OvdError(f"duplicate class names: {describe_clash(clash)}")
-    return names
+from ovd.vlm.clip import ClipModel, tokenizer_clean
+from ovd.vlm.vocab import check_vocabulary_clip, load_vocabulary, parse_classes, text_fingerprint
 
 
 def as_image_tensor(image) -> torch.Tensor:

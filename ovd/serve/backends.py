@@ -19,10 +19,10 @@ import torch
 
 from ovd.engine.export import onnx_session
 from ovd.engine.export_open import IMAGE_INPUT, TEXT_INPUT, load_open_vocabulary, read_open_metadata
-from ovd.engine.predictor import Detector, parse_classes
+from ovd.engine.predictor import Detector
 from ovd.errors import OvdError
 from ovd.vlm.clip import ClipModel, tokenizer_clean
-from ovd.vlm.vocab import read_classes_file, text_fingerprint
+from ovd.vlm.vocab import parse_classes, read_classes_file, text_fingerprint
 
 
 def _default_vocabulary(classes_file, text_embeddings) -> tuple[str, object] | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,3 +179,47 @@ def embed_vocabulary(clip, names, out: str | os.PathLike, templates, source: str
         "clip": source or clip.source,
         "seconds": round(time.time() - t0, 2),
     }
+
+
+def parse_classes(classes: str | Sequence[str], clean=None) -> list[str]:
+    """Class names from a list or a comma-separated string; empty or duplicate names are errors.
+
+    Duplicates are found the way the CLIP tokenizer reads names (``clean``: its cleaning function,
+    default open_clip's: lower-cased, whitespace collapsed), so "red square" and "Red Square" —
+    one text embedding — are refused rather than silently becoming two identical classes."""
+    try:
+        names = classes.split(",") if isinstance(classes, str) else list(classes)
+    except TypeError:
+        names = None
+    if names is None or not all(isinstance(c, str) for c in names):
+        raise OvdError(f"classes must be a comma-separated string or a list of strings, got {classes!r:.80}")
+    names = [c.strip() for c in names]
+    names = [c for c in names if c]
+    if not names:
+        raise OvdError("empty class list: give at least one class name, e.g. --classes 'bekfol,kriskum'")
+    clash = vocabulary_clash(names, clean)
+    if clash:
+        raise OvdError(f"duplicate class names: {describe_clash(clash)}")
+    return names
+
+
+def resolve_vocabulary(
+    classes: str | Sequence[str] | None = None,
+    classes_file: str | os.PathLike | None = None,
+    text_embeddings: str | os.PathLike | None = None,
+) -> tuple[str, object]:
+    """Exactly one of the three ways to name the classes → ("names", [names]) or ("file", path)."""
+    given = [k for k, v in (("--classes", classes), ("--classes-file", classes_file),
+                            ("--text-embeddings", text_embeddings)) if v is not None]  # fmt: skip
+    if len(given) != 1:
+        raise OvdError(
+            "give exactly one of --classes, --classes-file and --text-embeddings"
+            + (f" (got {' and '.join(given)})" if given else "")
+        )
+    if classes is not None:
+        return "names", parse_classes(classes)
+    if classes_file is not None:
+        return "names", read_classes_file(classes_file)
+    if not Path(text_embeddings).is_file():
+        raise OvdError(f"text embeddings file not found: {text_embeddings}")
+    return "file", Path(text_embeddings)
