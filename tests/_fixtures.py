@@ -423,3 +423,51 @@ def child_env() -> dict:
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     return env
+
+
+# --- the official COCO / LVIS evaluation APIs, called directly (what ovd eval must equal) ----------------
+def coco_direct(gt_path, dets_path, cat_ids, iou_type: str = "bbox") -> tuple[float, float]:
+    """pycocotools' AP and AP50 over ``cat_ids``."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(str(gt_path))
+        res = coco.loadRes(str(dets_path))
+        ev = COCOeval(coco, res, iou_type)
+        ev.params.catIds = list(cat_ids)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return float(ev.stats[0]), float(ev.stats[1])
+
+
+def lvis_direct(gt_path, dets: list[dict], cat_ids=None, iou_type: str = "bbox") -> dict:
+    """The lvis API's results (``LVISEval``) over ``cat_ids`` (all when None)."""
+    import copy
+    import warnings
+
+    import lvis
+
+    from ovd.evaluation.lvis_compat import patch_lvis
+
+    patch_lvis()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ev = lvis.LVISEval(str(gt_path), copy.deepcopy(dets), iou_type)
+        if cat_ids is not None:
+            ev.params.cat_ids = sorted(cat_ids)
+        ev.run()
+    return dict(ev.get_results())
+
+
+def same(ours, official: float) -> bool:
+    """Our value equals the official one; the APIs' -1 ("no ground truth") is our None."""
+    import pytest
+
+    if official < 0:
+        return ours is None
+    return ours is not None and ours == pytest.approx(official, abs=1e-12)

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
 import os
 import stat
-import warnings
 
 import pytest
 from _fixtures import (
@@ -17,18 +14,20 @@ from _fixtures import (
     OFFICIAL_BASE_48,
     OFFICIAL_NOVEL_17,
     SPLIT,
+    coco_direct,
     coco_gt,
     dump,
     load_make_eval_example,
     lvis_dets,
+    lvis_direct,
     lvis_gt,
+    same,
     scenario,
 )
 
 from ovd.cli import main
 from ovd.errors import OvdError
 from ovd.evaluation import evaluate_detections, format_metrics
-from ovd.evaluation.lvis_compat import patch_lvis
 
 SPLIT_KEYS = ["AP", "AP50", "AP_base", "AP50_base", "AP_novel", "AP50_novel"]
 BASE_IDS = [CAT_ID[n] for n in SPLIT["base"]]
@@ -36,40 +35,6 @@ NOVEL_IDS = [CAT_ID[n] for n in SPLIT["novel"]]
 SCENARIOS = ["perfect", "partial", "confused", "false_pos", "mixed"]
 
 
-# --- the official APIs, called directly ------------------------------------------------------------
-def coco_direct(gt_path, dets_path, cat_ids) -> tuple[float, float]:
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO(str(gt_path))
-        res = coco.loadRes(str(dets_path))
-        ev = COCOeval(coco, res, "bbox")
-        ev.params.catIds = list(cat_ids)
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return float(ev.stats[0]), float(ev.stats[1])
-
-
-def lvis_direct(gt_path, dets: list[dict], cat_ids=None) -> dict:
-    import lvis
-
-    patch_lvis()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ev = lvis.LVISEval(str(gt_path), copy.deepcopy(dets), "bbox")
-        if cat_ids is not None:
-            ev.params.cat_ids = sorted(cat_ids)
-        ev.run()
-    return dict(ev.get_results())
-
-
-def same(ours, official: float) -> bool:
-    """Our value equals the official one; the APIs' -1 ("no ground truth") is our None."""
-    if official < 0:
-        return ours is None
-    return ours is not None and ours == pytest.approx(official, abs=1e-12)
 
 
 def assert_coco_equal(metrics: dict, gt_path, dets_path, groups: dict[str, list[int]]) -> None:

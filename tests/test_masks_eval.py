@@ -3,24 +3,32 @@ on the same files; segmentations in all three COCO forms, crowd regions, and bad
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
 import math
 import random
-import warnings
 
 import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
-from _fixtures import CAT_ID, SPLIT, coco_gt, dump, lvis_dets, lvis_gt, run_err, scenario
+from _fixtures import (
+    CAT_ID,
+    SPLIT,
+    coco_direct,
+    coco_gt,
+    dump,
+    lvis_dets,
+    lvis_direct,
+    lvis_gt,
+    run_err,
+    same,
+    scenario,
+)
 
 from ovd.cli import main
 from ovd.data.masks import decode, encode, rle_string_counts, segmentation_problem
 from ovd.errors import OvdError
 from ovd.evaluation import evaluate_detections, format_metrics
-from ovd.evaluation.lvis_compat import patch_lvis
 
 SPLIT_KEYS = ["AP", "AP50", "AP_base", "AP50_base", "AP_novel", "AP50_novel"]
 SCENARIOS = ["perfect", "partial", "confused", "false_pos", "mixed"]
@@ -116,39 +124,6 @@ def mask_dets(gt: dict, dets: list[dict], seed: int = 0, polygons: bool = False,
     return out
 
 
-# --- the official APIs, called directly ------------------------------------------------------------
-def coco_segm_direct(gt_path, dets_path, cat_ids) -> tuple[float, float]:
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO(str(gt_path))
-        res = coco.loadRes(str(dets_path))
-        ev = COCOeval(coco, res, "segm")
-        ev.params.catIds = list(cat_ids)
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return float(ev.stats[0]), float(ev.stats[1])
-
-
-def lvis_segm_direct(gt_path, dets: list[dict], cat_ids=None) -> dict:
-    import lvis
-
-    patch_lvis()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ev = lvis.LVISEval(str(gt_path), copy.deepcopy(dets), "segm")
-        if cat_ids is not None:
-            ev.params.cat_ids = sorted(cat_ids)
-        ev.run()
-    return dict(ev.get_results())
-
-
-def same(ours, official: float) -> bool:
-    if official < 0:
-        return ours is None
-    return ours is not None and ours == pytest.approx(official, abs=1e-12)
 
 
 @pytest.fixture()
@@ -172,7 +147,7 @@ def test_coco_segm_equals_pycocotools(tmp_path, split_path, kind):
     base = [CAT_ID[n] for n in SPLIT["base"]]
     novel = [CAT_ID[n] for n in SPLIT["novel"]]
     for suffix, ids in (("", base + novel), ("_base", base), ("_novel", novel)):
-        ap, ap50 = coco_segm_direct(gt_path, dets_path, ids)
+        ap, ap50 = coco_direct(gt_path, dets_path, ids, iou_type="segm")
         assert same(m[f"mask_AP{suffix}"], ap) and same(m[f"mask_AP50{suffix}"], ap50), (suffix, m, ap, ap50)
     if kind == "perfect":
         assert m["mask_AP50"] == pytest.approx(1.0)
@@ -210,7 +185,7 @@ def test_segm_detections_without_boxes(tmp_path):
     dets = mask_dets(gt, scenario(gt, "mixed"), with_box=False)
     dets_path = dump(tmp_path / "dets.json", dets)
     m = evaluate_detections(gt_path, dets_path, iou_type="segm")
-    ap, ap50 = coco_segm_direct(gt_path, dets_path, [c["id"] for c in gt["categories"]])
+    ap, ap50 = coco_direct(gt_path, dets_path, [c["id"] for c in gt["categories"]], iou_type="segm")
     assert same(m["mask_AP"], ap) and same(m["mask_AP50"], ap50)
     with pytest.raises(OvdError, match="bbox"):  # a box is needed for box AP
         evaluate_detections(gt_path, dets_path, iou_type="bbox,segm")
@@ -225,7 +200,7 @@ def test_lvis_segm_equals_lvis_api(tmp_path):
     dets = mask_dets(gt, lvis_dets(gt))
     dets_path = dump(tmp_path / "dets.json", dets)
     m = evaluate_detections(gt_path, dets_path, iou_type="segm")
-    official = lvis_segm_direct(gt_path, dets)
+    official = lvis_direct(gt_path, dets)
     assert {k[len("mask_") :] for k in m} == set(official)
     for k, v in official.items():
         assert same(m["mask_" + k], v), (k, m, official)
@@ -234,7 +209,7 @@ def test_lvis_segm_equals_lvis_api(tmp_path):
     split = tmp_path / "split.yaml"
     split.write_text("base: [abacus, accordion, airbag, alarm]\nnovel: [aardvark, acorn]\n")
     m = evaluate_detections(gt_path, dets_path, split=str(split), iou_type="bbox,segm")
-    assert same(m["mask_AP_novel"], lvis_segm_direct(gt_path, dets, [1, 5])["AP"])
+    assert same(m["mask_AP_novel"], lvis_direct(gt_path, dets, [1, 5])["AP"])
     assert "APr" in m and "mask_APr" in m
 
 

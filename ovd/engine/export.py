@@ -164,6 +164,34 @@ def example_image(h: int, w: int) -> torch.Tensor:
     return torch.rand((3, h, w), generator=g)
 
 
+def require_onnx():
+    """The onnx module (the optional ``export`` extra: imported here, not at the top, so that ovd
+    without it still runs), or one error saying how to install it."""
+    try:
+        import onnx
+    except ImportError:
+        raise OvdError("ONNX export needs the onnx package: pip install 'ovd[export]'") from None
+    return onnx
+
+
+def detector_metadata(model) -> dict:
+    """The post-processing settings a traced graph bakes in, as metadata entries (strings)."""
+    return {
+        "score_thresh": repr(float(model.roi_heads.score_thresh)),
+        "nms_thresh": repr(float(model.roi_heads.nms_thresh)),
+        "detections_per_img": str(int(model.roi_heads.detections_per_img)),
+        "torch": torch.__version__,
+    }
+
+
+def set_metadata(proto, meta: dict) -> None:
+    """Replace an ONNX model's metadata with ``meta`` (values as strings)."""
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, str(v)
+
+
 def export_onnx(
     model: nn.Module,
     names: Sequence[str],
@@ -184,13 +212,8 @@ def export_onnx(
     on a twin graph traced with a threshold of 0 and the first :data:`PARITY_CLASSES` names
     (``check.score_thresh``, ``check.classes`` in the report). Returns a report
     (sizes, parity, seconds)."""
-    try:
-        import onnx
-    except ImportError:
-        raise OvdError("ONNX export needs the onnx package: pip install 'ovd[export]'") from None
-    out = check_out_path(out)
-    opset = check_opset(opset)
-    size = check_size(size)
+    onnx = require_onnx()
+    out, opset, size = check_out_path(out), check_opset(opset), check_size(size)
     names = list(names)
     text = model.roi_heads.classifier.text
     if len(names) != len(text):
@@ -212,16 +235,10 @@ def export_onnx(
         + ("" if size is None else f", exactly H={size[0]} W={size[1]}"),
         "outputs": "boxes: float32 (N, 4) xyxy in input pixels; scores: float32 (N,); labels: int64 (N,), "
         "0-based index into 'classes'; highest score first" + (_MASKS_DOC if wrapped.masks else ""),
-        "score_thresh": repr(float(model.roi_heads.score_thresh)),
-        "nms_thresh": repr(float(model.roi_heads.nms_thresh)),
-        "detections_per_img": str(int(model.roi_heads.detections_per_img)),
-        "torch": torch.__version__,
+        **detector_metadata(model),
         **(metadata or {}),
     }
-    del proto.metadata_props[:]
-    for k, v in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, str(v)
+    set_metadata(proto, meta)
     proto.doc_string = f"ovd open-vocabulary detector, {len(names)} classes baked in (metadata 'classes')"
     data = proto.SerializeToString()
     report = {

@@ -42,8 +42,11 @@ from ovd.engine.export import (
     check_out_path,
     check_size,
     compare_detections,
+    detector_metadata,
     example_image,
     onnx_session,
+    require_onnx,
+    set_metadata,
 )
 from ovd.errors import OvdError, describe
 from ovd.modeling.checkpoint import load_checkpoint, model_from_checkpoint
@@ -145,13 +148,8 @@ def export_open_onnx(
     vocabularies of different sizes (:data:`CHECK_VOCAB_SIZES`, neither the trace's), else nothing is
     written; with few detections above the model's threshold the check is repeated on the graph
     traced with a threshold of 0, as in the fixed export."""
-    try:
-        import onnx
-    except ImportError:
-        raise OvdError("ONNX export needs the onnx package: pip install 'ovd[export]'") from None
-    out = check_out_path(out)
-    opset = check_opset(opset)
-    size = check_size(size)
+    onnx = require_onnx()
+    out, opset, size = check_out_path(out), check_opset(opset), check_size(size)
     t0 = time.time()
     dim = int(model.roi_heads.classifier.embed_dim)
     wrapped = OpenOnnxDetector(model)
@@ -184,16 +182,10 @@ def export_open_onnx(
         + f"; {TEXT_INPUT}: float32 (N, {dim}), one row per class (ovd vocab embed)",
         "outputs": "boxes: float32 (M, 4) xyxy in input pixels; scores: float32 (M,); labels: int64 (M,), "
         f"0-based row of {TEXT_INPUT}; highest score first",
-        "score_thresh": repr(float(model.roi_heads.score_thresh)),
-        "nms_thresh": repr(float(model.roi_heads.nms_thresh)),
-        "detections_per_img": str(int(model.roi_heads.detections_per_img)),
-        "torch": torch.__version__,
+        **detector_metadata(model),
         **(metadata or {}),
     }
-    del proto.metadata_props[:]
-    for k, v in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, str(v)
+    set_metadata(proto, meta)
     proto.doc_string = f"ovd open-vocabulary detector: the vocabulary is the '{TEXT_INPUT}' input"
     blob = proto.SerializeToString()
     with atomic_path(out) as tmp:
