@@ -164,7 +164,8 @@ def _write_drawing(out_dir: Path, path: Path, img: torch.Tensor, pred: dict, nam
         Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
 
 
-# one pass over the images that fills both output modes
+# ~90 lines, a dozen of them docstring: every check before the detector loads, then one pass over the
+# images that fills both output modes; split, the checks and the pass would share a dozen locals
 def run_detect(
     images: Sequence[str],
     ckpt: str,

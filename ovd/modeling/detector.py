@@ -59,6 +59,8 @@ class FeaturesAndProposals:
 
 
 class OVFasterRCNN(GeneralizedRCNN):
+    # ~90 lines, most of them torchvision's constructor arguments: the parts are built in the order
+    # torchvision's FasterRCNN builds them, so a seed gives the weights it always gave
     def __init__(
         self,
         backbone: nn.Module,

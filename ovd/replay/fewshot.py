@@ -252,6 +252,7 @@ def _check_generator(cfg, gen_path: str, gen_meta: dict) -> None:
                        f"run `ovd replay fit` again")  # fmt: skip
 
 
+# ~80 lines: every input checked before the run folder is touched, then the run; read in order
 def run_fewshot(cfg, ckpt: str, shots: int, seed: int, mode: str, generator: str | None = None,
                 out: str | None = None, evaluate: bool = True, progress: bool = True) -> dict:  # fmt: skip
     """``ovd fewshot``: fine-tune base detector ``ckpt`` on the K-shot file (``shots``, ``seed``) in
