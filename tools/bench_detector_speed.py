@@ -50,6 +50,23 @@ def stock_model(m, num_classes: int):
     )
 
 
+def time_models(models: dict, infer, train_steps, rounds: int) -> tuple[dict, dict]:
+    """Seconds per image (``infer(model)``) and per training step (``train_steps(name, model)``) of
+    every model, ``rounds`` times each, the models interleaved within a round so that a slower
+    moment of the machine hits all of them alike; one untimed warm-up round first (allocator,
+    oneDNN kernels). Returns ``(inference, training)``: name -> list of times."""
+    for name, model in models.items():
+        infer(model)
+        train_steps(name, model)
+    t_inf = {k: [] for k in models}
+    t_train = {k: [] for k in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            t_inf[name].append(infer(model))
+            t_train[name].append(train_steps(name, model))
+    return t_inf, t_train
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config")
@@ -112,16 +129,7 @@ def main() -> None:
             opt.step()
         return (time.perf_counter() - t0) / args.steps
 
-    for name, m in models.items():  # warm-up (allocator, oneDNN kernels)
-        infer(m)
-        train_steps(name, m)
-    t_inf = {k: [] for k in models}
-    t_train = {k: [] for k in models}
-    for _ in range(args.rounds):
-        for name, m in models.items():
-            t_inf[name].append(infer(m))
-            t_train[name].append(train_steps(name, m))
-
+    t_inf, t_train = time_models(models, infer, train_steps, args.rounds)
     med = lambda xs: statistics.median(xs)  # noqa: E731
     distill_boxes = sum(len(t.get("distill_boxes", [])) for _, t in samples[: args.steps * bs]) / (args.steps * bs)
     res = {

@@ -33,6 +33,8 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_detector_speed import time_models  # noqa: E402  (this folder is on sys.path)
+
 from ovd.config import load_config  # noqa: E402
 from ovd.modeling.backbones import build_backbone  # noqa: E402
 from ovd.modeling.build import build_detector, torchvision_kwargs  # noqa: E402
@@ -133,16 +135,7 @@ def main() -> None:
             opt.step()
         return (time.perf_counter() - t0) / args.steps
 
-    for name, model in models.items():  # warm-up (allocator, oneDNN kernels)
-        infer(model)
-        train_steps(name, model)
-    t_inf = {k: [] for k in models}
-    t_train = {k: [] for k in models}
-    for _ in range(args.rounds):
-        for name, model in models.items():
-            t_inf[name].append(infer(model))
-            t_train[name].append(train_steps(name, model))
-
+    t_inf, t_train = time_models(models, infer, train_steps, args.rounds)
     med = {k: statistics.median(v) for k, v in t_inf.items()}
     med_t = {k: statistics.median(v) for k, v in t_train.items()}
     ratio = lambda d, a, b: round(d[a] / d[b], 3)  # noqa: E731
