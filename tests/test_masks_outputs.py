@@ -151,6 +151,37 @@ def test_export_carries_masks_with_parity(trained, tmp_path):
     assert d["ok"] and d["count"] > 0 and got[3].shape[1:] == (1, 160, 160), d
 
 
+def test_open_export_carries_masks_for_any_vocabulary(trained, tmp_path):
+    # the open export (vocabulary as an input) gives a masks output too, equal to PyTorch's for two
+    # vocabularies of different sizes, and the server's ONNX backend passes the masks on
+    from ovd.engine.export_open import run_export_open
+    from ovd.serve.backends import OnnxBackend
+
+    out = tmp_path / "open.onnx"
+    rep = run_export_open(trained["ckpt"], out)
+    assert rep["masks"] and rep["check"]["max_mask_diff"] <= MASK_TOL and rep["check"]["detections"] > 0
+    assert rep["check"]["vocabulary_sizes"] == [3, 11]
+    sess = onnx_session(out)
+    assert [o.name for o in sess.get_outputs()] == ["boxes", "scores", "labels", "masks"]
+    det = Detector.from_checkpoint(trained["ckpt"])
+    img = load_image(trained["image"])
+    backend = OnnxBackend(out)
+    for names in (VOCAB[:2], VOCAB):
+        det.set_classes(names)
+        text = det.model.roi_heads.classifier.text
+        got = sess.run(None, {"image": img.numpy(), "text_embeddings": text.numpy()})
+        with torch.no_grad():
+            ref = det.model([img])[0]
+        ref = (ref["boxes"], ref["scores"], ref["labels"] - 1, ref["masks"])
+        d = compare_detections(ref, got, box_tol=box_tolerance(160, 160, det.model.transform))
+        assert d["ok"] and d["count"] > 0 and got[3].shape[1:] == (1, 160, 160), d
+        served = backend.detect(img, names, 0.0)
+        assert served["masks"].shape == (len(served["boxes"]), 1, 160, 160) and len(served["boxes"]) > 0
+        # highest score first, each mask with its own box
+        i = int(np.argmax(got[1]))
+        assert np.allclose(served["masks"][0].numpy(), got[3][i], atol=MASK_TOL)
+
+
 @pytest.mark.slow
 def test_novel_objects_get_masks_after_a_small_run(mini_world, tmp_path):
     # trained on base-class masks only (100 images, 2 epochs): detections on novel objects (named

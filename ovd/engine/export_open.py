@@ -9,6 +9,8 @@ second input, N dynamic, so one file detects any vocabulary::
     boxes            float32 (M, 4)  xyxy in input pixels
     scores           float32 (M,)
     labels           int64   (M,)    0-based row of text_embeddings
+    masks            float32 (M, 1, H, W)  only for a detector with a mask head: each detection's
+                                           mask probability in the input's size (threshold 0.5)
 
 The embeddings are made once per vocabulary with ``ovd vocab embed`` (a .safetensors file of
 names + embeddings + the CLIP that made them); :func:`load_open_vocabulary` reads one and refuses
@@ -35,6 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ovd.engine.export import (
+    _MASKS_DOC,
+    MASK_OUTPUT,
     OUTPUT_NAMES,
     ExactResizeTransform,
     box_tolerance,
@@ -72,7 +76,13 @@ class OpenOnnxDetector(nn.Module):
         super().__init__()
         model.transform = ExactResizeTransform.like(model.transform)
         self.model = model
+        has_mask = getattr(model.roi_heads, "has_mask", None)
+        self.masks = bool(has_mask()) if callable(has_mask) else False
         self.eval()
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(OUTPUT_NAMES) + ([MASK_OUTPUT] if self.masks else [])
 
     def forward(self, image: torch.Tensor, text: torch.Tensor):
         clf = self.model.roi_heads.classifier
@@ -82,6 +92,8 @@ class OpenOnnxDetector(nn.Module):
             out = self.model([image])[0]
         finally:
             clf.text = saved
+        if self.masks:
+            return out["boxes"], out["scores"], out["labels"] - 1, out["masks"]
         return out["boxes"], out["scores"], out["labels"] - 1
 
 
@@ -91,17 +103,19 @@ def _example_text(n: int, dim: int, seed: int) -> torch.Tensor:
 
 
 def _trace_open(wrapped: OpenOnnxDetector, image, text, opset: int, dynamic_hw: bool) -> bytes:
-    axes = {n: {0: "detections"} for n in OUTPUT_NAMES}
+    axes = {n: {0: "detections"} for n in wrapped.output_names}
     axes[TEXT_INPUT] = {0: "classes"}
     if dynamic_hw:
         axes[IMAGE_INPUT] = {1: "height", 2: "width"}
+        if wrapped.masks:
+            axes[MASK_OUTPUT] = {0: "detections", 2: "height", 3: "width"}
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation notice, torchvision's tracer warnings
         try:
             torch.onnx.export(
                 wrapped, (image, text), buf, dynamo=False, opset_version=opset,
-                input_names=[IMAGE_INPUT, TEXT_INPUT], output_names=list(OUTPUT_NAMES),
+                input_names=[IMAGE_INPUT, TEXT_INPUT], output_names=wrapped.output_names,
                 dynamic_axes=axes, do_constant_folding=True,
             )  # fmt: skip
         except Exception as e:
@@ -117,6 +131,8 @@ def check_open_parity(
     sess = onnx_session(data, threads=1)
     worst = {"images": len(images), "vocabulary_sizes": [int(len(t)) for t in vocabularies], "detections": 0,
              "max_box_diff": 0.0, "max_score_diff": 0.0}  # fmt: skip
+    if wrapped.masks:
+        worst["max_mask_diff"] = 0.0
     for x in images:
         for text in vocabularies:
             with torch.no_grad():
@@ -132,6 +148,8 @@ def check_open_parity(
             worst["detections"] += d["count"]
             worst["max_box_diff"] = max(worst["max_box_diff"], d["max_box_diff"])
             worst["max_score_diff"] = max(worst["max_score_diff"], d["max_score_diff"])
+            if wrapped.masks:
+                worst["max_mask_diff"] = max(worst["max_mask_diff"], d["max_mask_diff"])
     return worst
 
 
@@ -156,7 +174,7 @@ def export_open_onnx(
     side = int(model.transform.min_size[-1])
     example = example_image(*(size or (side, side)))
     data = _trace_open(wrapped, example, _example_text(TRACE_VOCAB_SIZE, dim, 0), opset, size is None)
-    report = {"out": str(out), "embed_dim": dim, "opset": opset,
+    report = {"out": str(out), "embed_dim": dim, "opset": opset, "masks": wrapped.masks,
               "input_size": "dynamic" if size is None else list(size)}  # fmt: skip
     if check:
         images = [example]
@@ -181,7 +199,7 @@ def export_open_onnx(
         + ("" if size is None else f", exactly H={size[0]} W={size[1]}")
         + f"; {TEXT_INPUT}: float32 (N, {dim}), one row per class (ovd vocab embed)",
         "outputs": "boxes: float32 (M, 4) xyxy in input pixels; scores: float32 (M,); labels: int64 (M,), "
-        f"0-based row of {TEXT_INPUT}; highest score first",
+        f"0-based row of {TEXT_INPUT}; highest score first" + (_MASKS_DOC.replace("(N,", "(M,") if wrapped.masks else ""),
         **detector_metadata(model),
         **(metadata or {}),
     }

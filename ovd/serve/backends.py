@@ -149,12 +149,16 @@ class OnnxBackend:
         else:
             emb = self.clip.encode_text(names, self.templates)
         feed = {self._inputs[0]: image.float().numpy(), self._inputs[1]: emb.float().numpy()}
-        boxes, scores, labels = self.sess.run(None, feed)
+        outs = self.sess.run(None, feed)
+        boxes, scores, labels = outs[:3]
         keep = scores >= score_thr
         order = np.argsort(-scores[keep], kind="stable")  # highest first, ties in the graph's order
         boxes, scores, labels = boxes[keep][order], scores[keep][order], labels[keep][order]
-        return {"boxes": torch.from_numpy(boxes), "scores": torch.from_numpy(scores),
-                "labels": torch.from_numpy(labels), "names": [names[int(k)] for k in labels]}  # fmt: skip
+        out = {"boxes": torch.from_numpy(boxes), "scores": torch.from_numpy(scores),
+               "labels": torch.from_numpy(labels), "names": [names[int(k)] for k in labels]}  # fmt: skip
+        if len(outs) > 3:  # an export of a detector with a mask head: (M, 1, H, W) probabilities
+            out["masks"] = torch.from_numpy(outs[3][keep][order])
+        return out
 
 
 def build_backend(ckpt=None, onnx=None, classes_file=None, text_embeddings=None):
