@@ -199,7 +199,8 @@ def export_open_onnx(
         + ("" if size is None else f", exactly H={size[0]} W={size[1]}")
         + f"; {TEXT_INPUT}: float32 (N, {dim}), one row per class (ovd vocab embed)",
         "outputs": "boxes: float32 (M, 4) xyxy in input pixels; scores: float32 (M,); labels: int64 (M,), "
-        f"0-based row of {TEXT_INPUT}; highest score first" + (_MASKS_DOC.replace("(N,", "(M,") if wrapped.masks else ""),
+        f"0-based row of {TEXT_INPUT}; highest score first"
+        + (_MASKS_DOC.replace("(N, 1", "(M, 1") if wrapped.masks else ""),
         **detector_metadata(model),
         **(metadata or {}),
     }
