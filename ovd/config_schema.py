@@ -315,8 +315,13 @@ class StudentConfig:
     small_side: float = lim(32.0, gt=0)  # "small": box area below small_side ** 2 pixels
     noise_sigma: float = lim(0.08, ge=0)  # on the [0, 1] pixel scale (imagecorruptions severity 1)
     crop_min: float = lim(0.8, gt=0, le=1)  # adaptive crop: 0.8-1.0 of each side
-    # IKD adversarial feature augmentation: DI-FGSM images against the teacher, made on the fly
+    # IKD adversarial feature augmentation: DI-FGSM images against the teacher, either made on the fly
+    # for every batch (step: 5 teacher forward + backward passes per step) or once per training image
+    # before training and kept on disk (cache: the released code's way; shared by every student of
+    # the same teacher, attack and seed), see ovd/student/adversarial_cache.py
     adversarial_aug: bool = False
+    adversarial_source: str = "step"
+    adversarial_cache_dir: str = "${work_dir}/adversarial"
     adversarial_eps: float = lim(8.0, gt=0)  # in 1/255 of the [0, 1] pixel range
     adversarial_step: float = lim(2.0, gt=0)  # in 1/255
     adversarial_steps: int = lim(5, ge=1)

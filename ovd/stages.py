@@ -102,7 +102,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           files=("data.train_json", "data.val_json", "replay.fewshot_dir", "replay.generator", "replay.stats")),
     # ovd student: the student's own settings on top of a training run's (the teacher file's hash is recorded)
     Stage("student", ("student", "model", *_TRAIN_RUN, "clip", *_DATA_TRAIN, "seed"), upstream=("train",),
-          writes=("student.out",), files=("student.teacher",)),
+          writes=("student.out", "student.adversarial_cache_dir"), files=("student.teacher",)),
 )}  # fmt: skip
 
 

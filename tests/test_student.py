@@ -279,6 +279,45 @@ def test_feature_imitation_aligns_levels_by_stride_and_adapts_channels(teacher):
 
 
 @pytest.mark.slow
+def test_adversarial_cache_is_made_once_reused_and_checked(teacher, mini_world, tmp_path):
+    """adversarial_source=cache: one DI-FGSM image per training image (within eps, 8-bit), made before
+    training and reused by a second student of the same teacher; a student trains from it with the
+    adversarial loss on; a cached image that is not its training image's is one error."""
+    from ovd.data.images import load_image
+
+    extra = ("student.adversarial_aug=true", "student.adversarial_source=cache", "student.adversarial_steps=2",
+             f"student.adversarial_cache_dir={tmp_path / 'adv'}", "train.hflip=true")  # fmt: skip
+    cfg = student_cfg(teacher, mini_world, tmp_path / "a", *extra)
+    rep = run_student(cfg, teacher[2], progress=False)
+    assert rep["complete"] and "loss_kd_adversarial" in rep["loss_terms"]
+    cache = rep["adversarial_cache"]
+    assert cache["images"] == 8 and cache["made"] == 8
+    folder = Path(cache["folder"])
+    images, _, targets = _images_and_boxes(cfg, 8)
+    for x, t in zip(images, targets):
+        a = load_image(folder / f"{t['image_id']}.png")
+        assert a.shape == x.shape and float((a - x).abs().max()) <= 8 / 255 + 1e-4
+    assert sum(float((load_image(folder / f"{t['image_id']}.png") - x).abs().max()) > 2 / 255
+               for x, t in zip(images, targets)) >= 4  # fmt: skip
+    # a second student (frequency augmentation on too) reuses the same images
+    again = run_student(student_cfg(teacher, mini_world, tmp_path / "b", *extra, "student.frequency_aug=true"),
+                        teacher[2], progress=False)  # fmt: skip
+    assert again["adversarial_cache"]["made"] == 0 and again["adversarial_cache"]["folder"] == str(folder)
+    # another attack setting is another folder (never a stale image)
+    other = run_student(student_cfg(teacher, mini_world, tmp_path / "c", *extra[:2], "student.adversarial_steps=1",
+                                    *extra[3:]), teacher[2], progress=False)  # fmt: skip
+    assert other["adversarial_cache"]["folder"] != str(folder) and other["adversarial_cache"]["made"] == 8
+    # a damaged cache (an image swapped for another) stops the run with one error
+    first = folder / f"{targets[0]['image_id']}.png"
+    shutil.copy(folder / f"{targets[1]['image_id']}.png", first)
+    with pytest.raises(OvdError, match="not within eps of its training image"):
+        run_student(student_cfg(teacher, mini_world, tmp_path / "d", *extra), teacher[2], progress=False)
+    with pytest.raises(OvdError, match="adversarial_source must be one of step, cache"):
+        run_student(student_cfg(teacher, mini_world, tmp_path / "e", "student.adversarial_source=disk"), teacher[2],
+                    progress=False)  # fmt: skip
+
+
+@pytest.mark.slow
 def test_a_stopped_student_run_resumes_exactly(teacher, mini_world, tmp_path):
     """Stopped after 2 of 4 steps and resumed, with both IKD augmentations on (their random draws and
     the teacher's RoI sampling during the attack): the same weights as an uninterrupted run."""

@@ -193,3 +193,10 @@ def difgsm(teacher: nn.Module, images: list, targets: list, g: torch.Generator, 
                 step = x + alpha * momentum[k].sign()
                 adv[k] = (clean[k] + (step - clean[k]).clamp(-eps, eps)).clamp(0, 1).detach()
     return adv
+
+
+def attack_settings(s) -> dict:
+    """:func:`difgsm`'s keyword arguments from the ``student`` config section (eps and step in 1/255)."""
+    return {"eps": s.adversarial_eps / 255, "alpha": s.adversarial_step / 255, "steps": s.adversarial_steps,
+            "decay": s.adversarial_decay, "resize_rate": s.adversarial_resize_rate,
+            "diversity_prob": s.adversarial_diversity_prob}  # fmt: skip

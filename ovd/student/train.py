@@ -32,7 +32,8 @@ from ovd.errors import OvdError
 from ovd.modeling.backbones import backbone_spec
 from ovd.modeling.checkpoint import load_checkpoint, model_from_checkpoint
 from ovd.stages import section_reads
-from ovd.student.augment import FrequencyAug, difgsm
+from ovd.student.adversarial_cache import AdversarialCache
+from ovd.student.augment import FrequencyAug, attack_settings, difgsm
 from ovd.student.distill import (
     ADAPTERS,
     FeatureImitation,
@@ -50,6 +51,8 @@ from ovd.vlm.text import TextSource
 # student settings that change what a run computes (the student stage's own keys, ovd.stages):
 # recorded in its checkpoints, a resume must match
 RUN_KEYS = section_reads("student", "student")
+# step: fresh DI-FGSM images every batch; cache: one per training image, made before training
+ADVERSARIAL_SOURCES = ("step", "cache")
 
 
 def student_model_config(cfg) -> dict:
@@ -104,8 +107,10 @@ class StudentHooks:
     repeats an uninterrupted one exactly; the teacher's own RoI sampling (adversarial images) runs
     under a forked global generator and leaves the Trainer's stream alone."""
 
-    def __init__(self, s, teacher, student, imitation: FeatureImitation | None, seed: int):
+    def __init__(self, s, teacher, student, imitation: FeatureImitation | None, seed: int,
+                 cache: AdversarialCache | None = None):  # fmt: skip
         self.s, self.teacher, self.student, self.imitation, self.seed = s, teacher, student, imitation, seed
+        self.cache = cache
         self.tap = StudentTap(student)
         self.freq = FrequencyAug(s.frequency_prob, s.small_side, s.noise_sigma, s.crop_min) if s.frequency_aug \
             else None  # fmt: skip
@@ -125,17 +130,15 @@ class StudentHooks:
     # -- input hook: the batch both networks see ---------------------------------------------------------
     def inputs(self, it: int, images: list, targets: list) -> dict:
         g = torch.Generator().manual_seed(self.seed * 1_000_033 + it)
+        self.adv = None
+        if self.cache is not None:  # before the frequency augmentation changes the clean images
+            self.adv = self.cache.batch(images, targets)
         if self.freq is not None:
             for what in self.freq(images, targets, g):  # changes the batch in place
                 if what:
                     self.counts[what] += 1
-        self.adv = None
-        if self.s.adversarial_aug:
-            s = self.s
-            self.adv = difgsm(self.teacher, images, targets, g, eps=s.adversarial_eps / 255,
-                              alpha=s.adversarial_step / 255, steps=s.adversarial_steps, decay=s.adversarial_decay,
-                              resize_rate=s.adversarial_resize_rate,
-                              diversity_prob=s.adversarial_diversity_prob)  # fmt: skip
+        if self.s.adversarial_aug and self.cache is None:
+            self.adv = difgsm(self.teacher, images, targets, g, **attack_settings(self.s))
         self.images, self.it = list(images), it
         self.tap.clear()
         self.tap.active = True
@@ -199,6 +202,9 @@ def run_student(cfg, teacher_path: str | None = None, progress: bool = True) -> 
     ``student.teacher``); resumes from ``student.out/last.pt``. Every input is checked first."""
     s = cfg.student
     teacher_path = str(teacher_path or s.teacher)
+    if s.adversarial_source not in ADVERSARIAL_SOURCES:
+        raise OvdError(f"student.adversarial_source must be one of {', '.join(ADVERSARIAL_SOURCES)}, "
+                       f"got {s.adversarial_source!r}")  # fmt: skip
     model_cfg = student_model_config(cfg)
     text = TextSource(cfg.clip)
     _, split = load_split_dataset(cfg.data, need_split="train", why="the student is trained on its base classes")
@@ -226,7 +232,12 @@ def run_student(cfg, teacher_path: str | None = None, progress: bool = True) -> 
         record = {"student": {"teacher": str(Path(teacher_path).resolve()), "settings": settings}}
         trainer = setup_trainer(run_cfg, 0, 1, device, progress, inputs=inputs, record=record, on_model=attach)
         teacher.set_vocabulary(trainer.text)
-        hooks = StudentHooks(s, teacher, trainer.model, holder["imitation"], int(cfg.seed))
+        cache, adv_report = None, None
+        if s.adversarial_aug and s.adversarial_source == "cache":
+            ids = [im["id"] for im in trainer.data.dataset.images]
+            cache = AdversarialCache(s.adversarial_cache_dir, teacher_path, s, int(cfg.seed), ids)
+            adv_report = cache.build(teacher, trainer.data, int(run_cfg.train.batch_size), device, progress)
+        hooks = StudentHooks(s, teacher, trainer.model, holder["imitation"], int(cfg.seed), cache)
         trainer.add_inputs(hooks.inputs)
         for name in hooks.names():
             trainer.add_loss(name, hooks.loss(name))
@@ -238,4 +249,6 @@ def run_student(cfg, teacher_path: str | None = None, progress: bool = True) -> 
     report.update({"teacher": teacher_path, "student_parameters": n_student, "teacher_parameters": n_teacher,
                    "augmented": hooks.counts, "loss_terms": hooks.names(), "settings": settings,
                    "train_seconds": round(time.time() - t0, 1)})  # fmt: skip
+    if adv_report is not None:
+        report["adversarial_cache"] = adv_report
     return report
