@@ -124,8 +124,12 @@ def _check_complete(im: Image.Image, path: Path) -> None:
 def load_image_pil(path: str | os.PathLike) -> Image.Image:
     """:func:`load_image` as an 8-bit RGB PIL image (16-bit input rounded to 8 bits), for code that
     resizes with Pillow; the same checks and the same one-line errors."""
-    x = load_image(path)
-    return Image.fromarray(x.mul(255).round_().to(torch.uint8).permute(1, 2, 0).numpy())
+    return tensor_to_pil(load_image(path))
+
+
+def tensor_to_pil(x: torch.Tensor) -> Image.Image:
+    """A (3, H, W) float image in [0, 1] as an 8-bit RGB PIL image (rounded, clamped)."""
+    return Image.fromarray(x.detach().cpu().clamp(0, 1).mul(255).round_().to(torch.uint8).permute(1, 2, 0).numpy())
 
 
 def check_images(items, where: str = "") -> int:

@@ -29,10 +29,9 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from ovd.data.images import load_image
+from ovd.data.images import load_image, tensor_to_pil
 from ovd.errors import OvdError
 from ovd.student.augment import attack_settings, difgsm
 from ovd.utils.io import atomic_path, file_sha1, read_json, write_json
@@ -53,11 +52,6 @@ def cache_key(teacher_path: str, s, seed: int, image_ids: list) -> dict:
         "images": hashlib.sha1(json.dumps([str(i) for i in image_ids]).encode()).hexdigest(),
     }
     return {"key": hashlib.sha1(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16], "inputs": inputs}
-
-
-def _save_png(x: torch.Tensor, path: Path) -> None:
-    pixels = x.detach().cpu().clamp(0, 1).mul(255).round_().to(torch.uint8).permute(1, 2, 0).numpy()
-    Image.fromarray(pixels).save(path, format="PNG")
 
 
 class AdversarialCache:
@@ -90,16 +84,16 @@ class AdversarialCache:
         starts = range(0, n, batch_size)
         for b in tqdm(starts, desc="adversarial images", disable=not progress, unit="batch"):
             idx = list(range(b, min(n, b + batch_size)))
-            items = [data.get(i, False) for i in idx]
-            if all(self.path(t["image_id"]).is_file() for _, t in items):
+            if all(self.path(data.dataset.images[i]["id"]).is_file() for i in idx):  # a resumed build
                 continue
+            items = [data.get(i, False) for i in idx]
             g = torch.Generator().manual_seed(self.seed * 1_000_033 + b // batch_size)
             images = [x.to(device) for x, _ in items]
             targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for _, t in items]
             adv = difgsm(teacher, images, targets, g, **attack_settings(self.s))
             for x, (_, t) in zip(adv, items):
                 with atomic_path(self.path(t["image_id"])) as tmp:
-                    _save_png(x, tmp)
+                    tensor_to_pil(x).save(tmp, format="PNG")
                 made += 1
         write_json(self.folder / COMPLETE, {"inputs": self.inputs, "images": n})
         return {"images": n, "made": made, "seconds": round(time.time() - t0, 1), "folder": str(self.folder)}
