@@ -3,6 +3,7 @@ variant settings on any preset, resumes from finished runs, and the table/figure
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -62,12 +63,11 @@ def _result(setting, seed, novel, base, raw_novel):
 def test_plot_aggregates_seeds(tmp_path):
     rows = [_result("baseline", s, n, 0.5, r) for s, n, r in ((0, 0.2, 0.1), (1, 0.3, 0.2), (2, 0.4, 0.3))]
     rows.append(_result("own", 0, 0.05, 0.4, 0.5))
+    (tmp_path / "record").mkdir()
     for r in rows:
-        d = tmp_path / "runs" / f"{r['setting']}-seed{r['seed']}" / "sweep"
-        d.mkdir(parents=True)
-        (d / "result.json").write_text(json.dumps(r))
+        (tmp_path / "record" / f"{r['setting']}-seed{r['seed']}.json").write_text(json.dumps(r))
     out = tmp_path / "fig" / "sweep.png"
-    argv = ["--work-root", str(tmp_path / "runs"), "--out", str(out), "--variants", "a", "e"]
+    argv = ["--record", str(tmp_path / "record"), "--out", str(out), "--variants", "a", "e"]
     assert plot_world_sweep.main(argv) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = out.with_suffix(".md").read_text()
@@ -78,3 +78,40 @@ def test_plot_aggregates_seeds(tmp_path):
     assert f"| baseline | 50.0 ± 0.0 (n=3) | 20.0 ± {100 * statistics.stdev([0.1, 0.2, 0.3]):.1f} (n=3) |" in md
     # baseline comes first (the sweep's order), whatever the folder names sort to
     assert md.index("| baseline |") < md.index("| own |")
+
+
+def _args(tmp_path, **kw):
+    ns = dict(preset=str(ROOT / "configs/mini/smoke.yaml"), settings=["baseline", "own"], seeds=[0],
+              variants=["a", "b"], work_root=str(tmp_path / "w"), data_root=str(tmp_path / "d"),
+              record=str(tmp_path / "record"), overrides=[], no_probes=True, recall_images=10)  # fmt: skip
+    return argparse.Namespace(**{**ns, **kw})
+
+
+def _variant_jobs(jobs):
+    return sorted(j.name for j in jobs if j.name.endswith(")"))
+
+
+def test_the_record_lets_a_fresh_checkout_resume(tmp_path):
+    # nothing on disk, nothing recorded: every variant of every world is planned
+    args = _args(tmp_path)
+    jobs, worlds = sweep.plan(args)
+    assert _variant_jobs(jobs) == ["baseline seed 0 (a)", "baseline seed 0 (b)", "own seed 0 (a)", "own seed 0 (b)"]
+    assert all(j.world == ("baseline", 0) for j in jobs if j.name.startswith("baseline"))
+    # a record of (a) on the baseline world under today's stamp: (a) is reused, (b) still runs
+    ov, out = worlds[("baseline", 0)]
+    stamp = sweep._pipeline(load_config(args.preset, sweep.run_overrides(ov, "a", []))).fresh["test"]
+    rec = {"setting": "baseline", "seed": 0, "variants": {"a": {"stamp": stamp, "AP50_novel": 0.1}}}
+    path = sweep.record_path(args.record, "baseline", 0)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(rec))
+    jobs, _ = sweep.plan(args)
+    assert _variant_jobs(jobs) == ["baseline seed 0 (b)", "own seed 0 (a)", "own seed 0 (b)"]
+    # the record survives being rewritten while nothing is on disk
+    res = sweep.result_of(args.preset, ov, ["a", "b"], out, [], sweep.read_record(path))
+    assert res["variants"] == {"a": rec["variants"]["a"]}
+    # settings changed since (another training length): the recorded run is stale and runs again
+    jobs, _ = sweep.plan(_args(tmp_path, overrides=["train.epochs=1"]))
+    assert "baseline seed 0 (a)" in _variant_jobs(jobs)
+    # a damaged record counts as nothing done, never as done
+    path.write_text("{not json")
+    assert "baseline seed 0 (a)" in _variant_jobs(sweep.plan(args)[0])

@@ -1,9 +1,9 @@
 """The world sweep's figure and table, from the run files ``tools/run_world_sweep.py`` leaves.
 
-    python tools/plot_world_sweep.py [--work-root work_dirs/world-sweep] [--out docs/world_sweep.png]
+    python tools/plot_world_sweep.py [--record docs/world_sweep] [--out docs/world_sweep.png]
 
-Reads every ``<work root>/*/sweep/result.json`` (one per world: setting, seed, the finished variants'
-metrics and the probes) and writes
+Reads every ``<record>/*.json`` (one per world: setting, seed, the finished variants' metrics and the
+probes) and writes
 
 * the figure (PNG): novel AP50 per variant per world setting, the bar the mean over world seeds
   and the error bar the sample std (none with one seed), the number of seeds under each setting;
@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT / "tools"))
 from run_world_sweep import DEFAULT_SETTINGS, SETTINGS, VARIANTS  # noqa: E402
 
 
-def load_results(work_root: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(work_root.glob("*/sweep/result.json"))]
+def load_results(record: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(record.glob("*.json"))]
 
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
@@ -121,13 +121,13 @@ def table(cells: dict, variants: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work-root", default="work_dirs/world-sweep")
+    ap.add_argument("--record", default=str(ROOT / "docs/world_sweep"), help="the sweep's per-world records")
     ap.add_argument("--out", default="docs/world_sweep.png", help="the figure; the table goes next to it (.md)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = ap.parse_args(argv)
-    results = load_results(Path(args.work_root))
+    results = load_results(Path(args.record))
     if not results:
-        sys.exit(f"no sweep results under {args.work_root} (run tools/run_world_sweep.py first)")
+        sys.exit(f"no sweep records under {args.record} (run tools/run_world_sweep.py first)")
     cells = gather(results)
     out = Path(args.out)
     figure(cells, args.variants, out)

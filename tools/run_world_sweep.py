@@ -11,9 +11,13 @@ overrides on top of ``--preset``, so the sweep uses exactly the ablation's defin
 Per world (setting, seed) the probes of ``tools/run_ablation.py`` run too: raw and adapted crop
 top-1 (base / novel) and the miner's novel recall.
 
-Resumable: a variant whose ``metrics.json`` was made from the current settings (every stage's stamp
-equal to what ``ovd run`` would compute now) is not run again; a probe whose output is newer than
-the world's adapter file neither. Every job is an ``ovd run`` (stages reused by their stamps,
+Resumable, within and across sessions: a variant is not run again when its ``metrics.json`` was made
+from the current settings (every stage's stamp equal to what ``ovd run`` would compute now), or when
+the committed record (``--record``, default ``docs/world_sweep/``) holds its metrics under the test
+stage's current stamp; a probe neither, when its output is newer than the world's adapter file or
+the record holds it under the adapter's current stamp. The record (one small JSON per world) is
+updated each time a job finishes, so a fresh checkout resumes where the last session stopped even
+though the work folders are gone. Every job is an ``ovd run`` (stages reused by their stamps,
 training resumed from its last checkpoint), so a job killed at a chunk's deadline loses at most the
 work since its last checkpoint. ``--max-minutes``: no job starts in the last ``--start-margin``
 minutes before the deadline, and jobs still running at the deadline are terminated (they resume in
@@ -21,9 +25,10 @@ the next chunk). Threads: ``--slots`` jobs at a time with ``OMP_NUM_THREADS = co
 cores: 2 slots of 1 thread; two torch processes each using both cores run far slower than one).
 
 Layout: ``<work root>/<setting>-seed<S>/`` (work_dir) and ``<data root>/<setting>-seed<S>/``
-(world.dir); per world ``sweep/result.json`` (variant metrics + probes), made by ``--collect`` or at
-the end of a chunk from whatever is finished. ``tools/plot_world_sweep.py`` makes the figure and
-the table from those files.
+(world.dir); per world ``<record>/<setting>-seed<S>.json`` (variant metrics with their stamps and
+run seconds, probes). Jobs run seed-major (every setting on seed 0 first), so a partial sweep
+already compares all settings. ``tools/plot_world_sweep.py`` makes the figure and the table from
+the record.
 """
 
 from __future__ import annotations
@@ -99,28 +104,60 @@ def run_overrides(world_ov: list[str], v: str, extra: list[str]) -> list[str]:
     return [*world_ov, *variant_overrides(v), *SWEEP_OVERRIDES, *extra]
 
 
-def finished(cfg) -> bool:
-    """Would ``ovd run`` reuse this config's test output? (every stage's stamp as a run would make it)"""
+def _pipeline(cfg) -> Pipeline:
+    """A pipeline with every active stage's stamp as ``ovd run`` would compute it now."""
     p = Pipeline(cfg, progress=False, log=lambda *a: None)
     for stage in STAGES:
         if p.active(stage):
             p.fresh[stage] = p.stamp(stage)
-    key = p.key("test")
-    return p.output_exists("test") and p.stamps.get(key) == p.fresh.get("test")
+    return p
 
 
-def result_of(preset: str, ov: list[str], variants: list[str], out: Path, extra: list[str]) -> dict:
-    """What is finished of one world: variant metrics (from runs made with the current settings) and probes."""
-    res: dict = {"overrides": ov, "variants": {}}
-    for v in variants:
-        cfg = load_config(preset, run_overrides(ov, v, extra))
-        if finished(cfg):
-            m = json.loads((Path(cfg.train.out) / "metrics.json").read_text())
-            res["variants"][v] = {"variant": VARIANTS[v][1], **{k: m[k] for k in METRICS}}
+def finished(cfg) -> bool:
+    """Would ``ovd run`` reuse this config's test output? (every stage's stamp as a run would make it)"""
+    p = _pipeline(cfg)
+    return p.output_exists("test") and p.stamps.get(p.key("test")) == p.fresh.get("test")
+
+
+def record_path(record: Path, setting: str, seed: int) -> Path:
+    return Path(record) / f"{setting}-seed{seed}.json"
+
+
+def read_record(path: Path) -> dict:
+    """A world's committed record; an unreadable one counts as empty (its runs are redone), never as done."""
     try:
-        res["probes"] = probes(out)
-    except (OSError, ValueError, KeyError):
-        pass  # not run yet (or interrupted): the figure shows the runs without them
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def recorded(rec: dict, v: str, stamp: str) -> bool:
+    return rec.get("variants", {}).get(v, {}).get("stamp") == stamp
+
+
+def result_of(preset: str, ov: list[str], variants: list[str], out: Path, extra: list[str], rec: dict,
+              seconds: dict | None = None) -> dict:  # fmt: skip
+    """What is finished of one world: variant metrics (runs on disk made with the current settings, or
+    the record's under the current stamp) and probes, each with the stamp it was made under."""
+    res: dict = {"overrides": ov, "variants": {}}
+    seconds = seconds or {}
+    for v in variants:
+        p = _pipeline(load_config(preset, run_overrides(ov, v, extra)))
+        stamp = p.fresh["test"]
+        if p.output_exists("test") and p.stamps.get(p.key("test")) == stamp:
+            m = json.loads((Path(p.cfg.train.out) / "metrics.json").read_text())
+            old = rec.get("variants", {}).get(v, {})
+            secs = seconds.get(v, old.get("job_seconds") if old.get("stamp") == stamp else None)
+            res["variants"][v] = {"variant": VARIANTS[v][1], "stamp": stamp, "job_seconds": secs,
+                                  **{k: m[k] for k in METRICS}}  # fmt: skip
+        elif recorded(rec, v, stamp):
+            res["variants"][v] = rec["variants"][v]
+    adapt = _pipeline(load_config(preset, run_overrides(ov, "e", extra))).fresh.get("adapt")
+    try:
+        res["probes"] = {**probes(out), "stamp": adapt}
+    except (OSError, ValueError, KeyError):  # not run here (or interrupted): the record's, if still valid
+        if rec.get("probes", {}).get("stamp") == adapt:
+            res["probes"] = rec["probes"]
     return res
 
 
@@ -131,18 +168,22 @@ def _newer(path: Path, than: Path) -> bool:
 def plan(args) -> tuple[list[Job], dict]:
     """Jobs still to run, with dependencies; and per world (setting, seed) its overrides and folder."""
     jobs, worlds = [], {}
-    for setting in args.settings:
-        for seed in args.seeds:
+    for seed in args.seeds:  # seed-major: a partial sweep has every setting on the first seed
+        for setting in args.settings:
             ov = world_overrides(setting, seed, args.work_root, args.data_root)
             full = run_overrides(ov, "e", args.overrides)
             cfg = load_config(args.preset, full)
             out = Path(cfg.work_dir) / "sweep"
             worlds[(setting, seed)] = (ov, out)
+            rec = read_record(record_path(args.record, setting, seed))
             todo = {v: run_overrides(ov, v, args.overrides) for v in args.variants}
-            todo = {v: o for v, o in todo.items() if not finished(load_config(args.preset, o))}
+            todo = {v: o for v, o in todo.items()
+                    if not finished(c := load_config(args.preset, o)) and not recorded(rec, v, _pipeline(c).fresh["test"])}  # fmt: skip
             adapter = Path(cfg.adapter.out)
             probe_jobs = []
-            if not args.no_probes:
+            if rec.get("probes", {}).get("stamp") == _pipeline(cfg).fresh.get("adapt"):
+                pass  # recorded under the current adapter: nothing to probe
+            elif not args.no_probes:
                 for k in ("raw", "adapted"):
                     if not _newer(out / f"crop_{k}.json", adapter):
                         argv = ["vlm", "eval", args.preset, *full, "--out", str(out / f"crop_{k}.json")]
@@ -162,11 +203,14 @@ def plan(args) -> tuple[list[Job], dict]:
                 Job(f"{tag} ({v})", ["run", args.preset, *o], out / f"{v}.log", after=shared) for v, o in todo.items()
             ]
             jobs += [Job(f"{tag} {name}", argv, log, after=shared) for name, argv, log in probe_jobs]
+            for j in jobs[-(1 + len(todo) + len(probe_jobs)):]:
+                j.world = (setting, seed)
     return jobs, worlds
 
 
-def run_chunk(jobs: list[Job], slots: int, threads: int, deadline: float, margin_s: float) -> dict:
-    """Run the queue until it is empty or the deadline; returns what happened to each job."""
+def run_chunk(jobs: list[Job], slots: int, threads: int, deadline: float, margin_s: float, on_done=None) -> dict:
+    """Run the queue until it is empty or the deadline; returns what happened to each job.
+    ``on_done(job)`` is called after each job that finished (the record is written there)."""
     pending, running, status = list(jobs), [], {}
     failed_deps: set[int] = set()
     while pending or running:
@@ -191,6 +235,8 @@ def run_chunk(jobs: list[Job], slots: int, threads: int, deadline: float, margin
             job.seconds = round(time.time() - job.start, 1)
             status[job.name] = f"done in {job.seconds:.0f} s"
             print(f"finished {job.name} in {job.seconds:.0f} s", flush=True)
+            if on_done is not None:
+                on_done(job)
         # jobs that wait on a failed one never become ready: drop them
         for job in [j for j in pending if j.after is not None and id(j.after) in failed_deps]:
             pending.remove(job)
@@ -223,6 +269,10 @@ def main() -> None:
     ap.add_argument("--start-margin", type=float, default=10, help="start no job in the last so many minutes")
     ap.add_argument("--work-root", default="work_dirs/world-sweep")
     ap.add_argument("--data-root", default="data/world-sweep")
+    ap.add_argument("--record", default=str(ROOT / "docs/world_sweep"),
+                    help="folder of the committed per-world records (finished runs are reused from it)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="threads per job (default: cores / slots; fewer leaves cores for other work)")
     ap.add_argument("--recall-images", type=int, default=200, help="train images for the miner-recall probe")
     ap.add_argument("--no-probes", action="store_true", help="variants only")
     ap.add_argument("--list", action="store_true", help="print the jobs still to run and stop")
@@ -238,17 +288,32 @@ def main() -> None:
         for j in jobs:
             print(f"  {j.name}: ovd {' '.join(j.argv)}" if not j.argv[0].endswith(".py") else f"  {j.name}")
         return
+    seconds: dict = {}  # (setting, seed) -> {variant: job seconds} of this chunk
+
+    def write_record(world: tuple[str, int]) -> dict:
+        setting, seed = world
+        ov, out = worlds[world]
+        path = record_path(args.record, setting, seed)
+        res = result_of(args.preset, ov, args.variants, out, args.overrides, read_record(path), seconds.get(world))
+        res = {"setting": setting, "seed": seed, "preset": Path(args.preset).name, **res}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")  # atomic: a killed driver never leaves half a record
+        tmp.write_text(json.dumps(res, indent=2) + "\n")
+        tmp.replace(path)
+        return res
+
+    def on_done(job: Job) -> None:
+        name = job.name.rsplit("(", 1)[-1].rstrip(")")
+        if name in VARIANTS:
+            seconds.setdefault(job.world, {})[name] = job.seconds
+        write_record(job.world)
+
     status: dict = {}
     if not args.collect and jobs:
         deadline = t0 + args.max_minutes * 60 if args.max_minutes > 0 else float("inf")
-        threads = max(1, (os.cpu_count() or 1) // args.slots)
-        status = run_chunk(jobs, args.slots, threads, deadline, args.start_margin * 60)
-    n_done = 0
-    for (setting, seed), (ov, out) in worlds.items():
-        res = {"setting": setting, "seed": seed, **result_of(args.preset, ov, args.variants, out, args.overrides)}
-        n_done += len(res["variants"])
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "result.json").write_text(json.dumps(res, indent=2) + "\n")
+        threads = args.threads or max(1, (os.cpu_count() or 1) // args.slots)
+        status = run_chunk(jobs, args.slots, threads, deadline, args.start_margin * 60, on_done)
+    n_done = sum(len(write_record(w)["variants"]) for w in worlds)
     summary = {"wall_s": round(time.time() - t0, 1), "jobs": status, "finished_variant_runs": n_done,
                "of": len(worlds) * len(args.variants)}  # fmt: skip
     Path(args.work_root).mkdir(parents=True, exist_ok=True)
