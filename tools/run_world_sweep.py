@@ -119,6 +119,11 @@ def finished(cfg) -> bool:
     return p.output_exists("test") and p.stamps.get(p.key("test")) == p.fresh.get("test")
 
 
+def done(cfg, rec: dict, v: str) -> bool:
+    """Finished on disk under the current settings, or recorded under the current test stamp."""
+    return finished(cfg) or recorded(rec, v, _pipeline(cfg).fresh["test"])
+
+
 def record_path(record: Path, setting: str, seed: int) -> Path:
     return Path(record) / f"{setting}-seed{seed}.json"
 
@@ -177,8 +182,7 @@ def plan(args) -> tuple[list[Job], dict]:
             worlds[(setting, seed)] = (ov, out)
             rec = read_record(record_path(args.record, setting, seed))
             todo = {v: run_overrides(ov, v, args.overrides) for v in args.variants}
-            todo = {v: o for v, o in todo.items()
-                    if not finished(c := load_config(args.preset, o)) and not recorded(rec, v, _pipeline(c).fresh["test"])}  # fmt: skip
+            todo = {v: o for v, o in todo.items() if not done(load_config(args.preset, o), rec, v)}
             adapter = Path(cfg.adapter.out)
             probe_jobs = []
             if rec.get("probes", {}).get("stamp") == _pipeline(cfg).fresh.get("adapt"):

@@ -70,7 +70,7 @@ SCORE_TOL = 1e-4
 # pixel only if a box corner crosses an integer between the two runtimes (then the check fails loudly)
 MASK_TOL = 1e-3
 MASK_OUTPUT = "masks"
-_MASKS_DOC = "; masks: float32 (N, 1, H, W), mask probability in the input's size (threshold 0.5)"
+MASKS_DOC = "; masks: float32 (N, 1, H, W), mask probability in the input's size (threshold 0.5)"
 # classes of the parity check's threshold-0 twin graph (see export_onnx): about the mini-world's
 # vocabulary, whose threshold-0 check took ~10 s of an export
 PARITY_CLASSES = 64
@@ -99,35 +99,59 @@ class ExactResizeTransform(GeneralizedRCNNTransform):
         return image, target
 
 
-class OnnxDetector(nn.Module):
-    """The exported function: one image (3, H, W) in [0, 1] → boxes, scores, 0-based labels of a
-    detector whose vocabulary is set. Takes over ``model`` (its transform is swapped for
-    :class:`ExactResizeTransform`, identical outside tracing)."""
+class ExportWrapper(nn.Module):
+    """What both exports share: the tracing-exact resize, whether a mask output exists, the output
+    names and the 3- or 4-tuple the ONNX graph returns (0-based labels)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        if len(model.roi_heads.classifier.text) == 0:
-            raise OvdError("the detector has no vocabulary to export")
         model.transform = ExactResizeTransform.like(model.transform)
-        # the vocabulary is a non-persistent buffer (never saved in checkpoints); made persistent here so
-        # that the exporter writes it as one named initializer, shared by the classifier and the
-        # semantic regression, instead of a nameless Constant node in each
-        clf = model.roi_heads.classifier
-        clf.register_buffer("text", clf.text, persistent=True)
         self.model = model
         has_mask = getattr(model.roi_heads, "has_mask", None)
         self.masks = bool(has_mask()) if callable(has_mask) else False
-        self.eval()  # torch.onnx.export restores the wrapper's mode afterwards: it must be eval
 
     @property
     def output_names(self) -> list[str]:
         return list(OUTPUT_NAMES) + ([MASK_OUTPUT] if self.masks else [])
 
-    def forward(self, image: torch.Tensor):
-        out = self.model([image])[0]
+    def outputs(self, out: dict) -> tuple:
         if self.masks:
             return out["boxes"], out["scores"], out["labels"] - 1, out["masks"]
         return out["boxes"], out["scores"], out["labels"] - 1
+
+    def parity_start(self, **extra) -> dict:
+        worst = {**extra, "detections": 0, "max_box_diff": 0.0, "max_score_diff": 0.0}
+        if self.masks:
+            worst["max_mask_diff"] = 0.0
+        return worst
+
+    @staticmethod
+    def parity_add(worst: dict, d: dict) -> None:
+        """Fold one image's :func:`compare_detections` into the running worst differences."""
+        worst["detections"] += d["count"]
+        for k in ("max_box_diff", "max_score_diff", "max_mask_diff"):
+            if k in worst:
+                worst[k] = max(worst[k], d[k])
+
+
+class OnnxDetector(ExportWrapper):
+    """The exported function: one image (3, H, W) in [0, 1] → boxes, scores, 0-based labels (and
+    masks) of a detector whose vocabulary is set. Takes over ``model`` (its transform is swapped for
+    :class:`ExactResizeTransform`, identical outside tracing)."""
+
+    def __init__(self, model: nn.Module):
+        if len(model.roi_heads.classifier.text) == 0:
+            raise OvdError("the detector has no vocabulary to export")
+        super().__init__(model)
+        # the vocabulary is a non-persistent buffer (never saved in checkpoints); made persistent here so
+        # that the exporter writes it as one named initializer, shared by the classifier and the
+        # semantic regression, instead of a nameless Constant node in each
+        clf = model.roi_heads.classifier
+        clf.register_buffer("text", clf.text, persistent=True)
+        self.eval()  # torch.onnx.export restores the wrapper's mode afterwards: it must be eval
+
+    def forward(self, image: torch.Tensor):
+        return self.outputs(self.model([image])[0])
 
 
 def check_out_path(out: str | os.PathLike) -> Path:
@@ -234,7 +258,7 @@ def export_onnx(
         "input": f"{INPUT_NAME}: float32 (3, H, W), RGB in [0, 1]"
         + ("" if size is None else f", exactly H={size[0]} W={size[1]}"),
         "outputs": "boxes: float32 (N, 4) xyxy in input pixels; scores: float32 (N,); labels: int64 (N,), "
-        "0-based index into 'classes'; highest score first" + (_MASKS_DOC if wrapped.masks else ""),
+        "0-based index into 'classes'; highest score first" + (MASKS_DOC if wrapped.masks else ""),
         **detector_metadata(model),
         **(metadata or {}),
     }
@@ -296,9 +320,7 @@ def _check_parity(wrapped: OnnxDetector, data: bytes, example: torch.Tensor, dyn
     if dynamic:  # another aspect ratio and scale than the trace's
         h, w = example.shape[-2:]
         images.append(example_image(max(16, h * 3 // 4), w * 5 // 4))
-    worst = {"images": 0, "detections": 0, "max_box_diff": 0.0, "max_score_diff": 0.0}
-    if wrapped.masks:
-        worst["max_mask_diff"] = 0.0
+    worst = wrapped.parity_start(images=0)
     for x in images:
         with torch.no_grad():
             ref = [t.numpy() for t in wrapped(x)]
@@ -310,11 +332,7 @@ def _check_parity(wrapped: OnnxDetector, data: bytes, example: torch.Tensor, dyn
                 f"nothing written (torch {torch.__version__}: try another --opset)"
             )
         worst["images"] += 1
-        worst["detections"] += d["count"]
-        worst["max_box_diff"] = max(worst["max_box_diff"], d["max_box_diff"])
-        worst["max_score_diff"] = max(worst["max_score_diff"], d["max_score_diff"])
-        if wrapped.masks:
-            worst["max_mask_diff"] = max(worst["max_mask_diff"], d["max_mask_diff"])
+        wrapped.parity_add(worst, d)
     return worst
 
 

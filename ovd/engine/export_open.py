@@ -37,10 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ovd.engine.export import (
-    _MASKS_DOC,
     MASK_OUTPUT,
-    OUTPUT_NAMES,
-    ExactResizeTransform,
+    MASKS_DOC,
+    ExportWrapper,
     box_tolerance,
     check_opset,
     check_out_path,
@@ -65,7 +64,7 @@ CHECK_VOCAB_SIZES = (3, 11)
 TRACE_VOCAB_SIZE = 5
 
 
-class OpenOnnxDetector(nn.Module):
+class OpenOnnxDetector(ExportWrapper):
     """The exported function: (image (3, H, W), text embeddings (N, D)) → boxes, scores, 0-based labels.
 
     The classifier (and the semantic regression, which reads the same tensor) use the given
@@ -73,16 +72,8 @@ class OpenOnnxDetector(nn.Module):
     wrapper is also the PyTorch reference for the parity check."""
 
     def __init__(self, model: nn.Module):
-        super().__init__()
-        model.transform = ExactResizeTransform.like(model.transform)
-        self.model = model
-        has_mask = getattr(model.roi_heads, "has_mask", None)
-        self.masks = bool(has_mask()) if callable(has_mask) else False
+        super().__init__(model)
         self.eval()
-
-    @property
-    def output_names(self) -> list[str]:
-        return list(OUTPUT_NAMES) + ([MASK_OUTPUT] if self.masks else [])
 
     def forward(self, image: torch.Tensor, text: torch.Tensor):
         clf = self.model.roi_heads.classifier
@@ -92,9 +83,7 @@ class OpenOnnxDetector(nn.Module):
             out = self.model([image])[0]
         finally:
             clf.text = saved
-        if self.masks:
-            return out["boxes"], out["scores"], out["labels"] - 1, out["masks"]
-        return out["boxes"], out["scores"], out["labels"] - 1
+        return self.outputs(out)
 
 
 def _example_text(n: int, dim: int, seed: int) -> torch.Tensor:
@@ -129,10 +118,7 @@ def check_open_parity(
     """onnxruntime vs the eager wrapper for every image x vocabulary; one OvdError at the first
     disagreement. Returns the worst differences and the vocabulary sizes checked."""
     sess = onnx_session(data, threads=1)
-    worst = {"images": len(images), "vocabulary_sizes": [int(len(t)) for t in vocabularies], "detections": 0,
-             "max_box_diff": 0.0, "max_score_diff": 0.0}  # fmt: skip
-    if wrapped.masks:
-        worst["max_mask_diff"] = 0.0
+    worst = wrapped.parity_start(images=len(images), vocabulary_sizes=[int(len(t)) for t in vocabularies])
     for x in images:
         for text in vocabularies:
             with torch.no_grad():
@@ -145,11 +131,7 @@ def check_open_parity(
                     f"{len(text)} classes ({d['why']}); nothing written "
                     f"(torch {torch.__version__}: try another --opset)"
                 )
-            worst["detections"] += d["count"]
-            worst["max_box_diff"] = max(worst["max_box_diff"], d["max_box_diff"])
-            worst["max_score_diff"] = max(worst["max_score_diff"], d["max_score_diff"])
-            if wrapped.masks:
-                worst["max_mask_diff"] = max(worst["max_mask_diff"], d["max_mask_diff"])
+            wrapped.parity_add(worst, d)
     return worst
 
 
@@ -200,7 +182,7 @@ def export_open_onnx(
         + f"; {TEXT_INPUT}: float32 (N, {dim}), one row per class (ovd vocab embed)",
         "outputs": "boxes: float32 (M, 4) xyxy in input pixels; scores: float32 (M,); labels: int64 (M,), "
         f"0-based row of {TEXT_INPUT}; highest score first"
-        + (_MASKS_DOC.replace("(N, 1", "(M, 1") if wrapped.masks else ""),
+        + (MASKS_DOC.replace("(N, 1", "(M, 1") if wrapped.masks else ""),
         **detector_metadata(model),
         **(metadata or {}),
     }
