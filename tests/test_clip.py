@@ -412,3 +412,25 @@ def test_bf16_precision_embeds_close_to_fp32_and_is_another_fingerprint(tiny_dir
     c.precision = "fp16x"
     with pytest.raises(OvdError, match=r"clip.precision: unknown precision 'fp16x' \(choose from fp32, bf16\)"):
         clip_from_config(c)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_warns_only_where_the_cpu_lacks_native_bf16(tiny_dir, monkeypatch, native):
+    """Emulated bf16 is several times slower than fp32 (AVX2 CPUs): the user is told once, at load."""
+    import warnings
+
+    from omegaconf import OmegaConf
+
+    import ovd.vlm.clip as clip_mod
+    from ovd.config_schema import ClipConfig
+
+    monkeypatch.setattr(clip_mod, "native_cpu_bf16", lambda: native)
+    c = OmegaConf.structured(ClipConfig(model=str(tiny_dir), precision="bf16"))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        clip_mod.clip_from_config(c)
+        c.precision = "fp32"
+        clip_mod.clip_from_config(c)  # fp32 never warns
+    msgs = [str(w.message) for w in seen if "native bf16" in str(w.message)]
+    assert len(msgs) == (0 if native else 1), msgs
+    assert native or "set clip.precision=fp32" in msgs[0]
