@@ -1,15 +1,15 @@
-"""The card's claims that a test can afford, on a real smoke-sized run (world v2 smoke, the session's
-``mini_world``; every stage real: tiny CLIP pre-trained on the web images, adapter, miner, feature
-cache, detector trained on base boxes only):
+"""The card's claims that a test can afford, on real smoke-sized runs (every stage real: tiny CLIP
+pre-trained on the web images, adapter, miner, feature cache, detector trained on base boxes only):
 
-* novel classes, never annotated in training, are detected by name far above an untrained model;
+* novel classes, never annotated in training, are detected by name far above an untrained model:
+  on the README's main job (``configs/mini/smoke.yaml``, its default world) and on world v2;
 * the adapter (LayerNorm-only fine-tuning on base crops) raises base crop accuracy;
 * few-shot fine-tuning with data-free replay of forged base RoI features keeps base AP50 clearly
   above fine-tuning on the novel boxes alone (no base image is read after the statistics pass).
 
-World v2 and not v3: on v3's smoke preset the tiny CLIP is too weak for novel detection (novel AP50
-0 to 0.3 % for the full smoke run, docs/benchmarks.md), so a v3 test could only assert noise. One run of
-``configs/mini/smoke_v2.yaml`` at one thread (~3 minutes) serves both tests.
+The adapter and replay tests use one run of ``configs/mini/smoke_v2.yaml`` on the session's
+``mini_world`` (world v2, where their margins were measured: docs/replay.md); the main job's run
+generates its own world, exactly as ``ovd run configs/mini/smoke.yaml`` does for a new user.
 """
 
 from __future__ import annotations
@@ -30,8 +30,13 @@ from ovd.modeling.build import build_detector
 from ovd.vlm.text import TextSource
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "mini" / "smoke_v2.yaml")
-pytestmark = pytest.mark.slow  # one whole smoke_v2 pipeline run, then adapter and few-shot runs on it
+MAIN_JOB = str(Path(__file__).resolve().parents[1] / "configs" / "mini" / "smoke.yaml")
+pytestmark = pytest.mark.slow  # two whole smoke pipeline runs, then adapter and few-shot runs
 REPLAY_MARGIN = 0.05  # base AP50 points (x100: 5); measured gaps in docs/replay.md
+# novel AP50 a trained run must pass (and 5x the untrained model's); measured values in
+# docs/benchmarks.md ("The smoke presets"): the floor is about half of them, below the few-point
+# moves that last-bit differences cause on smoke-sized runs
+NOVEL_FLOOR = {"main_job_run": 0.04, "smoke_run": 0.08}
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +47,18 @@ def smoke_run(mini_world, tmp_path_factory):
     return load_config(CONFIG, ov)
 
 
-def test_novel_classes_are_detected_by_name_above_an_untrained_model(smoke_run):
-    cfg = smoke_run
+@pytest.fixture(scope="module")
+def main_job_run(tmp_path_factory):
+    """The README's main job from nothing: its default world generated, every stage run."""
+    work = tmp_path_factory.mktemp("smoke_main_job")
+    ov = [f"world.dir={work / 'world'}", f"work_dir={work / 'run'}"]
+    assert main(["run", MAIN_JOB, *ov]) == 0
+    return load_config(MAIN_JOB, ov)
+
+
+@pytest.mark.parametrize("run", ["main_job_run", "smoke_run"])
+def test_novel_classes_are_detected_by_name_above_an_untrained_model(run, request):
+    cfg = request.getfixturevalue(run)
     trained = json.loads((Path(cfg.train.out) / "metrics.json").read_text())
 
     # the same construction and seed as the run, not trained, prompted with the same names
@@ -56,13 +71,12 @@ def test_novel_classes_are_detected_by_name_above_an_untrained_model(smoke_run):
     dets = predict_dataset(untrained, val, list(sp.base_ids) + list(sp.novel_ids), progress=False)
     before = evaluate_detections(val, dets, split=sp)
 
-    print(f"novel AP50 untrained {before['AP50_novel']:.4f} trained {trained['AP50_novel']:.4f}")
-    # measured 0.17 trained (0.20 before the fused AdamW step) vs ~0 untrained (docs/benchmarks.md);
+    print(f"{run}: novel AP50 untrained {before['AP50_novel']:.4f} trained {trained['AP50_novel']:.4f}")
     # the train file has no novel box
     train = json.loads(Path(cfg.data.train_json).read_text())
     novel_ids = set(sp.novel_ids)
-    assert not any(a["category_id"] in novel_ids for a in train["annotations"])
-    assert trained["AP50_novel"] > max(0.08, 5 * before["AP50_novel"]), (before, trained)
+    assert novel_ids and not any(a["category_id"] in novel_ids for a in train["annotations"])
+    assert trained["AP50_novel"] > max(NOVEL_FLOOR[run], 5 * before["AP50_novel"]), (before, trained)
 
 
 def test_the_adapter_raises_base_crop_accuracy(smoke_run, tmp_path):

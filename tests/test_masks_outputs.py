@@ -13,7 +13,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 import pytest
 import torch
-from _fixtures import subset_json, tiny_clip_dir
+from _fixtures import V2_WORLD, subset_json, tiny_clip_dir
 from torchvision.ops import box_iou
 
 from ovd.config import load_config
@@ -35,7 +35,8 @@ VOCAB = ["red circle", "blue star", "green square", "yellow ring", "purple circl
 
 def _overrides(world: Path, root: Path, train_json: Path, **extra) -> list[str]:
     ov = {
-        "world.dir": world, "world.version": 2, "work_dir": root / "work", "clip.model": f"local-dir:{root / 'clip'}",
+        "world.dir": world, **dict(o.split("=", 1) for o in V2_WORLD), "work_dir": root / "work",
+        "clip.model": f"local-dir:{root / 'clip'}",
         "data.train_json": train_json, "model.distill": "false", "model.mask_head": "true", "model.min_size": 96,
         "model.max_size": 96, "model.box_batch_size_per_image": 32, "model.box_score_thresh": 0.0,
         "model.rpn_post_nms_top_n_test": 100, "train.batch_size": 2, "train.epochs": 2, "train.lr_steps": "[1]",
