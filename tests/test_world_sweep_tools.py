@@ -115,3 +115,22 @@ def test_the_record_lets_a_fresh_checkout_resume(tmp_path):
     # a damaged record counts as nothing done, never as done
     path.write_text("{not json")
     assert "baseline seed 0 (a)" in _variant_jobs(sweep.plan(args)[0])
+
+
+def test_collect_writes_records_only_for_worlds_with_results(tmp_path):
+    common = ["--preset", str(ROOT / "configs/mini/smoke.yaml"), "--settings", "baseline", "own", "--seeds", "0",
+              "--variants", "a", "--work-root", str(tmp_path / "w"), "--data-root", str(tmp_path / "d"),
+              "--record", str(tmp_path / "record"), "--no-probes", "--collect"]  # fmt: skip
+    sweep.main(common)
+    assert not (tmp_path / "record").exists() or not list((tmp_path / "record").iterdir())
+    # a recorded run under today's stamp survives a collect that finds nothing on disk
+    ov = sweep.world_overrides("own", 0, str(tmp_path / "w"), str(tmp_path / "d"))
+    cfg = load_config(str(ROOT / "configs/mini/smoke.yaml"), sweep.run_overrides(ov, "a", []))
+    rec = {"variants": {"a": {"stamp": sweep._pipeline(cfg).fresh["test"], "AP50_novel": 0.25}}}
+    path = sweep.record_path(tmp_path / "record", "own", 0)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(rec))
+    sweep.main(common)
+    assert [p.name for p in (tmp_path / "record").iterdir()] == ["own-seed0.json"]
+    got = json.loads(path.read_text())
+    assert (got["setting"], got["seed"], got["variants"]) == ("own", 0, rec["variants"])

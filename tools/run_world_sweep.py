@@ -262,7 +262,7 @@ def run_chunk(jobs: list[Job], slots: int, threads: int, deadline: float, margin
     return status
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default=str(ROOT / "configs/mini/sweep.yaml"), help="the preset config")
     ap.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS), choices=list(SETTINGS))
@@ -282,7 +282,7 @@ def main() -> None:
     ap.add_argument("--list", action="store_true", help="print the jobs still to run and stop")
     ap.add_argument("--collect", action="store_true", help="run nothing: write each world's result.json")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every run")
-    args = ap.parse_intermixed_args()
+    args = ap.parse_intermixed_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
         sys.exit("--seeds: each seed once")
     t0 = time.time()
@@ -300,6 +300,8 @@ def main() -> None:
         path = record_path(args.record, setting, seed)
         res = result_of(args.preset, ov, args.variants, out, args.overrides, read_record(path), seconds.get(world))
         res = {"setting": setting, "seed": seed, "preset": Path(args.preset).name, **res}
+        if not res["variants"] and "probes" not in res and not path.exists():
+            return res  # nothing of this world yet: no empty record
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")  # atomic: a killed driver never leaves half a record
         tmp.write_text(json.dumps(res, indent=2) + "\n")
