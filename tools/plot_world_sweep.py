@@ -87,7 +87,9 @@ def figure(cells: dict, variants: list[str], path: Path) -> None:
                 means.append(m)
                 errs.append(sd or 0.0)
                 xs.append(j + (i - (len(variants) - 1) / 2) * width)
-        ax.bar(xs, means, width, yerr=errs, capsize=3, label=VARIANTS[v][1])
+        if xs:  # a variant with no finished run gets no legend entry
+            ax.bar(xs, means, width, yerr=errs, capsize=3, label=VARIANTS[v][1], color=f"C{i}")
+    ax.set_xlim(-0.6, len(settings) - 0.4)  # bars keep their width however few settings there are
     ax.set_xticks(range(len(settings)))
     ax.set_xticklabels([f"{s}\n({len(cells[s]['seeds'])} seeds)" for s in settings])
     ax.set_ylabel("novel AP50 (%)")
