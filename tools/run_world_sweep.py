@@ -113,15 +113,21 @@ def _pipeline(cfg) -> Pipeline:
     return p
 
 
+def test_state(cfg) -> tuple[Pipeline, bool]:
+    """The pipeline with today's stamps, and whether ``ovd run`` would reuse its test output on disk."""
+    p = _pipeline(cfg)
+    return p, p.output_exists("test") and p.stamps.get(p.key("test")) == p.fresh.get("test")
+
+
 def finished(cfg) -> bool:
     """Would ``ovd run`` reuse this config's test output? (every stage's stamp as a run would make it)"""
-    p = _pipeline(cfg)
-    return p.output_exists("test") and p.stamps.get(p.key("test")) == p.fresh.get("test")
+    return test_state(cfg)[1]
 
 
 def done(cfg, rec: dict, v: str) -> bool:
     """Finished on disk under the current settings, or recorded under the current test stamp."""
-    return finished(cfg) or recorded(rec, v, _pipeline(cfg).fresh["test"])
+    p, on_disk = test_state(cfg)
+    return on_disk or recorded(rec, v, p.fresh["test"])
 
 
 def record_path(record: Path, setting: str, seed: int) -> Path:
@@ -147,9 +153,9 @@ def result_of(preset: str, ov: list[str], variants: list[str], out: Path, extra:
     res: dict = {"overrides": ov, "variants": {}}
     seconds = seconds or {}
     for v in variants:
-        p = _pipeline(load_config(preset, run_overrides(ov, v, extra)))
+        p, on_disk = test_state(load_config(preset, run_overrides(ov, v, extra)))
         stamp = p.fresh["test"]
-        if p.output_exists("test") and p.stamps.get(p.key("test")) == stamp:
+        if on_disk:
             m = json.loads((Path(p.cfg.train.out) / "metrics.json").read_text())
             old = rec.get("variants", {}).get(v, {})
             secs = seconds.get(v, old.get("job_seconds") if old.get("stamp") == stamp else None)
