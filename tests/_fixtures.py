@@ -18,6 +18,9 @@ from types import ModuleType
 
 from safetensors import safe_open
 
+from ovd.config_schema import WorldConfig
+from ovd.mini_world.knobs import WORLD_KNOBS
+
 REPO = Path(__file__).resolve().parents[1]
 
 # The OVR-CNN / ViLD COCO open-vocabulary split as published (COCO 2017 spellings), written out here
@@ -263,7 +266,7 @@ def run_until(cfg, iteration: int) -> dict:
 
 # The session's mini_world fixture is v2 (see conftest.py); the smoke preset's world knobs exist for
 # v3 only, so a run on it sets them back to their defaults.
-V2_WORLD = ["world.version=2", "world.novel_attributes=shared", "world.web_style=clean", "world.web_per_class=0"]
+V2_WORLD = ["world.version=2", *(f"world.{k}={getattr(WorldConfig(), k)}" for k in WORLD_KNOBS)]
 
 # A seconds-sized `ovd run` (tiny CLIP, few iterations, v2 world) for the pipeline tests.
 SMALL = [
