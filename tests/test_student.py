@@ -222,8 +222,9 @@ def test_difgsm_stays_within_eps_and_raises_the_teachers_loss(teacher):
     t_model.set_vocabulary(load_checkpoint(ckpt)["text"])
     images, _, targets = _images_and_boxes(cfg, 2)
     before = [x.clone() for x in images]
-    eps = 8 / 255
-    adv = difgsm(t_model, images, targets, torch.Generator().manual_seed(0), eps=eps, alpha=2 / 255, steps=5)
+    eps, attack = 8 / 255, {"alpha": 2 / 255, "steps": 10}
+    advs = [difgsm(t_model, images, targets, torch.Generator().manual_seed(s), eps=eps, **attack) for s in range(3)]
+    adv = advs[0]
     assert all(torch.equal(x, y) for x, y in zip(images, before))  # inputs untouched
     for a, x in zip(adv, images):
         assert a.shape == x.shape and float((a - x).abs().max()) <= eps + 1e-6
@@ -238,13 +239,19 @@ def test_difgsm_stays_within_eps_and_raises_the_teachers_loss(teacher):
                 out.append(float(classification_loss(t_model(xs, gt))))
         return sum(out) / len(out)
 
-    g = torch.Generator().manual_seed(1)
-    noise = [(x + eps * torch.sign(torch.randn(x.shape, generator=g))).clamp(0, 1) for x in images]
-    # the attack raises the loss well beyond what random noise of the same size does
-    assert loss(adv) > loss(images) * 1.05 and loss(adv) > loss(noise) * 1.05
+    def sign_noise(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [(x + eps * torch.sign(torch.randn(x.shape, generator=g))).clamp(0, 1) for x in images]
+
+    # The attack raises the loss well beyond what random noise of the same size does. One attack draw
+    # against this barely trained teacher varies (its input diversity is random: one 5-step draw gave
+    # +3.7 %, others +7 %, and the teacher itself differs by CPU), so the mean over three draws is
+    # compared with the worst of clean and three noise draws (noise moves the loss by up to ~2 %).
+    floor = max([loss(images)] + [loss(sign_noise(s)) for s in (1, 2, 3)])
+    assert sum(loss(a) for a in advs) / len(advs) > floor * 1.05
     assert not t_model.training  # the teacher is back in eval mode
     rng = torch.get_rng_state()
-    again = difgsm(t_model, images, targets, torch.Generator().manual_seed(0), eps=eps, alpha=2 / 255, steps=5)
+    again = difgsm(t_model, images, targets, torch.Generator().manual_seed(0), eps=eps, **attack)
     assert torch.equal(torch.get_rng_state(), rng)  # the caller's random stream is untouched
     assert all(torch.equal(a, b) for a, b in zip(adv, again))
 
