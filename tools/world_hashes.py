@@ -37,7 +37,8 @@ def _use_code(root: str) -> None:
     sys.path.insert(0, root)
 
 
-if __name__ == "__main__" and "--code" in sys.argv[:-1]:  # before the import below: it picks which generator is fingerprinted
+# before the import below: --code picks which generator is fingerprinted
+if __name__ == "__main__" and "--code" in sys.argv[:-1]:
     _use_code(sys.argv[sys.argv.index("--code") + 1])
 
 try:
