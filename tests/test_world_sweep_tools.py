@@ -100,7 +100,8 @@ def test_the_record_lets_a_fresh_checkout_resume(tmp_path):
     # a record of (a) on the baseline world under today's stamp: (a) is reused, (b) still runs
     ov, out = worlds[("baseline", 0)]
     stamp = sweep._pipeline(load_config(args.preset, sweep.run_overrides(ov, "a", []))).fresh["test"]
-    rec = {"setting": "baseline", "seed": 0, "variants": {"a": {"stamp": stamp, "AP50_novel": 0.1}}}
+    run = {"stamp": stamp, "cpu": "x86_64 AVX2", "AP50_novel": 0.1}  # made on another kind of CPU
+    rec = {"setting": "baseline", "seed": 0, "variants": {"a": run}}
     path = sweep.record_path(args.record, "baseline", 0)
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(rec))

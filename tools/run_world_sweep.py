@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -142,6 +143,13 @@ def read_record(path: Path) -> dict:
         return {}
 
 
+def cpu_kind() -> str:
+    """e.g. ``x86_64 AVX512`` / ``x86_64 AVX2``: the SIMD level torch's kernels run at here."""
+    import torch
+
+    return f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}"
+
+
 def recorded(rec: dict, v: str, stamp: str) -> bool:
     return rec.get("variants", {}).get(v, {}).get("stamp") == stamp
 
@@ -158,14 +166,18 @@ def result_of(preset: str, ov: list[str], variants: list[str], out: Path, extra:
         if on_disk:
             m = json.loads((Path(p.cfg.train.out) / "metrics.json").read_text())
             old = rec.get("variants", {}).get(v, {})
-            secs = seconds.get(v, old.get("job_seconds") if old.get("stamp") == stamp else None)
-            res["variants"][v] = {"variant": VARIANTS[v][1], "stamp": stamp, "job_seconds": secs,
+            same = old.get("stamp") == stamp
+            secs = seconds.get(v, old.get("job_seconds") if same else None)
+            # the CPU kind that ran it: runs are exact within one kind, and differ across kinds by
+            # seed-like amounts (numpy's and torch's AVX-512 and AVX2 loops round differently)
+            cpu = cpu_kind() if v in seconds else old.get("cpu") if same else None
+            res["variants"][v] = {"variant": VARIANTS[v][1], "stamp": stamp, "job_seconds": secs, "cpu": cpu,
                                   **{k: m[k] for k in METRICS}}  # fmt: skip
         elif recorded(rec, v, stamp):
             res["variants"][v] = rec["variants"][v]
     adapt = _pipeline(load_config(preset, run_overrides(ov, "e", extra))).fresh.get("adapt")
     try:
-        res["probes"] = {**probes(out), "stamp": adapt}
+        res["probes"] = {**probes(out), "stamp": adapt, "cpu": cpu_kind()}
     except (OSError, ValueError, KeyError):  # not run here (or interrupted): the record's, if still valid
         if rec.get("probes", {}).get("stamp") == adapt:
             res["probes"] = rec["probes"]
