@@ -61,16 +61,21 @@ VARIANTS = {
 }
 #: World settings: overrides per setting. "aspect" also gives the miner EZSD's anchor ratios
 #: 0.5/1/2: the mini configs' square-only anchors were chosen for near-square objects.
+_ALL = ["world.novel_attributes=own", "world.kind_aspect=coco", "miner.ratios=[0.5,1.0,2.0]", "world.web_style=scene"]
 SETTINGS: dict[str, list[str]] = {
     "baseline": [],
     "own": ["world.novel_attributes=own"],
     "aspect": ["world.kind_aspect=coco", "miner.ratios=[0.5,1.0,2.0]"],
     "teacher": ["world.web_style=scene"],
-    "all": ["world.novel_attributes=own", "world.kind_aspect=coco", "miner.ratios=[0.5,1.0,2.0]",
-            "world.web_style=scene"],
+    "all": _ALL,
     # more teacher data / longer pre-training (not in the default sweep: pre-training time doubles)
     "teacher_data": ["world.web_style=scene", "world.web_per_class=240"],
     "teacher_long": ["world.web_style=scene", "pretrain.epochs=12"],
+    # the calibration candidates (docs/mini_world.md, "The calibrated world"): the combination with a
+    # stronger teacher, at the same pre-training steps (~1,840): 4x the epochs, or 2x the web data
+    # for 2x the epochs
+    "all_long": [*_ALL, "pretrain.epochs=24"],
+    "all_data": [*_ALL, "world.web_per_class=240", "pretrain.epochs=12"],
 }  # fmt: skip
 DEFAULT_SETTINGS = ("baseline", "own", "aspect", "teacher", "all")
 # the sweep measures final metrics only: (e)'s periodic evaluation would cost a val pass every 250 its
