@@ -63,6 +63,8 @@ def _result(setting, seed, novel, base, raw_novel):
 def test_plot_aggregates_seeds(tmp_path):
     rows = [_result("baseline", s, n, 0.5, r) for s, n, r in ((0, 0.2, 0.1), (1, 0.3, 0.2), (2, 0.4, 0.3))]
     rows.append(_result("own", 0, 0.05, 0.4, 0.5))
+    del rows[2]["variants"]["e"]  # (e) not run on seed 2: paired differences use seeds 0 and 1 only
+    rows[0]["variants"]["a"]["cpu"] = "x86_64 AVX2"
     (tmp_path / "record").mkdir()
     for r in rows:
         (tmp_path / "record" / f"{r['setting']}-seed{r['seed']}.json").write_text(json.dumps(r))
@@ -72,8 +74,12 @@ def test_plot_aggregates_seeds(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = out.with_suffix(".md").read_text()
     sd = 100 * statistics.stdev([0.2, 0.3, 0.4])
-    assert f"| baseline | (a) text-only | 50.0 ± 0.0 (n=3) | 30.0 ± {sd:.1f} (n=3) | 0.6 ± 0.2 (n=3) |" in md
-    assert "| baseline | (e) full | 50.0 ± 0.0 (n=3) | 15.0 ± " in md
+    assert f"| baseline | (a) text-only | 50.0 ± 0.0 (n=3) | 30.0 ± {sd:.1f} (n=3) | 0.60 ± 0.20 (n=3) |" in md
+    assert "| baseline | (e) full | 50.0 ± 0.0 (n=2) | 12.5 ± " in md
+    # (e) - (a), paired by seed: novel -10 and -15 on seeds 0 and 1, base 0
+    assert f"| baseline | -12.5 ± {statistics.stdev([-10, -15]):.1f} (n=2) | 0.0 ± 0.0 (n=2) |" in md
+    assert "| own | -2.5 (n=1) | 0.0 (n=1) |" in md
+    assert "Runs per CPU kind: unknown: 6, x86_64 AVX2: 1." in md
     assert "| own | (a) text-only | 40.0 (n=1) | 5.0 (n=1) |" in md
     assert f"| baseline | 50.0 ± 0.0 (n=3) | 20.0 ± {100 * statistics.stdev([0.1, 0.2, 0.3]):.1f} (n=3) |" in md
     # baseline comes first (the sweep's order), whatever the folder names sort to

@@ -41,23 +41,25 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def pm(values: list[float], scale: float = 100.0) -> str:
-    """``mean ± std (n)`` in percent; ``-`` when there is nothing."""
+def pm(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    """``mean ± std (n)`` in percent (``scale``); ``-`` when there is nothing."""
     if not values:
         return "-"
     m, s = mean_std([scale * v for v in values])
-    return f"{m:.1f} ± {s:.1f} (n={len(values)})" if s is not None else f"{m:.1f} (n=1)"
+    return f"{m:.{digits}f} ± {s:.{digits}f} (n={len(values)})" if s is not None else f"{m:.{digits}f} (n=1)"
 
 
 def gather(results: list[dict]) -> dict:
     """``{setting: {"variants": {v: {metric: [per seed]}}, "probes": {name: [per seed]}}}``."""
     out: dict = {}
     for r in results:
-        cell = out.setdefault(r["setting"], {"variants": {}, "probes": {}, "seeds": set()})
+        cell = out.setdefault(r["setting"], {"variants": {}, "probes": {}, "seeds": set(), "by_seed": {}, "cpus": []})
         cell["seeds"].add(r["seed"])
         for v, m in r.get("variants", {}).items():
             for k in ("AP50_base", "AP50_novel"):
                 cell["variants"].setdefault(v, {}).setdefault(k, []).append(m[k])
+            cell["by_seed"].setdefault(v, {})[r["seed"]] = m
+            cell["cpus"].append(m.get("cpu") or "unknown")
         p = r.get("probes")
         if p:
             for kind in ("raw", "adapted"):
@@ -112,13 +114,43 @@ def table(cells: dict, variants: list[str]) -> list[str]:
                 continue
             ratio = [n / b for n, b in zip(m["AP50_novel"], m["AP50_base"]) if b > 0]
             lines.append(f"| {s} | {VARIANTS[v][1]} | {pm(m['AP50_base'])} | {pm(m['AP50_novel'])} | "
-                         f"{pm(ratio, 1.0) if ratio else '-'} |")  # fmt: skip
+                         f"{pm(ratio, 1.0, 2) if ratio else '-'} |")  # fmt: skip
+    lines += ["", *paired(cells, variants)]
     names = ["raw top-1 base", "raw top-1 novel", "adapted top-1 base", "adapted top-1 novel", "miner novel recall"]
     lines += ["", "| world setting | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for s in ordered(cells):
         p = cells[s]["probes"]
         lines.append(f"| {s} | " + " | ".join(pm(p.get(k, [])) for k in names) + " |")
     return lines
+
+
+def paired(cells: dict, variants: list[str]) -> list[str]:
+    """Per setting, each variant's AP50 minus (a)'s, paired by world seed (seeds with both runs): a
+    difference whose mean does not exceed its std over seeds cannot be told apart from none."""
+    others = [v for v in variants if v != "a"]
+    if "a" not in variants or not others:
+        return []
+    cols = [f"{VARIANTS[v][1].split()[0]} − (a) {g}" for v in others for g in ("novel", "base")]
+    lines = ["| world setting | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for s in ordered(cells):
+        runs = cells[s]["by_seed"]
+        row = []
+        for v in others:
+            seeds = sorted(set(runs.get("a", {})) & set(runs.get(v, {})))
+            for k in ("AP50_novel", "AP50_base"):
+                row.append(pm([runs[v][x][k] - runs["a"][x][k] for x in seeds]))
+        if any(c != "-" for c in row):
+            lines.append(f"| {s} | " + " | ".join(row) + " |")
+    return lines if len(lines) > 2 else []
+
+
+def cpu_line(cells: dict) -> str:
+    """Which kinds of CPU made the runs (a run is exact within a kind; kinds differ like seeds)."""
+    counts: dict = {}
+    for c in cells.values():
+        for cpu in c["cpus"]:
+            counts[cpu] = counts.get(cpu, 0) + 1
+    return "Runs per CPU kind: " + ", ".join(f"{k}: {n}" for k, n in sorted(counts.items())) + "."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     cells = gather(results)
     out = Path(args.out)
     figure(cells, args.variants, out)
-    lines = ["World sweep: AP50 in %, mean ± sample std over world seeds (n seeds)", "", *table(cells, args.variants)]
+    lines = ["World sweep: AP50 in %, mean ± sample std over world seeds (n seeds)", "", *table(cells, args.variants),
+             "", cpu_line(cells)]  # fmt: skip
     out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
     print(f"figure: {out}")
