@@ -87,10 +87,13 @@ def figure(cells: dict, variants: list[str], path: Path) -> None:
             if vals:
                 m, sd = mean_std([100 * x for x in vals])
                 means.append(m)
-                errs.append(sd or 0.0)
+                errs.append(sd)
                 xs.append(j + (i - (len(variants) - 1) / 2) * width)
         if xs:  # a variant with no finished run gets no legend entry
-            ax.bar(xs, means, width, yerr=errs, capsize=3, label=VARIANTS[v][1], color=f"C{i}")
+            ax.bar(xs, means, width, label=VARIANTS[v][1], color=f"C{i}")
+            spread = [(x, m, e) for x, m, e in zip(xs, means, errs) if e is not None]  # one seed: no bar
+            if spread:
+                ax.errorbar(*zip(*spread), fmt="none", ecolor="black", capsize=3, linewidth=1)
     ax.set_xlim(-0.6, len(settings) - 0.4)  # bars keep their width however few settings there are
     ax.set_xticks(range(len(settings)))
     ax.set_xticklabels([f"{s}\n({len(cells[s]['seeds'])} seeds)" for s in settings])
