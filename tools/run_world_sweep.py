@@ -173,9 +173,10 @@ def result_of(preset: str, ov: list[str], variants: list[str], out: Path, extra:
             old = rec.get("variants", {}).get(v, {})
             same = old.get("stamp") == stamp
             secs = seconds.get(v, old.get("job_seconds") if same else None)
-            # the CPU kind that ran it: runs are exact within one kind, and differ across kinds by
-            # seed-like amounts (numpy's and torch's AVX-512 and AVX2 loops round differently)
-            cpu = cpu_kind() if v in seconds else old.get("cpu") if same else None
+            # the CPU kind that ran it (a work folder is this machine's, unless the record already
+            # says): runs are exact within one kind, and differ across kinds by seed-like amounts
+            # (numpy's and torch's AVX-512 and AVX2 loops round differently)
+            cpu = old["cpu"] if same and v not in seconds and old.get("cpu") else cpu_kind()
             res["variants"][v] = {"variant": VARIANTS[v][1], "stamp": stamp, "job_seconds": secs, "cpu": cpu,
                                   **{k: m[k] for k in METRICS}}  # fmt: skip
         elif recorded(rec, v, stamp):
