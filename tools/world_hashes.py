@@ -92,6 +92,11 @@ def _avx512_features() -> list[str]:
     return [k for k, on in feats.items() if on and (k.startswith("AVX512") or k == "X86_V4")]
 
 
+def no_avx512_env() -> dict:
+    """This process's environment with numpy's AVX-512 loops switched off (for a child process)."""
+    return dict(os.environ, NPY_DISABLE_CPU_FEATURES=" ".join(_avx512_features()))
+
+
 def simd_path() -> str:
     """Which fingerprint this process's numpy gives: ``avx512`` or ``no_avx512``.
 
@@ -114,9 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.this_path_only:
         if simd_path() != "avx512":
             raise SystemExit("world_hashes: both fingerprints need a CPU on which numpy runs AVX-512 loops")
-        env = dict(os.environ, NPY_DISABLE_CPU_FEATURES=" ".join(_avx512_features()))
         cmd = [sys.executable, __file__, "--this-path-only"] + (["--code", args.code] if args.code else [])
-        child = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
+        child = json.loads(subprocess.run(cmd, env=no_avx512_env(), check=True, capture_output=True, text=True).stdout)
         fingerprints.update(child["sha256"])
     doc = {"preset": GOLDEN.name, "seed": GOLDEN_SEED, "sha256": fingerprints}
     text = json.dumps(doc, indent=1, sort_keys=True)
