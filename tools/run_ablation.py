@@ -1,10 +1,15 @@
 """The EZSD component ablation on the mini-world bench preset, on one or more world seeds.
 
-    python tools/run_ablation.py [--variants a b c d e] [--seeds 0 1 2] [--slots 2] [overrides ...]
+    python tools/run_ablation.py [--variants a b c d e] [--options drop_base ...] [--seeds 0 1 2]
+                                 [--slots 2] [--bench CONFIG] [overrides ...]
 
-For each world seed, ``ovd run configs/mini/ablation/<variant>.yaml`` per variant. The stages the
+For each world seed, ``ovd run <bench> <variant's settings>`` per variant: the settings are those of
+``configs/mini/ablation/<variant>.yaml`` without its ``_base_`` (the bench), so the same variants run
+on any bench world (``--bench configs/mini/bench_v3.yaml``: world v3). ``--options`` adds the
+EZSD-faithful options (``OPTIONS``), each the full model (e) with one option set and its own output
+folders, compared with (e) paired by seed. The stages the
 variants share (world, tiny CLIP, adapter, miner, the full model's feature cache) are made once per
-seed by one job (``ovd run e_full.yaml --until extract``); the pipeline's stamps re-run any of them
+seed by one job (``ovd run <bench> <(e)'s settings> --until extract``); the pipeline's stamps re-run any of them
 whose settings changed, so nothing stale is reused. Jobs go through a queue of ``--slots`` slots,
 each job with ``OMP_NUM_THREADS = cores / slots`` (two torch processes that each use both cores of
 a 2-core machine run ~10x slower than one): a seed's variants start once its shared job is done,
@@ -12,9 +17,11 @@ so the next seed's shared stages overlap the previous seed's training.
 
 Seed 0 keeps the preset's paths (``data/mini-bench``, ``work_dirs/mini-bench``), so it reuses what
 ``ovd run configs/mini/bench.yaml`` made; seed S > 0 writes ``data/mini-bench-seedS`` and
-``work_dirs/mini-bench-seedS``. Per seed: ``<work_dir>/ablation/results.{json,md}`` (with, from the
-full model's periodic evaluations, the first iteration at which (e) reaches (b)'s final novel
-AP50); over the seeds: mean ± sample std in ``work_dirs/mini-bench/ablation/seeds.{json,md}``.
+``work_dirs/mini-bench-seedS`` (for another ``--bench``, its own name in place of ``mini-bench``).
+Per seed: ``<work_dir>/ablation/results.{json,md}`` (with, from the full model's periodic
+evaluations, the first iteration at which (e) reaches (b)'s final novel AP50); over the seeds:
+mean ± sample std in ``work_dirs/mini-bench/ablation/seeds.{json,md}``, with each EZSD claim's and
+each option's paired difference and its verdict (``verdict``).
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "a": ("a_base_only", "(a) base-only, text classifier, no distillation"),
@@ -37,6 +46,70 @@ VARIANTS = {
     "e": ("e_full", "(e) (d) + semantic regression = full"),
 }
 METRICS = ("AP50_base", "AP50_novel", "AP_base", "AP_novel")
+# The EZSD-faithful options (docs/mini_world.md): the full model (e) with one of them set. Each gets
+# its own output folders for every stage the option changes, so (d)'s and (e)'s proposals, cache
+# and adapter are never overwritten.
+_OWN = "${work_dir}/ablation/e_"
+OPTIONS: dict[str, tuple[list[str], str]] = {
+    "drop_base": (["miner.drop_base_argmax=true", f"miner.out={_OWN}drop_base/proposals",
+                   f"extract.out={_OWN}drop_base/feature_cache"],
+                  "miner drops proposals whose best class is a base class"),
+    "topk200": (["miner.topk=200", f"miner.out={_OWN}topk200/proposals", f"extract.out={_OWN}topk200/feature_cache"],
+                "200 distilled proposals per image instead of 20"),
+    "text_tower": (["adapter.text_tower=true", f"adapter.out={_OWN}text_tower/clip_adapter.safetensors",
+                    f"miner.out={_OWN}text_tower/proposals", f"extract.out={_OWN}text_tower/feature_cache"],
+                   "the adapter also tunes the text tower's LayerNorms"),
+    "sigmoid": (["adapter.loss=sigmoid", f"adapter.out={_OWN}sigmoid/clip_adapter.safetensors",
+                 f"miner.out={_OWN}sigmoid/proposals", f"extract.out={_OWN}sigmoid/feature_cache"],
+                "the adapter's loss is per-class sigmoid cross-entropy on 100 cos"),
+    "bg_free": (["model.background_unit=false"], "the background vector's length is learnt"),
+    "scale100": (["model.init_logit_scale=100"], "the classifier's temperature starts at 100"),
+}  # fmt: skip
+# Each EZSD claim as a paired difference of two variants (the first minus the second).
+CLAIMS = [
+    ("c", "b", "the adapter raises novel AP"),
+    ("d", "c", "CLIP-mined proposals beat random, base-biased regions"),
+    ("e", "d", "semantic regression helps"),
+    ("e", "a", "distillation beats the text-only detector"),
+    ("b", "a", "ViLD-style distillation beats the text-only detector"),
+]
+
+
+def flatten(d: dict, prefix: str = "") -> list[str]:
+    """``{"a": {"b": 1}}`` -> ``["a.b=1"]`` (lists in YAML flow style)."""
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += flatten(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}")
+    return out
+
+
+def variant_overrides(v: str) -> list[str]:
+    """The ablation variant's own settings (its YAML without ``_base_``), as overrides; an option's
+    name gives (e)'s settings, then the option's (with its own output folders)."""
+    if v in OPTIONS:
+        # final metrics only: (e)'s periodic evaluation would cost a val pass every 250 iterations
+        return [*variant_overrides("e"), f"train.out={_OWN}{v}", "train.eval_every=0", *OPTIONS[v][0]]
+    d = yaml.safe_load((ROOT / "configs/mini/ablation" / f"{VARIANTS[v][0]}.yaml").read_text()) or {}
+    d.pop("_base_", None)
+    return flatten(d)
+
+
+def label(v: str) -> str:
+    return VARIANTS[v][1] if v in VARIANTS else f"(e) + {v}: {OPTIONS[v][1]}"
+
+
+def verdict(diffs: list[float]) -> str:
+    """Reproduces = the same sign on every seed and a mean larger than the sample std."""
+    if len(diffs) < 2:
+        return "one seed: cannot be told"
+    m, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
+    if same_sign and abs(m) > sd:
+        return "reproduces" if m > 0 else "the opposite holds"
+    return "does not reproduce (within seed noise)"
 
 
 def seed_overrides(seed: int, base: list[str], base_cfg) -> list[str]:
@@ -86,18 +159,18 @@ def run_queue(jobs: list[Job], slots: int, threads: int) -> None:
             print(f"finished {job.name} in {job.seconds:.0f} s", flush=True)
 
 
-def collect(cfgs: dict, overrides: list[str], seconds: dict) -> dict:
+def collect(bench: Path, names: list[str], overrides: list[str], seconds: dict) -> dict:
     from ovd.config import load_config
 
     rows = {}
-    for v, path in cfgs.items():
-        cfg = load_config(str(path), overrides)
+    for v in names:
+        cfg = load_config(str(bench), [*variant_overrides(v), *overrides])
         m = json.loads((Path(cfg.train.out) / "metrics.json").read_text())
-        rows[v] = {"variant": VARIANTS[v][1], **{k: m[k] for k in METRICS}, "wall_s": seconds.get(v)}
+        rows[v] = {"variant": label(v), **{k: m[k] for k in METRICS}, "wall_s": seconds.get(v)}
     result = {"overrides": overrides, "variants": rows}
-    if "b" in rows and "e" in cfgs:
+    if "b" in rows and "e" in rows:
         target = rows["b"]["AP50_novel"]
-        ev = Path(load_config(str(cfgs["e"]), overrides).train.out) / "eval.jsonl"
+        ev = Path(load_config(str(bench), [*variant_overrides("e"), *overrides]).train.out) / "eval.jsonl"
         evals = [json.loads(ln) for ln in ev.read_text().splitlines() if ln]
         hit = next((e["iter"] for e in evals if (e.get("AP50_novel") or 0) >= target), None)
         result["e_iterations_to_reach_b_novel_AP50"] = {
@@ -132,6 +205,18 @@ def fmt(x: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument(
+        "--options",
+        nargs="+",
+        default=[],
+        choices=list(OPTIONS),
+        help="EZSD-faithful options, each run as (e) + the option and paired with (e)",
+    )
+    ap.add_argument(
+        "--bench",
+        default=str(ROOT / "configs/mini/bench.yaml"),
+        help="the bench config the variants' settings apply to (configs/mini/bench_v3.yaml: world v3)",
+    )
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="world seeds (world.seed)")
     ap.add_argument("--slots", type=int, default=2, help="jobs at a time, each with cores / slots threads")
     ap.add_argument(
@@ -150,33 +235,26 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from ovd.config import load_config
 
-    cfgs = {v: ROOT / "configs/mini/ablation" / f"{VARIANTS[v][0]}.yaml" for v in args.variants}
-    full = ROOT / "configs/mini/ablation/e_full.yaml"
-    base_cfg = load_config(str(full), args.overrides)
+    bench = Path(args.bench).resolve()
+    names = [*args.variants, *args.options]
+    e_ov = variant_overrides("e")
+    base_cfg = load_config(str(bench), [*e_ov, *args.overrides])
     t0 = time.time()
     jobs, per_seed = [], {}
     for s in args.seeds:
         ov = seed_overrides(s, args.overrides, base_cfg)
-        out = Path(load_config(str(full), ov).work_dir) / "ablation"
+        out = Path(load_config(str(bench), [*e_ov, *ov]).work_dir) / "ablation"
+        full = ["run", str(bench), *e_ov, *ov]
         # the shared stages, including the default feature cache that (d) and (e) both read: two
         # variants extracting into one cache at once would find it locked
-        shared = Job(f"seed {s} shared stages", ["run", str(full), "--until", "extract", *ov], out / "shared.log")
-        variants = {v: Job(f"seed {s} ({v})", ["run", str(p), *ov], out / f"{v}.log", after=shared)
-                    for v, p in cfgs.items()}  # fmt: skip
+        shared = Job(f"seed {s} shared stages", [*full, "--until", "extract"], out / "shared.log")
+        variants = {v: Job(f"seed {s} ({v})", ["run", str(bench), *variant_overrides(v), *ov], out / f"{v}.log",
+                           after=shared) for v in names}  # fmt: skip
         jobs += [shared, *variants.values()]
         if args.probes:
-            evals = {
-                k: ["vlm", "eval", str(full), *ov, "--out", str(out / f"crop_{k}.json")] for k in ("raw", "adapted")
-            }
+            evals = {k: ["vlm", "eval", *full[1:], "--out", str(out / f"crop_{k}.json")] for k in ("raw", "adapted")}
             evals["raw"].append("--no-adapter")
-            recall = [
-                str(ROOT / "tools/bench_miner.py"),
-                str(full),
-                *ov,
-                "--recall",
-                "--images",
-                str(args.recall_images),
-            ]
+            recall = [str(ROOT / "tools/bench_miner.py"), *full[1:], "--recall", "--images", str(args.recall_images)]
             jobs += [
                 Job(f"seed {s} crop top-1 {k}", argv, out / f"crop_{k}.log", after=shared) for k, argv in evals.items()
             ]
@@ -187,7 +265,7 @@ def main() -> None:
 
     results = {}
     for s, (ov, out, variants) in per_seed.items():
-        res = collect(cfgs, ov, {v: j.seconds for v, j in variants.items()})
+        res = collect(bench, names, ov, {v: j.seconds for v, j in variants.items()})
         if args.probes:
             res["probes"] = probes(out)
         results[s] = res
@@ -203,22 +281,58 @@ def main() -> None:
         print(f"world seed {s}\n" + "\n".join(lines), flush=True)
 
     if len(results) > 1:
-        agg = {}
-        for v in cfgs:
-            vals = {k: [results[s]["variants"][v][k] for s in results] for k in METRICS}
-            agg[v] = {"variant": VARIANTS[v][1], **{k: f"{fmt(statistics.mean(x))} ± {fmt(statistics.stdev(x))}"
-                                                     for k, x in vals.items()}, "values": vals}  # fmt: skip
-        iters = {s: r.get("e_iterations_to_reach_b_novel_AP50", {}).get("iteration") for s, r in results.items()}
-        summary = {"seeds": list(results), "overrides": args.overrides, "variants": agg,
-                   "probes": {s: r["probes"] for s, r in results.items() if "probes" in r},
-                   "e_iterations_to_reach_b_novel_AP50": iters, "total_wall_s": round(time.time() - t0, 1)}  # fmt: skip
+        summary = summarise(results, names)
+        summary.update(
+            overrides=args.overrides,
+            bench=str(bench.relative_to(ROOT) if bench.is_relative_to(ROOT) else bench),
+            total_wall_s=round(time.time() - t0, 1),
+        )
         out = Path(base_cfg.work_dir) / "ablation"
         out.mkdir(parents=True, exist_ok=True)
         (out / "seeds.json").write_text(json.dumps(summary, indent=2) + "\n")
-        lines = [f"world seeds {list(results)}: mean ± sample std", *table(agg),
-                 f"\n(e) reaches (b)'s final novel AP50 at iteration (per seed): {iters}"]  # fmt: skip
+        lines = seeds_lines(summary)
         (out / "seeds.md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
+
+
+def summarise(results: dict, names: list[str]) -> dict:
+    """Mean ± sample std per variant over the seeds, and the paired differences: each EZSD claim
+    whose two variants ran, and each option against (e)."""
+    seeds = list(results)
+    agg = {}
+    for v in names:
+        vals = {k: [results[s]["variants"][v][k] for s in seeds] for k in METRICS}
+        agg[v] = {"variant": label(v), **{k: f"{fmt(statistics.mean(x))} ± {fmt(statistics.stdev(x))}"
+                                          for k, x in vals.items()}, "values": vals}  # fmt: skip
+    pairs = [(x, y, claim) for x, y, claim in CLAIMS if x in names and y in names]
+    pairs += [(o, "e", label(o)) for o in names if o in OPTIONS and "e" in names]
+    paired = []
+    for x, y, claim in pairs:
+        d = {k: [100 * (a - b) for a, b in zip(agg[x]["values"][k], agg[y]["values"][k])] for k in METRICS}
+        paired.append({"claim": claim, "difference": f"{x} - {y}", "per_seed": d,
+                       "verdict": verdict(d["AP50_novel"])})  # fmt: skip
+    iters = {s: r.get("e_iterations_to_reach_b_novel_AP50", {}).get("iteration") for s, r in results.items()}
+    return {"seeds": seeds, "variants": agg, "paired": paired,
+            "probes": {s: r["probes"] for s, r in results.items() if "probes" in r},
+            "e_iterations_to_reach_b_novel_AP50": iters}  # fmt: skip
+
+
+def paired_text(x: list[float]) -> str:
+    per = ", ".join(f"{v:+.1f}" for v in x)
+    return f"{statistics.mean(x):+.1f} ± {statistics.stdev(x):.1f} (per seed {per})"
+
+
+def seeds_lines(summary: dict) -> list[str]:
+    lines = [f"world seeds {summary['seeds']}: mean ± sample std", *table(summary["variants"]), "",
+             "Paired by seed (AP50 points, first minus second; verdict on novel AP50: reproduces = the same "
+             "sign on every seed and a mean larger than the std):", ""]  # fmt: skip
+    for p in summary["paired"]:
+        nov, base = (paired_text(p["per_seed"][k]) for k in ("AP50_novel", "AP50_base"))
+        lines.append(f"- {p['claim']} ({p['difference']}): novel AP50 {nov}, base AP50 {base} "
+                     f"→ **{p['verdict']}**")  # fmt: skip
+    lines.append(f"\n(e) reaches (b)'s final novel AP50 at iteration (per seed): "
+                 f"{summary['e_iterations_to_reach_b_novel_AP50']}")  # fmt: skip
+    return lines
 
 
 if __name__ == "__main__":

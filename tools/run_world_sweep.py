@@ -43,13 +43,11 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT))
 
-from run_ablation import METRICS, Job, probes  # noqa: E402  (the ablation's job and probe parsing)
+from run_ablation import METRICS, Job, probes, variant_overrides  # noqa: E402  (the ablation's)
 
 from ovd.config import load_config  # noqa: E402
 from ovd.pipeline import STAGES, Pipeline  # noqa: E402
@@ -80,24 +78,6 @@ SETTINGS: dict[str, list[str]] = {
 DEFAULT_SETTINGS = ("baseline", "own", "aspect", "teacher", "all")
 # the sweep measures final metrics only: (e)'s periodic evaluation would cost a val pass every 250 its
 SWEEP_OVERRIDES = ["train.eval_every=0"]
-
-
-def flatten(d: dict, prefix: str = "") -> list[str]:
-    """``{"a": {"b": 1}}`` -> ``["a.b=1"]`` (lists in YAML flow style)."""
-    out = []
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out += flatten(v, f"{prefix}{k}.")
-        else:
-            out.append(f"{prefix}{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}")
-    return out
-
-
-def variant_overrides(v: str) -> list[str]:
-    """The ablation variant's own settings (its YAML without ``_base_``), as overrides."""
-    d = yaml.safe_load((ROOT / "configs/mini/ablation" / f"{VARIANTS[v][0]}.yaml").read_text()) or {}
-    d.pop("_base_", None)
-    return flatten(d)
 
 
 def world_overrides(setting: str, seed: int, work_root: str, data_root: str) -> list[str]:

@@ -1,0 +1,88 @@
+"""tools/run_ablation.py: the variants and the EZSD-faithful options run on any bench world, an option
+never overwrites what (d) and (e) read, and the paired verdicts follow their rule."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from ovd.config import load_config
+from ovd.stages import STAGES
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import run_ablation as ra  # noqa: E402
+
+
+def _select(cfg, key):
+    return OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.select(cfg, key)}), resolve=True)["v"]
+
+
+def _changed_stages(a, b) -> set[str]:
+    """Stages whose settings differ between two configs, directly or through an upstream stage."""
+    changed: set[str] = set()
+    for name, st in STAGES.items():  # STAGES is in pipeline order: upstream stages come first
+        if any(_select(a, k) != _select(b, k) for k in st.reads) or changed & set(st.upstream):
+            changed.add(name)
+    return changed
+
+
+@pytest.mark.parametrize("option", list(ra.OPTIONS))
+def test_an_option_writes_every_stage_it_changes_to_its_own_folder(option):
+    e = load_config(str(ROOT / "configs/mini/bench.yaml"), ra.variant_overrides("e"))
+    o = load_config(str(ROOT / "configs/mini/bench.yaml"), ra.variant_overrides(option))
+    changed = _changed_stages(e, o) & {"adapt", "mine", "extract", "train"}
+    assert "train" in changed  # every option changes the detector it trains
+    for name in changed:
+        for key in STAGES[name].writes:
+            assert _select(o, key) != _select(e, key), (option, name, key)
+    # the unchanged stages' outputs are (e)'s, so they are shared, not remade
+    for name in {"adapt", "mine", "extract"} - changed:
+        for key in STAGES[name].writes:
+            assert _select(o, key) == _select(e, key), (option, name, key)
+    assert o.train.eval_every == 0 and e.train.eval_every > 0
+
+
+def test_the_variants_run_on_another_bench_world():
+    # the same variant settings on world v3's bench: only the world (and its speed/teacher settings) differ
+    v3 = load_config(str(ROOT / "configs/mini/bench_v3.yaml"), ra.variant_overrides("b"))
+    cal = load_config(str(ROOT / "configs/mini/bench.yaml"), ra.variant_overrides("b"))
+    assert (v3.world.novel_attributes, v3.world.kind_aspect, v3.world.web_style) == ("shared", "square", "clean")
+    assert (cal.world.novel_attributes, cal.world.kind_aspect, cal.world.web_style) == ("own", "coco", "scene")
+    for cfg in (v3, cal):
+        assert not cfg.adapter.enabled and not cfg.miner.enabled and cfg.extract.random_boxes == 20
+    assert v3.world.dir != cal.world.dir and v3.work_dir != cal.work_dir
+
+
+@pytest.mark.parametrize(
+    "diffs, expected",
+    [
+        ([1.0, 1.9, 1.0], "reproduces"),
+        ([-1.0, -2.0, -1.5], "the opposite holds"),
+        ([1.0, -0.5, 2.0], "does not reproduce (within seed noise)"),  # signs disagree
+        ([0.1, 5.0, 0.2], "does not reproduce (within seed noise)"),  # same sign, std > mean
+        ([3.0], "one seed: cannot be told"),
+    ],
+)
+def test_verdict_rule(diffs, expected):
+    assert ra.verdict(diffs) == expected
+
+
+def test_summary_pairs_claims_and_options_by_seed():
+    def run(a, e, opt):
+        return {"variants": {k: dict.fromkeys(ra.METRICS, v) for k, v in (("a", a), ("e", e), ("scale100", opt))}}
+
+    results = {0: run(0.10, 0.12, 0.11), 1: run(0.20, 0.23, 0.25), 2: run(0.05, 0.06, 0.04)}
+    s = ra.summarise(results, ["a", "e", "scale100"])
+    by = {p["difference"]: p for p in s["paired"]}
+    assert set(by) == {"e - a", "scale100 - e"}  # only claims whose two variants ran, plus the option
+    assert by["e - a"]["per_seed"]["AP50_novel"] == pytest.approx([2.0, 3.0, 1.0])
+    assert by["e - a"]["verdict"] == "reproduces"
+    assert by["scale100 - e"]["per_seed"]["AP50_novel"] == pytest.approx([-1.0, 2.0, -2.0])
+    assert by["scale100 - e"]["verdict"].startswith("does not reproduce")
+    text = "\n".join(ra.seeds_lines(s))
+    assert "+2.0 ± 1.0 (per seed +2.0, +3.0, +1.0)" in text and "**reproduces**" in text
