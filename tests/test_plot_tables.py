@@ -41,3 +41,26 @@ def test_figures_are_written_from_the_docs_tables(tmp_path):
     for name in ("ablation_v3.png", "fewshot_bench_v3.png"):
         with Image.open(tmp_path / name) as im:
             assert im.format == "PNG" and im.size[0] >= 800
+
+
+def test_calibrated_figure_from_an_ablation_run_file(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import run_ablation as ra
+
+    def run(vals):
+        return {"variants": {k: dict.fromkeys(ra.METRICS, v) for k, v in vals.items()}}
+
+    results = {s: run({"a": 0.02 + s / 100, "b": 0.05, "e": 0.06 + s / 200, "bg_free": 0.05 + s / 100})
+               for s in (0, 1, 2)}  # fmt: skip
+    summary = ra.summarise(results, ["a", "b", "e", "bg_free"])
+    run_file = tmp_path / "seeds.json"
+    run_file.write_text(json.dumps(summary))
+    out = tmp_path / "figs"
+    assert _tool().main(["--calibrated", str(run_file), "--out-dir", str(out)]) == 0
+    with Image.open(out / "ablation_calibrated.png") as im:
+        assert im.format == "PNG" and im.size[0] >= 1200
+    # without a calibrated run file, the other two figures are still made
+    assert _tool().main(["--calibrated", str(tmp_path / "missing.json"), "--out-dir", str(tmp_path / "f2")]) == 0
+    assert sorted(p.name for p in (tmp_path / "f2").iterdir()) == ["ablation_v3.png", "fewshot_bench_v3.png"]

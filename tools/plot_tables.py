@@ -7,7 +7,10 @@
 ``docs/data/ablation_v3_seeds.json``: the README's three-seed v3 table, means ± std).
 ``--fewshot``: ``<replay.fewshot_out>/fewshot_table.json`` (written by tools/run_fewshot.py; per-seed
 metrics) or the docs' format (default ``docs/data/fewshot_bench_v3.json``).
-Writes ``<out-dir>/ablation_v3.png`` and ``<out-dir>/fewshot_bench_v3.png``.
+``--calibrated``: run_ablation's ``seeds.json`` on the calibrated bench world, with its paired
+differences (default ``docs/data/ablation_calibrated_seeds.json``, a copy of that file).
+Writes ``<out-dir>/ablation_v3.png``, ``<out-dir>/fewshot_bench_v3.png`` and
+``<out-dir>/ablation_calibrated.png``.
 """
 
 from __future__ import annotations
@@ -87,6 +90,44 @@ def plot_ablation(rows: list[dict], out: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_calibrated(data: dict, out: Path, title: str) -> None:
+    """Left: novel and base AP50 per variant (mean ± std, seeds as dots). Right: each paired
+    difference (a claim, or an option against (e)) in novel AP50, seeds as dots, zero marked."""
+    rows = ablation_rows(data)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=120, gridspec_kw={"width_ratios": [1, 1.2]})
+    # "(a)" ... "(e)" for the variants, "(e) + <option>" for the options
+    labels = [r["name"].split(":")[0] if r["name"].startswith("(e) + ") else r["name"].split(")")[0] + ")"
+              for r in rows]  # fmt: skip
+    for k, (m, colour) in enumerate((("AP50_novel", "#e6194b"), ("AP50_base", "#4363d8"))):
+        pos = [i + (k - 0.5) * 0.38 for i in range(len(rows))]
+        left.bar(pos, [r["mean"][m] for r in rows], 0.38, yerr=[r["std"][m] for r in rows], capsize=3,
+                 color=colour, label=m.replace("_", " "))  # fmt: skip
+        if m == "AP50_novel":
+            for p_, r in zip(pos, rows):
+                left.plot([p_] * len(r["per_seed"][m]), r["per_seed"][m], "k.", ms=4)
+    left.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=7)
+    left.set_yscale("symlog", linthresh=10)  # novel AP50 is a few points, base ~60: both readable
+    left.set_ylim(0, 100)
+    left.set_yticks([0, 2, 5, 10, 20, 50, 100], ["0", "2", "5", "10", "20", "50", "100"])
+    left.set_ylabel("AP50 x 100 (log scale above 10)\nmean ± std, dots: seeds")
+    left.legend(fontsize=8)
+    paired = data.get("paired", [])
+    for i, p_ in enumerate(paired):
+        d = p_["per_seed"]["AP50_novel"]
+        m, sd = statistics.mean(d), (statistics.stdev(d) if len(d) > 1 else 0.0)
+        colour = {"reproduces": "#3cb44b", "the opposite holds": "#e6194b"}.get(p_["verdict"], "#808080")
+        right.errorbar([m], [i], xerr=[sd], fmt="o", color=colour, capsize=3)
+        right.plot(d, [i] * len(d), "k.", ms=4)
+    right.axvline(0, color="black", lw=0.8)
+    right.set_yticks(range(len(paired)), [f"{p_['claim']} ({p_['difference']})" for p_ in paired], fontsize=7)
+    right.invert_yaxis()
+    right.set_xlabel("paired difference, novel AP50 x 100\n(green: reproduces, red: the opposite, grey: seed noise)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
 def plot_fewshot(rows: list[dict], out: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.6), dpi=120, sharey=True)
     zero = next((r for r in rows if r["name"].startswith("zero-shot")), None)
@@ -120,6 +161,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ablation", default=str(ROOT / "docs" / "data" / "ablation_v3_seeds.json"))
     ap.add_argument("--fewshot", default=str(ROOT / "docs" / "data" / "fewshot_bench_v3.json"))
+    ap.add_argument("--calibrated", default=str(ROOT / "docs" / "data" / "ablation_calibrated_seeds.json"))
     ap.add_argument("--out-dir", default=str(ROOT / "docs"))
     a = ap.parse_args(argv)
     out_dir = Path(a.out_dir)
@@ -129,7 +171,14 @@ def main(argv=None) -> int:
     plot_ablation(ablation_rows(abl), out_dir / "ablation_v3.png",
                   abl.get("what", "EZSD ablation, world seeds " + str(abl.get("seeds"))))  # fmt: skip
     plot_fewshot(fewshot_rows(few), out_dir / "fewshot_bench_v3.png", few.get("what", "Few-shot replay"))
-    for name in ("ablation_v3.png", "fewshot_bench_v3.png"):
+    names = ["ablation_v3.png", "fewshot_bench_v3.png"]
+    if Path(a.calibrated).is_file():
+        cal = json.loads(Path(a.calibrated).read_text())
+        plot_calibrated(cal, out_dir / "ablation_calibrated.png",
+                        "EZSD ablation and EZSD-faithful options, calibrated bench world, world seeds "
+                        + ", ".join(map(str, cal.get("seeds", []))))  # fmt: skip
+        names.append("ablation_calibrated.png")
+    for name in names:
         print(out_dir / name)
     return 0
 

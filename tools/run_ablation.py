@@ -11,7 +11,7 @@ folders, compared with (e) paired by seed. The stages the
 variants share (world, tiny CLIP, adapter, miner, the full model's feature cache) are made once per
 seed by one job (``ovd run <bench> <(e)'s settings> --until extract``); the pipeline's stamps re-run any of them
 whose settings changed, so nothing stale is reused. Jobs go through a queue of ``--slots`` slots,
-each job with ``OMP_NUM_THREADS = cores / slots`` (two torch processes that each use both cores of
+each job with ``OMP_NUM_THREADS = cores / slots`` (or ``--threads``; two torch processes that each use both cores of
 a 2-core machine run ~10x slower than one): a seed's variants start once its shared job is done,
 so the next seed's shared stages overlap the previous seed's training.
 
@@ -220,6 +220,12 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="world seeds (world.seed)")
     ap.add_argument("--slots", type=int, default=2, help="jobs at a time, each with cores / slots threads")
     ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="threads per job instead of cores / slots (e.g. 1 beside another 1-thread driver)",
+    )
+    ap.add_argument(
         "--probes",
         action="store_true",
         help="also per seed: crop top-1 of the raw and the adapted CLIP (ovd vlm eval) and the miner's "
@@ -261,7 +267,7 @@ def main() -> None:
             jobs.append(Job(f"seed {s} miner recall", recall, out / "recall.log", after=shared))
         per_seed[s] = (ov, out, variants)
     if not args.collect:
-        run_queue(jobs, args.slots, max(1, (os.cpu_count() or 1) // args.slots))
+        run_queue(jobs, args.slots, args.threads or max(1, (os.cpu_count() or 1) // args.slots))
 
     results = {}
     for s, (ov, out, variants) in per_seed.items():
