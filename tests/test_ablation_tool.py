@@ -65,7 +65,8 @@ def test_the_variants_run_on_another_bench_world():
         ([-1.0, -2.0, -1.5], "the opposite holds"),
         ([1.0, -0.5, 2.0], "does not reproduce (within seed noise)"),  # signs disagree
         ([0.1, 5.0, 0.2], "does not reproduce (within seed noise)"),  # same sign, std > mean
-        ([3.0], "one seed: cannot be told"),
+        ([3.0], "1 seed: too few for a verdict"),
+        ([3.0, 3.1], "2 seeds: too few for a verdict"),  # the same sign twice is not enough
     ],
 )
 def test_verdict_rule(diffs, expected):
@@ -86,3 +87,19 @@ def test_summary_pairs_claims_and_options_by_seed():
     assert by["scale100 - e"]["verdict"].startswith("does not reproduce")
     text = "\n".join(ra.seeds_lines(s))
     assert "+2.0 ± 1.0 (per seed +2.0, +3.0, +1.0)" in text and "**reproduces**" in text
+
+
+def test_summary_of_a_partial_run_pairs_only_the_seeds_where_both_ran():
+    full = dict.fromkeys(ra.METRICS, 0.10)
+    results = {
+        0: {"variants": {"e": full, "bg_free": dict.fromkeys(ra.METRICS, 0.12)}},
+        1: {"variants": {"e": full, "bg_free": dict.fromkeys(ra.METRICS, 0.13)}},
+        2: {"variants": {"e": full}},
+    }  # fmt: skip  (the option not run on seed 2 yet)
+    s = ra.summarise(results, ["e", "bg_free"])
+    assert s["variants"]["e"]["seeds"] == [0, 1, 2] and s["variants"]["bg_free"]["seeds"] == [0, 1]
+    (p,) = s["paired"]
+    assert p["seeds"] == [0, 1] and p["per_seed"]["AP50_novel"] == pytest.approx([2.0, 3.0])
+    assert p["verdict"] == "2 seeds: too few for a verdict"
+    text = "\n".join(ra.seeds_lines(s))
+    assert "| 12.5 ± 0.7 |" in text and "| 0, 1 |" in text

@@ -102,9 +102,10 @@ def label(v: str) -> str:
 
 
 def verdict(diffs: list[float]) -> str:
-    """Reproduces = the same sign on every seed and a mean larger than the sample std."""
-    if len(diffs) < 2:
-        return "one seed: cannot be told"
+    """Reproduces = the same sign on every seed and a mean larger than the sample std, over at least
+    three seeds (fewer give no verdict)."""
+    if len(diffs) < 3:
+        return f"{len(diffs)} seed{'s' if len(diffs) > 1 else ''}: too few for a verdict"
     m, sd = statistics.mean(diffs), statistics.stdev(diffs)
     same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
     if same_sign and abs(m) > sd:
@@ -162,12 +163,16 @@ def run_queue(jobs: list[Job], slots: int, threads: int) -> None:
 def collect(bench: Path, names: list[str], overrides: list[str], seconds: dict) -> dict:
     from ovd.config import load_config
 
-    rows = {}
+    rows, missing = {}, []
     for v in names:
         cfg = load_config(str(bench), [*variant_overrides(v), *overrides])
-        m = json.loads((Path(cfg.train.out) / "metrics.json").read_text())
+        metrics = Path(cfg.train.out) / "metrics.json"
+        if not metrics.is_file():  # --collect after a chunk that did not reach this run
+            missing.append(v)
+            continue
+        m = json.loads(metrics.read_text())
         rows[v] = {"variant": label(v), **{k: m[k] for k in METRICS}, "wall_s": seconds.get(v)}
-    result = {"overrides": overrides, "variants": rows}
+    result = {"overrides": overrides, "variants": rows, "not_run": missing}
     if "b" in rows and "e" in rows:
         target = rows["b"]["AP50_novel"]
         ev = Path(load_config(str(bench), [*variant_overrides("e"), *overrides]).train.out) / "eval.jsonl"
@@ -192,9 +197,12 @@ def probes(out: Path) -> dict:
 
 
 def table(rows: dict) -> list[str]:
-    lines = ["| variant | base AP50 | novel AP50 | base AP | novel AP |", "|---|---|---|---|---|"]
+    seeds = any("seeds" in r for r in rows.values())  # the summary over seeds: which seeds each row has
+    lines = ["| variant | base AP50 | novel AP50 | base AP | novel AP |" + (" seeds |" if seeds else ""),
+             "|---|---|---|---|---|" + ("---|" if seeds else "")]  # fmt: skip
     for r in rows.values():
-        lines.append("| " + r["variant"] + " | " + " | ".join(r[k] for k in METRICS) + " |")
+        cells = [r["variant"], *(r[k] for k in METRICS)] + ([", ".join(map(str, r["seeds"]))] if seeds else [])
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -305,17 +313,19 @@ def summarise(results: dict, names: list[str]) -> dict:
     """Mean ± sample std per variant over the seeds, and the paired differences: each EZSD claim
     whose two variants ran, and each option against (e)."""
     seeds = list(results)
+    ran = {v: [s for s in seeds if v in results[s]["variants"]] for v in names}
     agg = {}
-    for v in names:
-        vals = {k: [results[s]["variants"][v][k] for s in seeds] for k in METRICS}
-        agg[v] = {"variant": label(v), **{k: f"{fmt(statistics.mean(x))} ± {fmt(statistics.stdev(x))}"
-                                          for k, x in vals.items()}, "values": vals}  # fmt: skip
-    pairs = [(x, y, claim) for x, y, claim in CLAIMS if x in names and y in names]
-    pairs += [(o, "e", label(o)) for o in names if o in OPTIONS and "e" in names]
+    for v in [v for v in names if ran[v]]:
+        vals = {k: [results[s]["variants"][v][k] for s in ran[v]] for k in METRICS}
+        agg[v] = {"variant": label(v), **{k: mean_std(x) for k, x in vals.items()}, "values": vals,
+                  "seeds": ran[v]}  # fmt: skip
+    pairs = [(x, y, claim) for x, y, claim in CLAIMS if x in agg and y in agg]
+    pairs += [(o, "e", label(o)) for o in agg if o in OPTIONS and "e" in agg]
     paired = []
     for x, y, claim in pairs:
-        d = {k: [100 * (a - b) for a, b in zip(agg[x]["values"][k], agg[y]["values"][k])] for k in METRICS}
-        paired.append({"claim": claim, "difference": f"{x} - {y}", "per_seed": d,
+        both = [s for s in ran[x] if s in ran[y]]  # paired by seed: the seeds where both ran
+        d = {k: [100 * (results[s]["variants"][x][k] - results[s]["variants"][y][k]) for s in both] for k in METRICS}
+        paired.append({"claim": claim, "difference": f"{x} - {y}", "seeds": both, "per_seed": d,
                        "verdict": verdict(d["AP50_novel"])})  # fmt: skip
     iters = {s: r.get("e_iterations_to_reach_b_novel_AP50", {}).get("iteration") for s, r in results.items()}
     return {"seeds": seeds, "variants": agg, "paired": paired,
@@ -323,9 +333,14 @@ def summarise(results: dict, names: list[str]) -> dict:
             "e_iterations_to_reach_b_novel_AP50": iters}  # fmt: skip
 
 
+def mean_std(x: list[float]) -> str:
+    return f"{fmt(statistics.mean(x))} ± {fmt(statistics.stdev(x))}" if len(x) > 1 else f"{fmt(x[0])} (n=1)"
+
+
 def paired_text(x: list[float]) -> str:
     per = ", ".join(f"{v:+.1f}" for v in x)
-    return f"{statistics.mean(x):+.1f} ± {statistics.stdev(x):.1f} (per seed {per})"
+    spread = f" ± {statistics.stdev(x):.1f}" if len(x) > 1 else ""
+    return f"{statistics.mean(x):+.1f}{spread} (per seed {per})"
 
 
 def seeds_lines(summary: dict) -> list[str]:
@@ -334,7 +349,7 @@ def seeds_lines(summary: dict) -> list[str]:
              "sign on every seed and a mean larger than the std):", ""]  # fmt: skip
     for p in summary["paired"]:
         nov, base = (paired_text(p["per_seed"][k]) for k in ("AP50_novel", "AP50_base"))
-        lines.append(f"- {p['claim']} ({p['difference']}): novel AP50 {nov}, base AP50 {base} "
+        lines.append(f"- {p['claim']} ({p['difference']}, seeds {p['seeds']}): novel AP50 {nov}, base AP50 {base} "
                      f"→ **{p['verdict']}**")  # fmt: skip
     lines.append(f"\n(e) reaches (b)'s final novel AP50 at iteration (per seed): "
                  f"{summary['e_iterations_to_reach_b_novel_AP50']}")  # fmt: skip
