@@ -103,3 +103,15 @@ def test_summary_of_a_partial_run_pairs_only_the_seeds_where_both_ran():
     assert p["verdict"] == "2 seeds: too few for a verdict"
     text = "\n".join(ra.seeds_lines(s))
     assert "| 12.5 ± 0.7 |" in text and "| 0, 1 |" in text
+
+
+def test_the_calibration_per_seed_comes_from_the_text_only_run_and_the_probes():
+    probe = {"crop_top1": {"raw": {"base": 0.5, "novel": 0.42}, "adapted": {"base": 0.7, "novel": 0.6}},
+             "miner_recall": {"recall_miner": 0.13, "recall_base_names": 0.04, "recall_random": 0.03}}  # fmt: skip
+    results = {
+        s: {"variants": {"a": {**dict.fromkeys(ra.METRICS, 0.6), "AP50_novel": 0.6 * r}}, "probes": probe}
+        for s, r in ((0, 0.05), (1, 0.25))
+    }
+    lines = ra.probe_lines(ra.summarise(results, ["a"]))
+    assert lines[-2] == "| 0 | 0.05 | 50.0 / 42.0 % | 70.0 / 60.0 % | 13.0 % | 4.0 % | 3.0 % |"
+    assert lines[-1].startswith("| 1 | 0.25 |")

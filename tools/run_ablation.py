@@ -353,6 +353,25 @@ def seeds_lines(summary: dict) -> list[str]:
                      f"→ **{p['verdict']}**")  # fmt: skip
     lines.append(f"\n(e) reaches (b)'s final novel AP50 at iteration (per seed): "
                  f"{summary['e_iterations_to_reach_b_novel_AP50']}")  # fmt: skip
+    return lines + probe_lines(summary)
+
+
+def probe_lines(summary: dict) -> list[str]:
+    """Per seed: the text-only detector's novel / base AP50 and the probes (the world's calibration)."""
+    if not summary.get("probes"):
+        return []
+    a = summary["variants"].get("a")
+    lines = ["", "| world seed | (a) novel / base AP50 | crop top-1 raw base / novel | adapted base / novel | "
+             "miner novel recall | base names only | random |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for seed, pr in summary["probes"].items():
+        ratio = "–"
+        if a is not None and seed in a["seeds"]:
+            i = a["seeds"].index(seed)
+            ratio = f"{a['values']['AP50_novel'][i] / a['values']['AP50_base'][i]:.2f}"
+        c, r = pr["crop_top1"], pr["miner_recall"]
+        lines.append(f"| {seed} | {ratio} | {fmt(c['raw']['base'])} / {fmt(c['raw']['novel'])} % | "
+                     f"{fmt(c['adapted']['base'])} / {fmt(c['adapted']['novel'])} % | {fmt(r['recall_miner'])} % | "
+                     f"{fmt(r['recall_base_names'])} % | {fmt(r['recall_random'])} % |")  # fmt: skip
     return lines
 
 
