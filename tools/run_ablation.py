@@ -344,7 +344,7 @@ def paired_text(x: list[float]) -> str:
 
 
 def seeds_lines(summary: dict) -> list[str]:
-    lines = [f"world seeds {summary['seeds']}: mean ± sample std", *table(summary["variants"]), "",
+    lines = [f"World seeds {summary['seeds']}: mean ± sample std.", "", *table(summary["variants"]), "",
              "Paired by seed (AP50 points, first minus second; verdict on novel AP50: reproduces = the same "
              "sign on every seed and a mean larger than the std):", ""]  # fmt: skip
     for p in summary["paired"]:
