@@ -7,13 +7,13 @@ For each world seed, ``ovd run <bench> <variant's settings>`` per variant: the s
 ``configs/mini/ablation/<variant>.yaml`` without its ``_base_`` (the bench), so the same variants run
 on any bench world (``--bench configs/mini/bench_v3.yaml``: world v3). ``--options`` adds the
 EZSD-faithful options (``OPTIONS``), each the full model (e) with one option set and its own output
-folders, compared with (e) paired by seed. The stages the
-variants share (world, tiny CLIP, adapter, miner, the full model's feature cache) are made once per
-seed by one job (``ovd run <bench> <(e)'s settings> --until extract``); the pipeline's stamps re-run any of them
+folders, compared with (e) paired by seed. The stages the variants share (world, tiny CLIP,
+adapter, miner, the full model's feature cache) are made once per seed by one job
+(``ovd run <bench> <(e)'s settings> --until extract``); the pipeline's stamps re-run any of them
 whose settings changed, so nothing stale is reused. Jobs go through a queue of ``--slots`` slots,
-each job with ``OMP_NUM_THREADS = cores / slots`` (or ``--threads``; two torch processes that each use both cores of
-a 2-core machine run ~10x slower than one): a seed's variants start once its shared job is done,
-so the next seed's shared stages overlap the previous seed's training.
+each job with ``OMP_NUM_THREADS = cores / slots`` or ``--threads`` (two torch processes that each
+use both cores of a 2-core machine run ~10x slower than one): a seed's variants start once its
+shared job is done, so the next seed's shared stages overlap the previous seed's training.
 
 Seed 0 keeps the preset's paths (``data/mini-bench``, ``work_dirs/mini-bench``), so it reuses what
 ``ovd run configs/mini/bench.yaml`` made; seed S > 0 writes ``data/mini-bench-seedS`` and
