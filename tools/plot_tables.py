@@ -121,7 +121,7 @@ def plot_calibrated(data: dict, out: Path, title: str) -> None:
     right.axvline(0, color="black", lw=0.8)
     right.set_yticks(range(len(paired)), [f"{p_['claim']} ({p_['difference']})" for p_ in paired], fontsize=7)
     right.invert_yaxis()
-    right.set_xlabel("paired difference, novel AP50 x 100\n(green: reproduces, red: the opposite, grey: seed noise)")
+    right.set_xlabel("paired difference, novel AP50 x 100\ngreen: reproduces, red: the opposite, grey: neither")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(out)
