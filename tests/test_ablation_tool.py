@@ -115,3 +115,34 @@ def test_the_calibration_per_seed_comes_from_the_text_only_run_and_the_probes():
     lines = ra.probe_lines(ra.summarise(results, ["a"]))
     assert lines[-2] == "| 0 | 0.05 | 50.0 / 42.0 % | 70.0 / 60.0 % | 13.0 % | 4.0 % | 3.0 % |"
     assert lines[-1].startswith("| 1 | 0.25 |")
+
+
+def test_diagnosis_reads_each_runs_detections_and_reuses_a_fresh_targets_report(tmp_path):
+    import json
+
+    world, work = tmp_path / "world", tmp_path / "work"
+    (world / "det").mkdir(parents=True)
+    cats = [{"id": 1, "name": "cat"}, {"id": 2, "name": "cow"}]
+    gt = {"images": [{"id": 1}], "categories": cats, "annotations": [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10]},
+        {"id": 2, "image_id": 1, "category_id": 2, "bbox": [20, 20, 10, 10]}]}  # fmt: skip
+    (world / "det" / "val.json").write_text(json.dumps(gt))
+    (world / "split.json").write_text(json.dumps({"base": ["cow"], "novel": ["cat"]}))
+    ov = [f"world.dir={world}", f"work_dir={work}"]
+    bench = ROOT / "configs/mini/bench.yaml"
+    for v, box in (("a", [20, 20, 10, 10]), ("b", [0, 0, 10, 10])):  # (a) calls the cow a cat, (b) finds the cat
+        out = Path(load_config(str(bench), [*ra.variant_overrides(v), *ov]).train.out)
+        out.mkdir(parents=True)
+        (out / "detections.json").write_text(json.dumps([{"image_id": 1, "category_id": 1, "bbox": box, "score": 1}]))
+    report = {g: {"share": 0.2, "named_novel": 0.5} for g in ("novel", "base", "part of novel", "part of base",
+                                                              "background")}  # fmt: skip
+    (tmp_path / "targets").mkdir()
+    (tmp_path / "targets" / "b.json").write_text(json.dumps(report))  # no cache chunks are newer: reused as is
+    diag = {v: ra.diagnose(bench, v, ov, tmp_path) for v in ("a", "b")}
+    assert diag["a"]["novel_errors"]["base object"] == 1.0 and "targets" not in diag["a"]  # (a) distils nothing
+    assert diag["b"]["novel_errors"]["correct"] == 1.0 and diag["b"]["targets"] == report
+    runs = {v: dict.fromkeys(ra.METRICS, 0.1) for v in "ab"}
+    s = ra.summarise({0: {"variants": runs, "diagnosis": diag}}, ["a", "b"])
+    text = "\n".join(ra.diagnosis_lines(s))
+    assert "| (a) base-only, text classifier, no distillation | 1 | 0 | 0 | 0 | 100 | 0 | 0 |" in text
+    assert "| (b) ViLD-style: raw CLIP, GT + random boxes | 1 | 20 [50] | 20 [50] |" in text

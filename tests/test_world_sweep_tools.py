@@ -141,3 +141,23 @@ def test_collect_writes_records_only_for_worlds_with_results(tmp_path):
     assert [p.name for p in (tmp_path / "record").iterdir()] == ["own-seed0.json"]
     got = json.loads(path.read_text())
     assert (got["setting"], got["seed"], got["variants"]) == ("own", 0, rec["variants"])
+
+
+def test_sweep_table_gives_the_ablation_verdict_per_setting(tmp_path):
+    # baseline: (e) = (a) / 2 on three seeds -> -10, -15, -20 novel AP50: worse on every seed
+    rows = [_result("baseline", s, n, 0.5, 0.1) for s, n in ((0, 0.2), (1, 0.3), (2, 0.4))]
+    # own: (e) above (a) on two seeds, below on one -> no verdict either way
+    rows += [_result("own", s, 0.1, 0.5, 0.1) for s in (0, 1, 2)]
+    for s, e in ((0, 0.2), (1, 0.15), (2, 0.05)):
+        rows[3 + s]["variants"]["e"]["AP50_novel"] = e
+    rows.append(_result("teacher", 0, 0.1, 0.5, 0.1))  # one seed: too few
+    (tmp_path / "record").mkdir()
+    for r in rows:
+        (tmp_path / "record" / f"{r['setting']}-seed{r['seed']}.json").write_text(json.dumps(r))
+    out = tmp_path / "sweep.png"
+    assert plot_world_sweep.main(["--record", str(tmp_path / "record"), "--out", str(out), "--variants", "a", "e"]) == 0
+    md = out.with_suffix(".md").read_text()
+    assert "| baseline | (e) − (a) | 0: -10.0, 1: -15.0, 2: -20.0 | -15.0 ± 5.0 | the opposite holds |" in md
+    noise = "does not reproduce (within seed noise)"
+    assert f"| own | (e) − (a) | 0: +10.0, 1: +5.0, 2: -5.0 | +3.3 ± 7.6 | {noise} |" in md
+    assert "| teacher | (e) − (a) | 0: -5.0 | -5.0 | 1 seed: too few for a verdict |" in md

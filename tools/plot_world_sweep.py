@@ -9,7 +9,8 @@ probes) and writes
   and the error bar the sample std (none with one seed), the number of seeds under each setting;
 * the table (markdown, printed and written next to the figure): per world setting and variant,
   base and novel AP50 as mean ± std over the seeds, the text-only novel/base ratio, and the probes
-  (raw / adapted crop top-1 base / novel, miner novel recall).
+  (raw / adapted crop top-1 base / novel, miner novel recall), and per setting whether each
+  distilled variant beats (a) on novel AP50, with the ablation's verdict rule.
 
 A partial sweep gives a partial figure: every cell says how many seeds it has.
 """
@@ -30,6 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
+from run_ablation import verdict  # noqa: E402  (the ablation's rule, so both tables judge alike)
 from run_world_sweep import DEFAULT_SETTINGS, SETTINGS, VARIANTS  # noqa: E402
 
 
@@ -147,6 +149,27 @@ def paired(cells: dict, variants: list[str]) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+def verdicts(cells: dict, variants: list[str]) -> list[str]:
+    """Per setting, does distillation beat the text classifier on novel AP50? Each distilled
+    variant minus (a), paired by world seed, with its per-seed values and the ablation's verdict
+    (same sign on every seed and |mean| > std, over at least three seeds)."""
+    others = [v for v in variants if v != "a"]
+    if "a" not in variants or not others:
+        return []
+    lines = ["| world setting | novel AP50 difference | per world seed | mean ± std | verdict |", "|---" * 5 + "|"]
+    for s in ordered(cells):
+        runs = cells[s]["by_seed"]
+        for v in others:
+            seeds = sorted(set(runs.get("a", {})) & set(runs.get(v, {})))
+            if not seeds:
+                continue
+            d = [100 * (runs[v][x]["AP50_novel"] - runs["a"][x]["AP50_novel"]) for x in seeds]
+            per = ", ".join(f"{x}: {y:+.1f}" for x, y in zip(seeds, d))
+            m = f"{statistics.mean(d):+.1f} ± {statistics.stdev(d):.1f}" if len(d) > 1 else f"{d[0]:+.1f}"
+            lines.append(f"| {s} | {VARIANTS[v][1].split()[0]} − (a) | {per} | {m} | {verdict(d)} |")
+    return lines if len(lines) > 2 else []
+
+
 def cpu_line(cells: dict) -> str:
     """Which kinds of CPU made the runs (a run is exact within a kind; kinds differ like seeds)."""
     counts: dict = {}
@@ -169,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     figure(cells, args.variants, out)
     lines = ["World sweep: AP50 in %, mean ± sample std over world seeds (n seeds)", "", *table(cells, args.variants),
-             "", cpu_line(cells)]  # fmt: skip
+             "", "Does distillation beat the text classifier on novel classes? (paired by world seed)", "",
+             *verdicts(cells, args.variants), "", cpu_line(cells)]  # fmt: skip
     out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
     print(f"figure: {out}")

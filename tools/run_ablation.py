@@ -1,7 +1,8 @@
 """The EZSD component ablation on the mini-world bench preset, on one or more world seeds.
 
     python tools/run_ablation.py [--variants a b c d e] [--options drop_base ...] [--seeds 0 1 2]
-                                 [--slots 2] [--bench CONFIG] [overrides ...]
+                                 [--slots 2] [--bench CONFIG] [--probes] [--diagnose] [--collect]
+                                 [overrides ...]
 
 For each world seed, ``ovd run <bench> <variant's settings>`` per variant: the settings are those of
 ``configs/mini/ablation/<variant>.yaml`` without its ``_base_`` (the bench), so the same variants run
@@ -21,7 +22,8 @@ Seed 0 keeps the preset's paths (``data/mini-bench``, ``work_dirs/mini-bench``),
 Per seed: ``<work_dir>/ablation/results.{json,md}`` (with, from the full model's periodic
 evaluations, the first iteration at which (e) reaches (b)'s final novel AP50); over the seeds:
 mean ± sample std in ``work_dirs/mini-bench/ablation/seeds.{json,md}``, with each EZSD claim's and
-each option's paired difference and its verdict (``verdict``).
+each option's paired difference and its verdict (``verdict``). ``--diagnose`` adds, per run, where
+its top novel detections land and what its distillation targets hold (``diagnose``).
 """
 
 from __future__ import annotations
@@ -188,6 +190,31 @@ def collect(bench: Path, names: list[str], overrides: list[str], seconds: dict) 
     return result
 
 
+def diagnose(bench: Path, v: str, overrides: list[str], out: Path) -> dict:
+    """Where one run's top novel detections land (``tools/novel_errors.py``) and, for a variant that
+    distils, what its distillation targets hold (``tools/distill_targets.py``, reused while newer
+    than the cache it read)."""
+    from novel_errors import breakdown
+
+    from ovd.config import load_config
+    from ovd.data.splits import resolve_split
+
+    cfg = load_config(str(bench), [*variant_overrides(v), *overrides])
+    gt = json.loads(Path(cfg.data.val_json).read_text())
+    split = resolve_split(cfg.data.split, gt["categories"], source=cfg.data.val_json)
+    dets = json.loads((Path(cfg.train.out) / "detections.json").read_text())
+    res = {"novel_errors": breakdown(gt, dets, set(split.novel_ids))}
+    if cfg.model.distill:
+        cache, report = Path(cfg.extract.out), out / "targets" / f"{v}.json"
+        chunks = list(cache.glob("chunk_*.safetensors"))
+        if not report.is_file() or any(c.stat().st_mtime > report.stat().st_mtime for c in chunks):
+            argv = [sys.executable, str(ROOT / "tools/distill_targets.py"), str(bench), *variant_overrides(v),
+                    *overrides, "--out", str(report)]  # fmt: skip
+            subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        res["targets"] = json.loads(report.read_text())
+    return res
+
+
 def probes(out: Path) -> dict:
     crop = {k: json.loads((out / f"crop_{k}.json").read_text()) for k in ("raw", "adapted")}
     text = (out / "recall.log").read_text()
@@ -240,6 +267,12 @@ def main() -> None:
         "novel recall against base-names-only and random boxes (tools/bench_miner.py --recall)",
     )
     ap.add_argument("--recall-images", type=int, default=300, help="train images for --probes' recall")
+    ap.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="also per seed and variant: where the top novel detections land (tools/novel_errors.py) and "
+        "what the distillation targets hold (tools/distill_targets.py), after the runs",
+    )
     ap.add_argument("--collect", action="store_true", help="run nothing: make the tables from the runs on disk")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every variant")
     args = ap.parse_intermixed_args()  # key=value overrides may follow the options
@@ -282,6 +315,8 @@ def main() -> None:
         res = collect(bench, names, ov, {v: j.seconds for v, j in variants.items()})
         if args.probes:
             res["probes"] = probes(out)
+        if args.diagnose:
+            res["diagnosis"] = {v: diagnose(bench, v, ov, out) for v in res["variants"]}
         results[s] = res
         (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
         rows = {v: {**r, **{k: fmt(r[k]) for k in METRICS}} for v, r in res["variants"].items()}
@@ -330,6 +365,7 @@ def summarise(results: dict, names: list[str]) -> dict:
     iters = {s: r.get("e_iterations_to_reach_b_novel_AP50", {}).get("iteration") for s, r in results.items()}
     return {"seeds": seeds, "variants": agg, "paired": paired,
             "probes": {s: r["probes"] for s, r in results.items() if "probes" in r},
+            "diagnosis": {s: r["diagnosis"] for s, r in results.items() if "diagnosis" in r},
             "e_iterations_to_reach_b_novel_AP50": iters}  # fmt: skip
 
 
@@ -353,7 +389,43 @@ def seeds_lines(summary: dict) -> list[str]:
                      f"→ **{p['verdict']}**")  # fmt: skip
     lines.append(f"\n(e) reaches (b)'s final novel AP50 at iteration (per seed): "
                  f"{summary['e_iterations_to_reach_b_novel_AP50']}")  # fmt: skip
-    return lines + probe_lines(summary)
+    return lines + probe_lines(summary) + diagnosis_lines(summary)
+
+
+def diagnosis_lines(summary: dict) -> list[str]:
+    """Mean ± std over seeds (in %) of where each variant's top novel detections land, and of what
+    its distillation targets hold (share of boxes; in brackets the share the teacher names novel)."""
+    diag = summary.get("diagnosis") or {}
+    if not diag:
+        return []
+    from distill_targets import GROUPS as TARGET_GROUPS
+    from novel_errors import GROUPS as ERROR_GROUPS
+
+    def ms(x: list[float]) -> str:
+        x = [100 * v for v in x]
+        return f"{statistics.mean(x):.0f} ± {statistics.stdev(x):.0f}" if len(x) > 1 else f"{x[0]:.0f}"
+
+    names = [v for v in summary["variants"] if any(v in d for d in diag.values())]
+    def head(groups) -> list[str]:
+        return ["| run | seeds | " + " | ".join(groups) + " |", "|---|---|" + "---|" * len(groups)]
+
+    lines = ["", "Where the top novel detections land (per novel class, its top detections, as many as it has "
+             "objects; % over the seeds):", "", *head(ERROR_GROUPS)]  # fmt: skip
+    for v in names:
+        rows = [d[v]["novel_errors"] for d in diag.values() if v in d]
+        cells = " | ".join(ms([r[g] for r in rows]) for g in ERROR_GROUPS)
+        lines.append(f"| {label(v)} | {len(rows)} | {cells} |")
+    lines += ["", "What the distillation targets hold (non-GT boxes by best IoU with any train object: share %, "
+              "[share the teacher names novel %]):", "", *head(TARGET_GROUPS)]  # fmt: skip
+    for v in names:
+        rows = [d[v]["targets"] for d in diag.values() if v in d and "targets" in d[v]]
+        if rows:
+            cells = []
+            for g in TARGET_GROUPS:
+                named = [r[g]["named_novel"] for r in rows if r[g]["named_novel"] is not None]
+                cells.append(f"{ms([r[g]['share'] for r in rows])} [{ms(named) if named else '–'}]")
+            lines.append(f"| {label(v)} | {len(rows)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def probe_lines(summary: dict) -> list[str]:
