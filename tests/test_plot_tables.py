@@ -64,3 +64,22 @@ def test_calibrated_figure_from_an_ablation_run_file(tmp_path):
     # without a calibrated run file, the other two figures are still made
     assert _tool().main(["--calibrated", str(tmp_path / "missing.json"), "--out-dir", str(tmp_path / "f2")]) == 0
     assert sorted(p.name for p in (tmp_path / "f2").iterdir()) == ["ablation_v3.png", "fewshot_bench_v3.png"]
+
+
+def test_diagnosis_figure_when_the_run_file_has_the_diagnosis(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import distill_targets
+    import novel_errors
+    import run_ablation as ra
+
+    errors = dict.fromkeys(novel_errors.GROUPS, 1 / len(novel_errors.GROUPS))
+    targets = {g: {"share": 0.2, "named_novel": 0.5} for g in distill_targets.GROUPS}
+    diag = {"a": {"novel_errors": errors}, "e": {"novel_errors": errors, "targets": targets}}
+    results = {s: {"variants": {v: dict.fromkeys(ra.METRICS, 0.1) for v in "ae"}, "diagnosis": diag} for s in (0, 1)}
+    run_file = tmp_path / "seeds.json"
+    run_file.write_text(json.dumps(ra.summarise(results, ["a", "e"])))
+    assert _tool().main(["--calibrated", str(run_file), "--out-dir", str(tmp_path / "figs")]) == 0
+    with Image.open(tmp_path / "figs" / "ablation_diagnosis.png") as im:
+        assert im.format == "PNG" and im.size[0] >= 1200

@@ -10,7 +10,9 @@ metrics) or the docs' format (default ``docs/data/fewshot_bench_v3.json``).
 ``--calibrated``: run_ablation's ``seeds.json`` on the calibrated bench world, with its paired
 differences (default ``docs/data/ablation_calibrated_seeds.json``, a copy of that file).
 Writes ``<out-dir>/ablation_v3.png``, ``<out-dir>/fewshot_bench_v3.png`` and
-``<out-dir>/ablation_calibrated.png``.
+``<out-dir>/ablation_calibrated.png``; where the calibrated run file has ``--diagnose``'s data,
+``<out-dir>/ablation_diagnosis.png`` too (where each run's top novel detections land, and what its
+distillation targets hold, as stacked shares averaged over the seeds).
 """
 
 from __future__ import annotations
@@ -128,6 +130,42 @@ def plot_calibrated(data: dict, out: Path, title: str) -> None:
     plt.close(fig)
 
 
+ERROR_COLOURS = {"correct": "#3cb44b", "duplicate": "#aaffc3", "other novel": "#f58231", "base object": "#4363d8",
+                 "mislocalised": "#ffe119", "background": "#808080"}  # fmt: skip
+TARGET_COLOURS = {"novel": "#3cb44b", "base": "#4363d8", "part of novel": "#bfef45", "part of base": "#42d4f4",
+                  "background": "#808080"}  # fmt: skip
+
+
+def plot_diagnosis(data: dict, out: Path, title: str) -> None:
+    """Left: per run, the shares of its top novel detections by what they hit. Right: per distilling
+    run, the shares of its distillation targets by where they lie (mean over the seeds)."""
+    diag = data["diagnosis"]
+    runs = [v for v in data["variants"] if any(v in d for d in diag.values())]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), dpi=120)
+    for ax, key, colours in ((axes[0], "novel_errors", ERROR_COLOURS), (axes[1], "targets", TARGET_COLOURS)):
+        names = [v for v in runs if any(key in d.get(v, {}) for d in diag.values())]
+        lefts = [0.0] * len(names)
+        for g, colour in colours.items():
+            shares = []
+            for v in names:
+                vals = [d[v][key][g] for d in diag.values() if key in d.get(v, {})]
+                shares.append(100 * statistics.mean(x["share"] if isinstance(x, dict) else x for x in vals))
+            ax.barh(range(len(names)), shares, left=lefts, color=colour, label=g)
+            lefts = [a + b for a, b in zip(lefts, shares)]
+        labels = [data["variants"][v]["variant"].split(":")[0] if v not in "abcde" else
+                  data["variants"][v]["variant"].split(")")[0] + ")" for v in names]  # fmt: skip
+        ax.set_yticks(range(len(names)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 100)
+        ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+    axes[0].set_xlabel("% of top novel detections (per class, as many as its objects)")
+    axes[1].set_xlabel("% of distilled non-GT boxes (best IoU with any train object)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
 def plot_fewshot(rows: list[dict], out: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.6), dpi=120, sharey=True)
     zero = next((r for r in rows if r["name"].startswith("zero-shot")), None)
@@ -178,6 +216,11 @@ def main(argv=None) -> int:
                         "EZSD ablation and EZSD-faithful options, calibrated bench world, world seeds "
                         + ", ".join(map(str, cal.get("seeds", []))))  # fmt: skip
         names.append("ablation_calibrated.png")
+        if cal.get("diagnosis"):
+            plot_diagnosis(cal, out_dir / "ablation_diagnosis.png",
+                           "Where top novel detections land, and what distillation targets hold (mean over world "
+                           "seeds " + ", ".join(map(str, cal["diagnosis"])) + ")")  # fmt: skip
+            names.append("ablation_diagnosis.png")
     for name in names:
         print(out_dir / name)
     return 0
