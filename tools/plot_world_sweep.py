@@ -98,7 +98,8 @@ def figure(cells: dict, variants: list[str], path: Path) -> None:
                 ax.errorbar(*zip(*spread), fmt="none", ecolor="black", capsize=3, linewidth=1)
     ax.set_xlim(-0.6, len(settings) - 0.4)  # bars keep their width however few settings there are
     ax.set_xticks(range(len(settings)))
-    ax.set_xticklabels([f"{s}\n({len(cells[s]['seeds'])} seeds)" for s in settings])
+    n = {s: len(cells[s]["seeds"]) for s in settings}
+    ax.set_xticklabels([f"{s}\n({n[s]} seed{'s' if n[s] > 1 else ''})" for s in settings])
     ax.set_ylabel("novel AP50 (%)")
     ax.set_title("Novel AP50 per world setting (mean ± std over world seeds)", fontsize=10)
     ax.set_ylim(bottom=0)
