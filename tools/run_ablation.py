@@ -64,6 +64,11 @@ OPTIONS: dict[str, tuple[list[str], str]] = {
     "sigmoid": (["adapter.loss=sigmoid", f"adapter.out={_OWN}sigmoid/clip_adapter.safetensors",
                  f"miner.out={_OWN}sigmoid/proposals", f"extract.out={_OWN}sigmoid/feature_cache"],
                 "the adapter's loss is per-class sigmoid cross-entropy on 100 cos"),
+    # not EZSD's: a controlled test of what the diagnosis found (half the mined targets are
+    # fragments of base objects, between IoU 0.1 and the default 0.5 with a base box)
+    "base_iou01": (["miner.base_iou_thr=0.1", f"miner.out={_OWN}base_iou01/proposals",
+                    f"extract.out={_OWN}base_iou01/feature_cache"],
+                   "the miner drops candidates above IoU 0.1 with a base box (not EZSD's; default 0.5)"),
     "bg_free": (["model.background_unit=false"], "the background vector's length is learnt"),
     "scale100": (["model.init_logit_scale=100"], "the classifier's temperature starts at 100"),
 }  # fmt: skip
