@@ -152,7 +152,7 @@ def plot_diagnosis(data: dict, out: Path, title: str) -> None:
                 shares.append(100 * statistics.mean(x["share"] if isinstance(x, dict) else x for x in vals))
             ax.barh(range(len(names)), shares, left=lefts, color=colour, label=g)
             lefts = [a + b for a, b in zip(lefts, shares)]
-        labels = [data["variants"][v]["variant"].split(":")[0] if v not in "abcde" else
+        labels = [data["variants"][v]["variant"].split(":")[0] if v not in ("a", "b", "c", "d", "e") else
                   data["variants"][v]["variant"].split(")")[0] + ")" for v in names]  # fmt: skip
         ax.set_yticks(range(len(names)), labels, fontsize=7)
         ax.invert_yaxis()

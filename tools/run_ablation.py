@@ -215,7 +215,9 @@ def diagnose(bench: Path, v: str, overrides: list[str], out: Path) -> dict:
         if not report.is_file() or any(c.stat().st_mtime > report.stat().st_mtime for c in chunks):
             argv = [sys.executable, str(ROOT / "tools/distill_targets.py"), str(bench), *variant_overrides(v),
                     *overrides, "--out", str(report)]  # fmt: skip
-            subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            done = subprocess.run(argv, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if done.returncode != 0:  # its own message is on stderr above
+                sys.exit(f"--diagnose: tools/distill_targets.py failed for ({v}) in {out} (exit {done.returncode})")
         res["targets"] = json.loads(report.read_text())
     return res
 
