@@ -34,6 +34,7 @@ from ovd.config import load_config
 from ovd.data.coco import load_detection_dataset
 from ovd.data.splits import resolve_split
 from ovd.errors import OvdError
+from ovd.utils.io import write_json
 from ovd.vlm.clip import clip_from_config
 
 GROUPS = ("novel", "base", "part of novel", "part of base", "background")
@@ -116,11 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     report["cache"] = str(args.cache or cfg.extract.out)
-    text_out = json.dumps(report, indent=2)
-    print(text_out)
+    print(json.dumps(report, indent=2))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text_out + "\n", encoding="utf-8")
+        write_json(args.out, report)  # atomic: a report is whole or absent
     return 0
 
 

@@ -4,7 +4,7 @@
     python tools/novel_errors.py data/mini-bench/det/val.json work_dirs/mini-bench/ablation/e_full/detections.json \
         --split-file data/mini-bench/split.json
 
-Takes, for each novel class, the detector's highest-scoring detections of that class, as many as
+Takes, for each novel class, the detector's highest-scoring detections of that class, at most as many as
 the class has GT objects (what a perfect detector would need; AP ranks per class too), and sorts
 each by its best-IoU GT object:
 
@@ -25,21 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 from torchvision.ops import box_convert, box_iou
 
+from ovd.errors import OvdError
+from ovd.utils.io import read_json, write_json
+
 GROUPS = ("correct", "duplicate", "other novel", "base object", "mislocalised", "background")
-
-
-def _read_json(path: Path, what: str):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SystemExit(f"error: {path}: no such file ({what})") from None
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"error: {path}: not JSON ({what}): {e}") from None
 
 
 def breakdown(gt: dict, dets: list[dict], novel_ids: set[int]) -> dict:
@@ -96,23 +89,25 @@ def main(argv: list[str] | None = None) -> int:
     names.add_argument("--split-file", help="a JSON with a 'novel' list of names (the mini-world's split.json)")
     ap.add_argument("--out", help="write the report here (JSON) as well as printing it")
     args = ap.parse_args(argv)
-    gt = _read_json(Path(args.gt), "GT")
-    dets = _read_json(Path(args.detections), "detections")
-    if not isinstance(gt, dict) or not {"annotations", "categories"} <= set(gt):
-        raise SystemExit(f"error: {args.gt}: expected a COCO dict with 'annotations' and 'categories'")
-    if not isinstance(dets, list):
-        raise SystemExit(f"error: {args.detections}: expected a list of detections (COCO result format)")
-    wanted = args.novel or _read_json(Path(args.split_file), "split").get("novel") or []
-    by_name = {c["name"]: c["id"] for c in gt["categories"]}
-    unknown = sorted(set(wanted) - set(by_name))
-    if unknown or not wanted:
-        raise SystemExit(f"error: novel names not among {args.gt}'s categories: {unknown or 'none given'}")
+    try:
+        gt = read_json(args.gt, "GT file")
+        dets = read_json(args.detections, "detections file")
+        if not isinstance(gt, dict) or not {"annotations", "categories"} <= set(gt):
+            raise OvdError(f"{args.gt}: expected a COCO dict with 'annotations' and 'categories'")
+        if not isinstance(dets, list):
+            raise OvdError(f"{args.detections}: expected a list of detections (COCO result format)")
+        wanted = args.novel or read_json(args.split_file, "split file").get("novel") or []
+        by_name = {c["name"]: c["id"] for c in gt["categories"]}
+        unknown = sorted(set(wanted) - set(by_name))
+        if unknown or not wanted:
+            raise OvdError(f"novel names not among {args.gt}'s categories: {unknown or 'none given'}")
+    except OvdError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     report = breakdown(gt, dets, {by_name[n] for n in wanted})
-    text = json.dumps(report, indent=2)
-    print(text)
+    print(json.dumps(report, indent=2))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+        write_json(args.out, report)  # atomic: a report is whole or absent
     return 0
 
 
