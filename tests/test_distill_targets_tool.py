@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -31,26 +30,25 @@ def test_boxes_are_grouped_by_their_best_iou_with_any_object():
     assert no_objects == ["background"] * 2
 
 
-def test_composition_counts_non_gt_boxes_and_what_their_targets_name(tmp_path):
+def test_composition_counts_non_gt_boxes_and_what_their_targets_name():
     text = torch.eye(3)  # names: base0, base1, novel0
     names_novel = torch.tensor([False, False, True])
-    cache = {
-        "boxes": torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 9], [20, 20, 30, 30], [50, 50, 60, 60], [50, 50, 60, 60]]),
-        # the GT box's own embedding must not count; two background boxes: one named novel, one base
-        "embeddings": torch.tensor([[0.0, 0, 1], [0, 0, 2], [1, 0, 0], [0, 0, 1], [0, 1, 0]]),
-        "image_ids": torch.tensor([1, 1, 1, 1, 2]),
-        "is_gt": torch.tensor([1, 0, 0, 0, 0], dtype=torch.uint8),
-    }
+    cache = {  # per image, as FeatureCache.get gives it
+        1: {"boxes": torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 9], [20, 20, 30, 30], [50, 50, 60, 60]]),
+            # the GT box's own embedding must not count
+            "embeddings": torch.tensor([[0.0, 0, 1], [0, 0, 2], [1, 0, 0], [0, 0, 1]]),
+            "is_gt": torch.tensor([True, False, False, False])},
+        2: {"boxes": torch.tensor([[50.0, 50, 60, 60]]), "embeddings": torch.tensor([[0.0, 1, 0]]),
+            "is_gt": torch.tensor([False])},
+    }  # fmt: skip
     objects = {1: (torch.tensor([[0.0, 0, 10, 10], [20, 20, 40, 40]]), torch.tensor([True, False]))}
     out = distill_targets.composition(cache, objects, names_novel, text)
     assert out["boxes"] == 4 and out["images"] == 2
     assert out["novel"] == {"share": 0.25, "named_novel": 1.0}
     assert out["part of base"] == {"share": 0.25, "named_novel": 0.0}
-    assert out["background"] == {"share": 0.5, "named_novel": 0.5}  # image 2 has no objects: background
+    # two background boxes, one named novel, one base (image 2 has no objects: background)
+    assert out["background"] == {"share": 0.5, "named_novel": 0.5}
     assert out["base"] == {"share": 0.0, "named_novel": None}
-    # the cache is read back from its chunks the way the extract stage writes them
-    save_file({k: v for k, v in cache.items()}, str(tmp_path / "chunk_00000.safetensors"))
-    back = distill_targets.load_cache(tmp_path)
-    assert torch.equal(back["boxes"], cache["boxes"])
-    with pytest.raises(OvdError, match="no feature cache chunks"):
-        distill_targets.load_cache(tmp_path / "missing")
+    gt_only = {1: {**cache[1], "is_gt": torch.ones(4, dtype=torch.bool)}}
+    with pytest.raises(OvdError, match="GT boxes only"):
+        distill_targets.composition(gt_only, objects, names_novel, text)

@@ -27,25 +27,17 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torchvision.ops import box_iou
 
 from ovd.config import load_config
 from ovd.data.coco import load_detection_dataset
 from ovd.data.splits import resolve_split
 from ovd.errors import OvdError
+from ovd.mining.feature_cache import FeatureCache
 from ovd.utils.io import write_json
 from ovd.vlm.clip import clip_from_config
 
 GROUPS = ("novel", "base", "part of novel", "part of base", "background")
-
-
-def load_cache(folder: Path) -> dict[str, torch.Tensor]:
-    chunks = sorted(folder.glob("chunk_*.safetensors"))
-    if not chunks:
-        raise OvdError(f"{folder}: no feature cache chunks (chunk_*.safetensors); run the extract stage first")
-    parts = [load_file(str(p)) for p in chunks]
-    return {k: torch.cat([p[k] for p in parts]) for k in ("boxes", "embeddings", "image_ids", "is_gt")}
 
 
 def group_of(boxes: torch.Tensor, gt: torch.Tensor, gt_novel: torch.Tensor) -> list[str]:
@@ -60,27 +52,27 @@ def group_of(boxes: torch.Tensor, gt: torch.Tensor, gt_novel: torch.Tensor) -> l
     return out
 
 
-def composition(cache: dict, objects: dict[int, tuple[torch.Tensor, torch.Tensor]], names_novel: torch.Tensor,
-                text: torch.Tensor) -> dict:  # fmt: skip
+def composition(cache: dict[int, dict], objects: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                names_novel: torch.Tensor, text: torch.Tensor) -> dict:  # fmt: skip
     """Share of each group among the non-GT boxes, and per group the share whose target's nearest
-    name is novel. ``objects``: image id -> (xyxy boxes, is-novel flags); ``text``: (names, D)
-    normalised name embeddings; ``names_novel``: (names,) bool."""
-    keep = ~cache["is_gt"].bool()
-    boxes, ids, emb = cache["boxes"][keep].float(), cache["image_ids"][keep], cache["embeddings"][keep].float()
-    if len(boxes) == 0:
-        raise OvdError("the cache holds GT boxes only: nothing was mined or sampled")
-    nearest_novel = names_novel[(torch.nn.functional.normalize(emb, dim=-1) @ text.T).argmax(dim=1)]
-    groups: list[str] = [""] * len(boxes)
-    for i in ids.unique().tolist():
-        idx = torch.nonzero(ids == i).flatten()
+    name is novel. ``cache``: image id -> the feature cache's rows (``FeatureCache.get``);
+    ``objects``: image id -> (xyxy boxes, is-novel flags); ``text``: (names, D) normalised name
+    embeddings; ``names_novel``: (names,) bool."""
+    groups: list[str] = []
+    emb = []
+    for i, rows in cache.items():
+        keep = ~rows["is_gt"].bool()
         gt, novel = objects.get(i, (torch.zeros(0, 4), torch.zeros(0, dtype=torch.bool)))
-        for k, g in zip(idx.tolist(), group_of(boxes[idx], gt, novel)):
-            groups[k] = g
-    out = {"boxes": len(boxes), "images": int(ids.unique().numel())}
+        groups += group_of(rows["boxes"][keep].float(), gt, novel)
+        emb.append(rows["embeddings"][keep].float())
+    if not groups:
+        raise OvdError("the cache holds GT boxes only: nothing was mined or sampled")
+    nearest_novel = names_novel[(torch.nn.functional.normalize(torch.cat(emb), dim=-1) @ text.T).argmax(dim=1)]
+    out = {"boxes": len(groups), "images": len(cache)}
     for g in GROUPS:
         sel = torch.tensor([x == g for x in groups])
         n = int(sel.sum())
-        out[g] = {"share": round(n / len(boxes), 4),
+        out[g] = {"share": round(n / len(groups), 4),
                   "named_novel": round(float(nearest_novel[sel].float().mean()), 4) if n else None}  # fmt: skip
     return out
 
@@ -95,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # a few matrix products: one thread, so it can run beside training jobs
     try:
         cfg = load_config(args.config, args.overrides)
-        cache = load_cache(Path(args.cache or cfg.extract.out))
+        reader = FeatureCache(args.cache or cfg.extract.out)  # checks the cache is committed and whole
+        cache = {i: reader.get(i) for i in reader.image_ids}
         oracle_path = Path(cfg.data.train_json).parent / "train_oracle.json"
         if not oracle_path.is_file():
             raise OvdError(f"{oracle_path}: missing; this probe needs the mini-world's oracle file (all objects)")

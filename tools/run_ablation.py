@@ -416,8 +416,8 @@ def diagnosis_lines(summary: dict) -> list[str]:
     def head(groups) -> list[str]:
         return ["| run | seeds | " + " | ".join(groups) + " |", "|---|---|" + "---|" * len(groups)]
 
-    lines = ["", "Where the top novel detections land (per novel class, its top detections, as many as it has "
-             "objects; % over the seeds):", "", *head(ERROR_GROUPS)]  # fmt: skip
+    lines = ["", "Where the top novel detections land (per novel class, its top detections, at most as many as it "
+             "has objects; % over the seeds):", "", *head(ERROR_GROUPS)]  # fmt: skip
     for v in names:
         rows = [d[v]["novel_errors"] for d in diag.values() if v in d]
         cells = " | ".join(ms([r[g] for r in rows]) for g in ERROR_GROUPS)
