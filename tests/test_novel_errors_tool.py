@@ -54,3 +54,12 @@ def test_cli_reads_the_split_file_and_rejects_unknown_names(tmp_path, capsys):
     assert err.startswith("error: novel names not among") and "['horse']" in err
     assert novel_errors.main([str(tmp_path / "gt.json"), str(tmp_path / "det2.json"), "--novel", "cat"]) == 2
     assert "detections file not found" in capsys.readouterr().err
+
+
+def test_a_malformed_split_file_gives_one_clear_error(tmp_path, capsys):
+    (tmp_path / "gt.json").write_text(json.dumps(_gt()))
+    (tmp_path / "det.json").write_text("[]")
+    (tmp_path / "split.json").write_text(json.dumps(["cat", "dog"]))  # a list, not {base, novel}
+    argv = [str(tmp_path / "gt.json"), str(tmp_path / "det.json"), "--split-file", str(tmp_path / "split.json")]
+    assert novel_errors.main(argv) == 2
+    assert "expected exactly the fields 'base' and 'novel'" in capsys.readouterr().err

@@ -29,6 +29,7 @@ import sys
 import torch
 from torchvision.ops import box_convert, box_iou
 
+from ovd.data.splits import read_split_file
 from ovd.errors import OvdError
 from ovd.utils.io import read_json, write_json
 
@@ -38,10 +39,9 @@ GROUPS = ("correct", "duplicate", "other novel", "base object", "mislocalised", 
 def breakdown(gt: dict, dets: list[dict], novel_ids: set[int]) -> dict:
     """Shares of ``GROUPS`` among the top novel-class detections (``gt``: a COCO dict)."""
     objects: dict[int, list[tuple[list[float], int]]] = {}
-    for a in gt["annotations"]:
-        objects.setdefault(a["image_id"], []).append((a["bbox"], a["category_id"]))
     per_class: dict[int, int] = {}
     for a in gt["annotations"]:
+        objects.setdefault(a["image_id"], []).append((a["bbox"], a["category_id"]))
         if a["category_id"] in novel_ids:
             per_class[a["category_id"]] = per_class.get(a["category_id"], 0) + 1
     n_novel = sum(per_class.values())
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("detections", help="COCO result list (ovd's detections.json)")
     names = ap.add_mutually_exclusive_group(required=True)
     names.add_argument("--novel", nargs="+", help="novel class names")
-    names.add_argument("--split-file", help="a JSON with a 'novel' list of names (the mini-world's split.json)")
+    names.add_argument("--split-file", help="a split file: base and novel names (the mini-world's split.json)")
     ap.add_argument("--out", help="write the report here (JSON) as well as printing it")
     args = ap.parse_args(argv)
     try:
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             raise OvdError(f"{args.gt}: expected a COCO dict with 'annotations' and 'categories'")
         if not isinstance(dets, list):
             raise OvdError(f"{args.detections}: expected a list of detections (COCO result format)")
-        wanted = args.novel or read_json(args.split_file, "split file").get("novel") or []
+        wanted = args.novel or read_split_file(args.split_file)[1]  # (base, novel), checked
         by_name = {c["name"]: c["id"] for c in gt["categories"]}
         unknown = sorted(set(wanted) - set(by_name))
         if unknown or not wanted:
